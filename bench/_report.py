@@ -1,0 +1,89 @@
+"""Shared plumbing for benchmarks: merge one measured row into bench/results/X.json and
+regenerate BENCHMARKS.md from every results file.
+
+Each results file maps a row name to its metrics plus where and when they were measured:
+``{row: {metric: value, ..., "command": str, "machine": str, "date": str}}``. Rows are merged
+one at a time as they finish, so a session cut off mid-benchmark keeps what it measured.
+Numbers in BENCHMARKS.md are only ever written by this module, from those files.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+MARKDOWN = BENCH_DIR.parent / "BENCHMARKS.md"
+PROVENANCE = ("command", "machine", "date")
+
+
+def machine_summary() -> str:
+    """One line naming the CPU, core count, memory and torch build of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:
+        import torch
+
+        torch_part = f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    except ImportError:
+        torch_part = ""
+    return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB{torch_part}"
+
+
+def record(benchmark: str, row: str, metrics: dict, command: str | None = None) -> Path:
+    """Merge ``metrics`` as ``row`` of ``bench/results/<benchmark>.json`` and rebuild BENCHMARKS.md."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{benchmark}.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table[row] = {
+        **metrics,
+        "command": command or " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "machine": machine_summary(),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(table, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    write_markdown()
+    return path
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_markdown() -> None:
+    """Render every results file as one table in BENCHMARKS.md (intro kept from bench/INTRO.md)."""
+    intro = BENCH_DIR / "INTRO.md"
+    parts = [intro.read_text().rstrip() + "\n" if intro.exists() else "# Benchmarks\n"]
+    for path in sorted(RESULTS_DIR.glob("*.json")):
+        table = json.loads(path.read_text())
+        columns: list[str] = []
+        for metrics in table.values():
+            columns += [k for k in metrics if k not in PROVENANCE and k not in columns]
+        parts.append(f"\n## {path.stem}\n")
+        parts.append(f"Source: `bench/results/{path.name}`, written by `bench/{path.stem}.py`.\n")
+        parts.append("| row | " + " | ".join(columns) + " |")
+        parts.append("|---" * (len(columns) + 1) + "|")
+        for row, metrics in table.items():
+            parts.append(f"| {row} | " + " | ".join(_cell(metrics.get(c, "")) for c in columns) + " |")
+        provenance = {(m.get("machine"), m.get("command"), m.get("date", "")[:10]) for m in table.values()}
+        parts.append("")
+        for machine, command, day in sorted(provenance, key=str):
+            parts.append(f"- `{command}` on {machine}, {day}")
+    MARKDOWN.write_text("\n".join(parts) + "\n")

@@ -1,0 +1,446 @@
+"""The index: add / change / delete / resume-after-kill, the bad-file ledger, identity checks, FAISS upkeep.
+
+Every test writes a small real collection (PIL-drawn coloured shapes, PNG and JPEG) and embeds it
+with the real ``clip-tiny`` encoder (random weights, 32 px).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from vitrina.errors import UserError
+from vitrina.index.embed import PAUSE_ENV, index_folder
+from vitrina.index.store import (
+    FAISS_FILE,
+    FLAT_MAX,
+    IndexStore,
+    ItemRow,
+    build_faiss_index,
+    choose_index_kind,
+)
+from vitrina.search import Searcher, encode_images
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+SHAPES = ("circle", "square", "triangle", "bar")
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+class _StandIn:  # TEMPORARY until vitrina.checkpoint lands
+    embed_dim = 32
+
+    def __init__(self) -> None:
+        from vitrina.data.transforms import eval_transform
+
+        g = torch.Generator().manual_seed(0)
+        self.w_img = torch.randn(3 * 32 * 32, 32, generator=g)
+        self.w_txt = torch.randn(256, 32, generator=g)
+        self.image_transform = eval_transform(32)
+        self.identity = {"kind": "stand-in", "embed_dim": 32, "name": "stand-in"}
+
+    def encode_image(self, pixels):
+        return torch.nn.functional.normalize(pixels.flatten(1) @ self.w_img, dim=-1)
+
+    def encode_text(self, texts):
+        bags = torch.zeros(len(texts), 256)
+        for i, t in enumerate(texts):
+            for ch in t.encode():
+                bags[i, ch] += 1
+        return torch.nn.functional.normalize(bags @ self.w_txt, dim=-1)
+
+
+def make_encoder():
+    """The real tiny encoder every index test uses."""
+    try:
+        from vitrina.checkpoint import load_encoder
+    except ImportError:
+        return _StandIn()
+    torch.manual_seed(0)
+    return load_encoder("clip-tiny")
+
+
+def draw(colour: tuple[int, int, int], shape: str, variant: int, size: int = 48) -> Image.Image:
+    """One picture: a coloured shape on a background whose shade depends on ``variant``."""
+    shade = 235 - 25 * variant
+    image = Image.new("RGB", (size, size), (shade, 255 - shade, (shade * 7) % 256))
+    pen = ImageDraw.Draw(image)
+    lo, hi = 6 + 2 * variant, size - 6 - variant
+    if shape == "circle":
+        pen.ellipse((lo, lo, hi, hi), fill=colour)
+    elif shape == "square":
+        pen.rectangle((lo, lo, hi, hi), fill=colour)
+    elif shape == "triangle":
+        pen.polygon([(lo, hi), (hi, hi), ((lo + hi) // 2, lo)], fill=colour)
+    else:
+        pen.rectangle((lo, size // 2 - 4, hi, size // 2 + 4), fill=colour)
+    return image
+
+
+def write_collection(root: Path, variants: int = 2, captions: bool = False) -> list[Path]:
+    """Class folders red/green/blue, each with len(SHAPES) * ``variants`` images, PNG and JPEG mixed."""
+    paths, lines = [], []
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for shape in SHAPES:
+            for variant in range(variants):
+                suffix = ".png" if (variant + len(shape)) % 2 else ".jpg"
+                path = root / name / f"{shape}-{variant}{suffix}"
+                draw(colour, shape, variant).save(path, quality=95)
+                paths.append(path)
+                lines.append(
+                    f'{{"image": "{name}/{path.name}", "caption": "a {name} {shape}, variant {variant}"}}'
+                )
+    if captions:
+        (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def image_path(root: Path, colour: str, stem: str) -> Path:
+    """The file ``root/colour/stem.*`` that ``write_collection`` wrote (PNG or JPEG)."""
+    (path,) = (root / colour).glob(f"{stem}.*")
+    return path
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return make_encoder()
+
+
+@pytest.fixture
+def collection(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    write_collection(root)
+    return root
+
+
+def vectors_by_path(index_dir: Path) -> dict[str, np.ndarray]:
+    with IndexStore.open(index_dir) as store:
+        ids, vectors = store.all_vectors()
+        paths = [path for _, path, _, _ in store.items()]
+    return dict(zip(paths, vectors, strict=True))
+
+
+def test_add_then_image_query_finds_itself(collection: Path, tmp_path: Path, encoder) -> None:
+    report = index_folder(
+        collection, encoder, tmp_path / "idx", model_ref="clip-tiny", batch_size=5, progress=False
+    )
+    assert (report.seen, report.new, report.embedded, report.total) == (24, 24, 24, 24)
+    assert report.bad == {} and "24 files seen" in report.summary()
+    with IndexStore.open(tmp_path / "idx", identity=encoder.identity) as store:
+        assert store.is_vectors_index_current()
+        assert store.info["model_ref"] == "clip-tiny" and store.info["embed_dim"] == encoder.embed_dim
+        paths = sorted(collection.rglob("*.*"))
+        hits = store.search(encode_images(paths, encoder), k=3)
+        for path, ranked in zip(paths, hits, strict=True):
+            assert ranked[0].path == str(path) and ranked[0].score == pytest.approx(1.0, abs=1e-4)
+            assert ranked[0].label == path.parent.name
+        assert [h.score for h in hits[0]] == sorted((h.score for h in hits[0]), reverse=True)
+
+
+def test_rerun_embeds_only_changed_files(collection: Path, tmp_path: Path, encoder) -> None:
+    index_dir = tmp_path / "idx"
+    index_folder(collection, encoder, index_dir, model_ref="clip-tiny", progress=False)
+    before = vectors_by_path(index_dir)
+    with IndexStore.open(index_dir) as store:
+        id_before = {p: i for i, p, _, _ in store.items()}
+        generation = store.generation
+
+    again = index_folder(collection, encoder, index_dir, model_ref="clip-tiny", progress=False)
+    assert (again.unchanged, again.embedded, again.new, again.changed) == (24, 0, 0, 0)
+
+    changed = image_path(collection, "red", "circle-0")
+    draw((250, 250, 0), "triangle", 3).save(changed, quality=95)  # new pixels under the old name
+    touched = image_path(collection, "blue", "bar-1")
+    os.utime(touched, (time.time() + 60, time.time() + 60))  # new mtime, same bytes: hash says unchanged
+    report = index_folder(collection, encoder, index_dir, model_ref="clip-tiny", progress=False)
+    assert (report.changed, report.new, report.embedded, report.unchanged) == (1, 0, 1, 23)
+
+    after = vectors_by_path(index_dir)
+    with IndexStore.open(index_dir) as store:
+        assert {p: i for i, p, _, _ in store.items()} == id_before  # FAISS ids stay stable
+        assert store.generation == generation + 1
+        states = store.file_states()
+        assert states[f"blue/{touched.name}"].mtime == touched.stat().st_mtime
+        hit = store.search(encode_images([changed], encoder), k=1)[0][0]
+        assert hit.path == str(changed)
+    assert not np.allclose(after[str(changed)], before[str(changed)])
+    for path, vector in before.items():
+        if path != str(changed):
+            np.testing.assert_array_equal(after[path], vector)
+
+
+def test_deleted_file_is_dropped(collection: Path, tmp_path: Path, encoder) -> None:
+    index_dir = tmp_path / "idx"
+    index_folder(collection, encoder, index_dir, model_ref="clip-tiny", progress=False)
+    gone = image_path(collection, "green", "square-1")
+    query = encode_images([gone], encoder)
+    gone.unlink()
+    report = index_folder(collection, encoder, index_dir, model_ref="clip-tiny", progress=False)
+    assert (report.deleted, report.total, report.embedded) == (1, 23, 0)
+    with Searcher(index_dir, encoder) as searcher:
+        hits = searcher.search_vector(query[0], k=30)
+    assert len(hits) == 23 and str(gone) not in {h.path for h in hits}
+
+
+_KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_index import make_encoder
+from vitrina.index.embed import index_folder
+index_folder({folder!r}, make_encoder(), {out!r}, model_ref="clip-tiny", batch_size=4, progress=False)
+"""
+
+
+def test_resume_after_sigkill_keeps_committed_batches(tmp_path: Path, encoder) -> None:
+    collection = tmp_path / "photos"
+    write_collection(collection, variants=3)  # 36 images = 9 batches of 4
+    index_dir = tmp_path / "idx"
+    script = _KILL_SCRIPT.format(tests=str(TESTS_DIR), folder=str(collection), out=str(index_dir))
+    env = {**os.environ, PAUSE_ENV: "3"}  # the run sleeps once 3 batches are committed
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "paused" not in line:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, f"indexer exited early: {proc.stderr.read()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    committed = vectors_by_path(index_dir)
+    assert len(committed) == 12
+    assert not (index_dir / FAISS_FILE).exists()  # killed before the FAISS rebuild
+
+    report = index_folder(collection, encoder, index_dir, model_ref="clip-tiny", batch_size=4, progress=False)
+    assert (report.unchanged, report.new, report.embedded, report.total) == (12, 24, 24, 36)
+    resumed = vectors_by_path(index_dir)
+    for path, vector in committed.items():
+        np.testing.assert_array_equal(resumed[path], vector)  # committed rows were not re-embedded
+
+    clean = index_folder(collection, encoder, tmp_path / "clean", model_ref="clip-tiny", progress=False)
+    assert clean.total == 36
+    reference = vectors_by_path(tmp_path / "clean")
+    assert reference.keys() == resumed.keys()
+    for path, vector in reference.items():
+        np.testing.assert_allclose(resumed[path], vector, atol=1e-5)
+    with IndexStore.open(index_dir) as store:
+        assert store.is_vectors_index_current()
+        assert store.vectors_index().ntotal == 36
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose valid header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_each_bad_file_lands_in_the_ledger(collection: Path, tmp_path: Path, encoder) -> None:
+    bad = collection / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.png").write_text("not a picture at all\n")
+    whole = image_path(collection, "red", "circle-0").read_bytes()
+    (bad / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    (bad / "bomb.png").write_bytes(_png_claiming(20_000, 20_000))
+    (bad / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+
+    report = index_folder(
+        collection, encoder, tmp_path / "idx", model_ref="clip-tiny", batch_size=4, progress=False
+    )
+    assert report.total == 24 and report.embedded == 24
+    assert report.bad == {"empty": 1, "not-an-image": 1, "truncated": 1, "too-large": 1, "unreadable": 1}
+    assert "5 bad" in report.summary() and "too-large: 1" in report.summary()
+    with IndexStore.open(tmp_path / "idx") as store:
+        ledger = {path: reason for path, reason, _ in store.ledger()}
+    assert ledger == {
+        "bad/empty.jpg": "empty",
+        "bad/text.png": "not-an-image",
+        "bad/cut.jpg": "truncated",
+        "bad/bomb.png": "too-large",
+        "bad/dangling.jpg": "unreadable",
+    }
+
+    # Fixing a file clears its ledger row; removing one drops its row too.
+    draw((10, 10, 10), "circle", 0).save(bad / "cut.jpg")
+    (bad / "empty.jpg").unlink()
+    report = index_folder(collection, encoder, tmp_path / "idx", model_ref="clip-tiny", progress=False)
+    assert report.new == 1 and sum(report.bad.values()) == 3
+    with IndexStore.open(tmp_path / "idx") as store:
+        assert {path for path, _, _ in store.ledger()} == {"bad/text.png", "bad/bomb.png", "bad/dangling.jpg"}
+
+
+def test_changed_file_turned_bad_loses_its_vector(collection: Path, tmp_path: Path, encoder) -> None:
+    index_folder(collection, encoder, tmp_path / "idx", model_ref="clip-tiny", progress=False)
+    victim = image_path(collection, "blue", "circle-0")
+    victim.write_bytes(b"garbage")
+    report = index_folder(collection, encoder, tmp_path / "idx", model_ref="clip-tiny", progress=False)
+    assert report.bad == {"not-an-image": 1} and report.total == 23
+    assert f"blue/{victim.name}" not in IndexStore.open(tmp_path / "idx").file_states()
+
+
+class _Narrow:
+    """The tiny encoder with its vectors cut to 16 dims: same kind, another width."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.embed_dim = inner, 16
+
+    @property
+    def identity(self) -> dict:
+        return {**self.inner.identity, "embed_dim": 16}
+
+    @property
+    def image_transform(self):
+        return self.inner.image_transform
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.inner.encode_image(pixels)[:, :16], dim=-1)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.inner.encode_text(texts)[:, :16], dim=-1)
+
+
+def test_encoder_of_another_width_is_refused(collection: Path, tmp_path: Path, encoder) -> None:
+    index_folder(collection, encoder, tmp_path / "idx", model_ref="clip-tiny", progress=False)
+    narrow = _Narrow(encoder)
+    with pytest.raises(UserError, match="embed_dim differ") as error:
+        Searcher(tmp_path / "idx", narrow)
+    assert f'"embed_dim": {encoder.embed_dim}' in str(error.value) and '"embed_dim": 16' in str(error.value)
+    with pytest.raises(UserError, match="embed_dim differ"):
+        index_folder(collection, narrow, tmp_path / "idx", model_ref="clip-tiny", progress=False)
+    with pytest.raises(UserError, match="kind"):
+        IndexStore.open(tmp_path / "idx", identity={**encoder.identity, "kind": "something-else"})
+
+
+def test_stale_or_missing_faiss_file_is_rebuilt(collection: Path, tmp_path: Path, encoder) -> None:
+    index_dir = tmp_path / "idx"
+    index_folder(collection, encoder, index_dir, model_ref="clip-tiny", progress=False)
+    old_faiss = (index_dir / FAISS_FILE).read_bytes()
+    gone = image_path(collection, "red", "bar-0")
+    query = encode_images([gone], encoder)
+    gone.unlink()
+    index_folder(collection, encoder, index_dir, model_ref="clip-tiny", progress=False)
+
+    (index_dir / FAISS_FILE).write_bytes(old_faiss)  # a FAISS file from an older generation
+    with IndexStore.open(index_dir) as store:
+        assert not store.is_vectors_index_current()
+        hits = store.search(query, k=30)[0]
+        assert len(hits) == 23 and str(gone) not in {h.path for h in hits}
+        assert store.is_vectors_index_current()  # rewritten on disk
+
+    (index_dir / FAISS_FILE).unlink()  # missing
+    with IndexStore.open(index_dir) as store:
+        assert len(store.search(query, k=5)[0]) == 5
+        generation = store.generation
+    assert (index_dir / FAISS_FILE).exists()
+    # Right generation stamp, corrupt body: rebuilt rather than trusted.
+    (index_dir / FAISS_FILE).write_bytes(struct.pack("<8sQ", b"VITRFAIS", generation) + b"garbage")
+    with IndexStore.open(index_dir) as store:
+        assert len(store.search(query, k=5)[0]) == 5
+    assert (index_dir / FAISS_FILE).stat().st_size > 100
+    assert not list(index_dir.glob(".vectors-*"))  # no temp files left behind
+
+
+def test_empty_folder_gives_empty_index(tmp_path: Path, encoder) -> None:
+    (tmp_path / "empty").mkdir()
+    report = index_folder(
+        tmp_path / "empty", encoder, tmp_path / "idx", model_ref="clip-tiny", progress=False
+    )
+    assert report.total == 0 and "no images found" in report.summary()
+    with Searcher(tmp_path / "idx", encoder) as searcher:
+        assert searcher.search_text("a red circle", k=5) == []
+
+
+def test_index_kinds_and_decoders_agree(collection: Path, tmp_path: Path, encoder) -> None:
+    flat = index_folder(collection, encoder, tmp_path / "flat", model_ref="clip-tiny", progress=False)
+    procs = index_folder(
+        collection,
+        encoder,
+        tmp_path / "hnsw",
+        model_ref="clip-tiny",
+        index_kind="hnsw",
+        decoder="process",
+        workers=2,
+        progress=False,
+    )
+    assert flat.total == procs.total == 24
+    a, b = vectors_by_path(tmp_path / "flat"), vectors_by_path(tmp_path / "hnsw")
+    for path in a:
+        np.testing.assert_allclose(a[path], b[path], atol=1e-6)
+    with IndexStore.open(tmp_path / "hnsw") as store:
+        inner = faiss.downcast_index(faiss.downcast_index(store.vectors_index()).index)
+        assert isinstance(inner, faiss.IndexHNSWFlat)
+        query = np.stack([a[p] for p in sorted(a)])
+        assert [hits[0].path for hits in store.search(query, k=1)] == sorted(a)
+    # Switching kind on an existing index rebuilds FAISS without re-embedding.
+    for kind, cls in (("ivf", faiss.IndexIVFFlat), ("pq", faiss.IndexRefineFlat)):
+        report = index_folder(
+            collection, encoder, tmp_path / "hnsw", model_ref="clip-tiny", index_kind=kind, progress=False
+        )
+        assert report.embedded == 0
+        with IndexStore.open(tmp_path / "hnsw") as store:
+            assert isinstance(faiss.downcast_index(faiss.downcast_index(store.vectors_index()).index), cls)
+            assert [hits[0].path for hits in store.search(query, k=1)] == sorted(a)
+
+
+def test_choose_index_kind_and_bad_kind() -> None:
+    assert choose_index_kind(10) == "flat"
+    assert choose_index_kind(FLAT_MAX) == "pq"
+    assert choose_index_kind(10, "hnsw") == "hnsw"
+    with pytest.raises(UserError, match="unknown"):
+        choose_index_kind(10, "annoy")
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((500, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(1000, 1500)
+    exact = build_faiss_index(vectors, ids, "flat")
+    _, top = exact.search(vectors[:5], 1)
+    assert top.ravel().tolist() == [1000, 1001, 1002, 1003, 1004]  # FAISS ids are the given ids
+
+
+def test_opening_a_missing_or_corrupt_index_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no index here"):
+        IndexStore.open(tmp_path)
+    (tmp_path / "meta.sqlite").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(UserError, match="not a readable index"):
+        IndexStore.open(tmp_path)
+
+
+def test_a_failed_batch_is_rolled_back_whole(tmp_path: Path, encoder) -> None:
+    store = IndexStore.create(
+        tmp_path / "idx", identity=encoder.identity, model_ref="clip-tiny", root=tmp_path
+    )
+    with store:
+        rows = [ItemRow("a.png", "h1", 1, 1.0), ItemRow("b.png", None, 1, 1.0)]  # NOT NULL fails on row 2
+        vectors = np.full((2, encoder.embed_dim), encoder.embed_dim**-0.5, dtype=np.float32)
+        with pytest.raises(sqlite3.IntegrityError):
+            store.upsert_batch(rows, vectors)
+        assert store.count == 0 and store.generation == 0
+        with pytest.raises(ValueError, match="shape"):
+            store.upsert_batch(rows[:1], vectors)
+        assert store.upsert_batch(rows[:1], vectors[:1]) == [1] and store.generation == 1
+    conn = sqlite3.connect(tmp_path / "idx" / "meta.sqlite")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()

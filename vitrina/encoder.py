@@ -1,0 +1,44 @@
+"""The one interface every part of vitrina talks to: an encoder of images and texts.
+
+Whatever built it (our CLIP trained here, a CLIP whose image tower was distilled,
+a pretrained Hugging Face / open_clip model), an encoder answers:
+
+* ``encode_image(pixels)`` -> (B, D) float32, L2-normalised, computed under ``no_grad``;
+* ``encode_text(texts)``   -> (B, D) float32, L2-normalised;
+* ``image_transform``      -> PIL RGB image -> (3, H, W) float tensor the model expects;
+* ``identity``             -> a small dict that says which model made the vectors, so an
+  index can refuse to be searched with a model of another kind or width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+from PIL import Image
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Anything that maps images and texts into one L2-normalised vector space."""
+
+    embed_dim: int
+
+    @property
+    def identity(self) -> dict:
+        """``{"kind": str, "embed_dim": int, "name": str}``; equal identities mean compatible vectors."""
+        ...
+
+    @property
+    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL RGB image -> (3, H, W) float tensor, normalised as the image tower expects."""
+        ...
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) unit vectors."""
+        ...
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """list of B strings -> (B, D) unit vectors."""
+        ...

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics over an index (``retrieval``) and zero-shot classification (``zeroshot``)."""

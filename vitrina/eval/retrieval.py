@@ -1,0 +1,194 @@
+"""Retrieval metrics (pure functions on numpy arrays) and the evaluation of a whole index.
+
+Conventions. A *ranked relevance* matrix ``rel`` is (Q, N) bool: ``rel[q, r]`` says whether the item
+ranked ``r`` (0-based) for query ``q`` is relevant.
+
+* R@K: a query scores 1 if any relevant item is in its top K (the CLIP/COCO convention).
+* P@K: relevant items among the top K, divided by K.
+* AP: mean of P@r over the ranks r of the relevant items, divided by the number of relevant items.
+* AP@K: the same sum cut at K, divided by min(K, number of relevant items), so a perfect top K scores 1.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from vitrina.encoder import Encoder
+from vitrina.eval.zeroshot import class_embeddings, zero_shot_accuracy
+from vitrina.index.store import IndexStore
+
+KS = (1, 5, 10)
+
+
+def _as_2d(relevance: np.ndarray) -> np.ndarray:
+    return np.atleast_2d(np.asarray(relevance, dtype=bool))
+
+
+def recall_at_k(relevance: np.ndarray, k: int) -> float:
+    """Fraction of queries with at least one relevant item in the top ``k`` of (Q, N) ranked relevance."""
+    return float(_as_2d(relevance)[:, :k].any(axis=1).mean())
+
+
+def precision_at_k(relevance: np.ndarray, k: int) -> float:
+    """Mean over queries of (relevant items in the top ``k``) / ``k``."""
+    return float(_as_2d(relevance)[:, :k].sum(axis=1).mean() / k)
+
+
+def average_precision(relevance: np.ndarray, n_relevant: int | None = None) -> float:
+    """AP of one (N,) ranked relevance vector; ``n_relevant`` defaults to its number of relevant items."""
+    rel = np.asarray(relevance, dtype=bool).ravel()
+    n_relevant = int(rel.sum()) if n_relevant is None else n_relevant
+    if n_relevant == 0:
+        return 0.0
+    precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)  # P@r for r = 1..N
+    return float(precision[rel].sum() / n_relevant)
+
+
+def map_at_k(relevance: np.ndarray, k: int, n_relevant: np.ndarray | None = None) -> float:
+    """Mean AP@k over the (Q, N) ranked relevance; ``n_relevant`` (Q,) defaults to each row's total."""
+    rel = _as_2d(relevance)
+    totals = rel.sum(axis=1) if n_relevant is None else np.asarray(n_relevant)
+    scores = []
+    for row, total in zip(rel, totals, strict=True):
+        cut = row[:k]
+        denominator = min(k, int(total))
+        precision = np.cumsum(cut) / np.arange(1, len(cut) + 1)
+        scores.append(precision[cut].sum() / denominator if denominator else 0.0)
+    return float(np.mean(scores))
+
+
+def mean_average_precision(relevance: np.ndarray) -> float:
+    """Mean AP over queries of a (Q, N) ranked relevance over the full ranking."""
+    return float(np.mean([average_precision(row) for row in _as_2d(relevance)]))
+
+
+def ranked_relevance(scores: np.ndarray, query_keys: np.ndarray, item_keys: np.ndarray) -> np.ndarray:
+    """(Q, N) ranked relevance from (Q, N) scores: item n is relevant to query q when their keys are equal."""
+    order = np.argsort(-scores, axis=1, kind="stable")  # (Q, N) item indices, best first
+    return np.asarray(item_keys)[order] == np.asarray(query_keys)[:, None]
+
+
+def first_relevant_rank(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """(Q,) 0-based rank of each query's best-scored relevant item (ties counted in its favour).
+
+    Needs no full sort, so it scales to caption sets where a (Q, N) argsort would not fit.
+    """
+    best = np.where(relevant, scores, -np.inf).max(axis=1, keepdims=True)  # (Q, 1)
+    return ((scores > best) & ~relevant).sum(axis=1)
+
+
+def _recalls_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    return {f"R@{k}": float(np.mean(ranks < k)) for k in KS}
+
+
+def _caption_recalls(
+    image_vectors: np.ndarray, captions: list[str], encoder: Encoder, chunk: int = 1024
+) -> dict[str, dict]:
+    """Text->image and image->text R@K; identical caption strings count as the same target."""
+    unique, caption_of_image = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
+    text = np.concatenate(
+        [
+            encoder.encode_text(list(unique[i : i + chunk])).detach().cpu().numpy()
+            for i in range(0, len(unique), chunk)
+        ]
+    ).astype(np.float32)  # (T, D), T unique captions
+    t2i, i2t = [], []
+    for start in range(0, len(unique), chunk):
+        q = np.arange(start, min(start + chunk, len(unique)))
+        scores = text[q] @ image_vectors.T  # (q, N)
+        t2i.append(first_relevant_rank(scores, caption_of_image[None, :] == q[:, None]))
+    for start in range(0, len(image_vectors), chunk):
+        q = np.arange(start, min(start + chunk, len(image_vectors)))
+        scores = image_vectors[q] @ text.T  # (q, T)
+        i2t.append(
+            first_relevant_rank(scores, np.arange(len(unique))[None, :] == caption_of_image[q][:, None])
+        )
+    return {
+        "text_to_image": {
+            "queries": len(unique),
+            "gallery": len(image_vectors),
+            **_recalls_from_ranks(np.concatenate(t2i)),
+        },
+        "image_to_text": {
+            "queries": len(image_vectors),
+            "gallery": len(unique),
+            **_recalls_from_ranks(np.concatenate(i2t)),
+        },
+    }
+
+
+def _label_metrics(image_vectors: np.ndarray, labels: list[str], encoder: Encoder) -> dict:
+    """Class prompt ensembles as queries (one per class) over the labelled images, plus zero-shot accuracy."""
+    classes = sorted(set(labels))
+    class_vectors = class_embeddings(classes, encoder)  # (C, D)
+    rel = ranked_relevance(
+        class_vectors @ image_vectors.T, np.asarray(classes, dtype=object), np.asarray(labels, dtype=object)
+    )  # (C, N)
+    counts = np.asarray([labels.count(c) for c in classes])
+    return {
+        "classes": len(classes),
+        "images": len(labels),
+        **{f"R@{k}": recall_at_k(rel, k) for k in KS},
+        "P@10": precision_at_k(rel, 10),
+        "mAP@10": map_at_k(rel, 10),
+        "mAP": mean_average_precision(rel),
+        "zero_shot_accuracy": zero_shot_accuracy(image_vectors, labels, class_vectors, classes),
+        "chance": 1.0 / len(classes),
+        "majority": float(counts.max() / counts.sum()),
+    }
+
+
+def evaluate_index(index_dir: Path, encoder: Encoder | None = None, *, model_ref: str | None = None) -> dict:
+    """Evaluate the model behind an index on the index's own labels and/or captions.
+
+    Uses the stored image vectors (no image is re-embedded) and exact inner products, so the numbers
+    measure the model, not the ANN structure.
+    """
+    index_dir = Path(index_dir)
+    with IndexStore.open(index_dir) as probe:
+        stored_ref = probe.info.get("model_ref")
+    if encoder is None:
+        from vitrina.checkpoint import load_encoder
+
+        encoder = load_encoder(model_ref or stored_ref)
+    with IndexStore.open(index_dir, identity=encoder.identity) as store:
+        _, vectors = store.all_vectors()
+        items = store.items()
+    results: dict = {"index": str(index_dir), "model": model_ref or stored_ref, "items": len(items)}
+    labelled = [i for i, (_, _, label, _) in enumerate(items) if label]
+    if len({items[i][2] for i in labelled}) >= 2:
+        results["labels"] = _label_metrics(vectors[labelled], [items[i][2] for i in labelled], encoder)
+    captioned = [i for i, (_, _, _, caption) in enumerate(items) if caption]
+    if captioned:
+        results["captions"] = _caption_recalls(vectors[captioned], [items[i][3] for i in captioned], encoder)
+    return results
+
+
+def format_table(results: dict) -> str:
+    """The results of ``evaluate_index`` as a rich table, rendered to text."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{results['index']}  ({results['items']} items, model {results['model']})")
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+
+    def add(task: str, metrics: dict) -> None:
+        for name, value in metrics.items():
+            table.add_row(task, name, f"{value:.3f}" if isinstance(value, float) else str(value))
+            task = ""
+
+    if "labels" in results:
+        add("class prompts → images", results["labels"])
+    for key, title in (("text_to_image", "caption → image"), ("image_to_text", "image → caption")):
+        if key in results.get("captions", {}):
+            add(title, results["captions"][key])
+    if "labels" not in results and "captions" not in results:
+        table.add_row("-", "nothing to evaluate", "index has neither labels nor captions")
+    buffer = io.StringIO()
+    Console(file=buffer, width=100, force_terminal=False).print(table)
+    return buffer.getvalue()
