@@ -75,9 +75,7 @@ def ann_params(index: faiss.Index) -> str:
     return type(inner).__name__
 
 
-def run(
-    n: int, n_queries: int, kind: str, *, threads: int, search_threads: int, row_suffix: str = ""
-) -> None:
+def run(n: int, n_queries: int, kind: str, *, threads: int, search_threads: int, row_suffix: str = "") -> None:
     rng = np.random.default_rng(n)
     data = random_unit(n, rng)
     queries = random_unit(n_queries, rng)
@@ -122,9 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument(
-        "--threads", type=int, default=2, help="FAISS OpenMP threads for builds and ground truth"
-    )
+    parser.add_argument("--threads", type=int, default=2, help="FAISS OpenMP threads for builds and ground truth")
     parser.add_argument(
         "--search-threads",
         type=int,

@@ -39,36 +39,10 @@ SHAPES = ("circle", "square", "triangle", "bar")
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-class _StandIn:  # TEMPORARY until vitrina.checkpoint lands
-    embed_dim = 32
-
-    def __init__(self) -> None:
-        from vitrina.data.transforms import eval_transform
-
-        g = torch.Generator().manual_seed(0)
-        self.w_img = torch.randn(3 * 32 * 32, 32, generator=g)
-        self.w_txt = torch.randn(256, 32, generator=g)
-        self.image_transform = eval_transform(32)
-        self.identity = {"kind": "stand-in", "embed_dim": 32, "name": "stand-in"}
-
-    def encode_image(self, pixels):
-        return torch.nn.functional.normalize(pixels.flatten(1) @ self.w_img, dim=-1)
-
-    def encode_text(self, texts):
-        bags = torch.zeros(len(texts), 256)
-        for i, t in enumerate(texts):
-            for ch in t.encode():
-                bags[i, ch] += 1
-        return torch.nn.functional.normalize(bags @ self.w_txt, dim=-1)
-
-
 def make_encoder():
-    """The real tiny encoder every index test uses."""
-    try:
-        from vitrina.checkpoint import load_encoder
-    except ImportError:
-        return _StandIn()
-    torch.manual_seed(0)
+    """The real tiny encoder every index test uses (a seeded random-weight preset: same weights every call)."""
+    from vitrina.checkpoint import load_encoder
+
     return load_encoder("clip-tiny")
 
 
@@ -100,9 +74,7 @@ def write_collection(root: Path, variants: int = 2, captions: bool = False) -> l
                 path = root / name / f"{shape}-{variant}{suffix}"
                 draw(colour, shape, variant).save(path, quality=95)
                 paths.append(path)
-                lines.append(
-                    f'{{"image": "{name}/{path.name}", "caption": "a {name} {shape}, variant {variant}"}}'
-                )
+                lines.append(f'{{"image": "{name}/{path.name}", "caption": "a {name} {shape}, variant {variant}"}}')
     if captions:
         (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
     return paths
@@ -134,9 +106,7 @@ def vectors_by_path(index_dir: Path) -> dict[str, np.ndarray]:
 
 
 def test_add_then_image_query_finds_itself(collection: Path, tmp_path: Path, encoder) -> None:
-    report = index_folder(
-        collection, encoder, tmp_path / "idx", model_ref="clip-tiny", batch_size=5, progress=False
-    )
+    report = index_folder(collection, encoder, tmp_path / "idx", model_ref="clip-tiny", batch_size=5, progress=False)
     assert (report.seen, report.new, report.embedded, report.total) == (24, 24, 24, 24)
     assert report.bad == {} and "24 files seen" in report.summary()
     with IndexStore.open(tmp_path / "idx", identity=encoder.identity) as store:
@@ -148,6 +118,9 @@ def test_add_then_image_query_finds_itself(collection: Path, tmp_path: Path, enc
             assert ranked[0].path == str(path) and ranked[0].score == pytest.approx(1.0, abs=1e-4)
             assert ranked[0].label == path.parent.name
         assert [h.score for h in hits[0]] == sorted((h.score for h in hits[0]), reverse=True)
+        first = hits[0][0]
+        assert store.get(first.id).path == first.path and store.get(first.id).label == first.label
+        assert store.get(10_000) is None
 
 
 def test_rerun_embeds_only_changed_files(collection: Path, tmp_path: Path, encoder) -> None:
@@ -250,10 +223,7 @@ def _png_claiming(width: int, height: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 8))
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b"")
     )
 
 
@@ -267,9 +237,7 @@ def test_each_bad_file_lands_in_the_ledger(collection: Path, tmp_path: Path, enc
     (bad / "bomb.png").write_bytes(_png_claiming(20_000, 20_000))
     (bad / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
 
-    report = index_folder(
-        collection, encoder, tmp_path / "idx", model_ref="clip-tiny", batch_size=4, progress=False
-    )
+    report = index_folder(collection, encoder, tmp_path / "idx", model_ref="clip-tiny", batch_size=4, progress=False)
     assert report.total == 24 and report.embedded == 24
     assert report.bad == {"empty": 1, "not-an-image": 1, "truncated": 1, "too-large": 1, "unreadable": 1}
     assert "5 bad" in report.summary() and "too-large: 1" in report.summary()
@@ -365,9 +333,7 @@ def test_stale_or_missing_faiss_file_is_rebuilt(collection: Path, tmp_path: Path
 
 def test_empty_folder_gives_empty_index(tmp_path: Path, encoder) -> None:
     (tmp_path / "empty").mkdir()
-    report = index_folder(
-        tmp_path / "empty", encoder, tmp_path / "idx", model_ref="clip-tiny", progress=False
-    )
+    report = index_folder(tmp_path / "empty", encoder, tmp_path / "idx", model_ref="clip-tiny", progress=False)
     assert report.total == 0 and "no images found" in report.summary()
     with Searcher(tmp_path / "idx", encoder) as searcher:
         assert searcher.search_text("a red circle", k=5) == []
@@ -429,9 +395,7 @@ def test_opening_a_missing_or_corrupt_index_is_a_user_error(tmp_path: Path) -> N
 
 
 def test_a_failed_batch_is_rolled_back_whole(tmp_path: Path, encoder) -> None:
-    store = IndexStore.create(
-        tmp_path / "idx", identity=encoder.identity, model_ref="clip-tiny", root=tmp_path
-    )
+    store = IndexStore.create(tmp_path / "idx", identity=encoder.identity, model_ref="clip-tiny", root=tmp_path)
     with store:
         rows = [ItemRow("a.png", "h1", 1, 1.0), ItemRow("b.png", None, 1, 1.0)]  # NOT NULL fails on row 2
         vectors = np.full((2, encoder.embed_dim), encoder.embed_dim**-0.5, dtype=np.float32)

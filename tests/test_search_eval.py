@@ -124,9 +124,7 @@ class ColourOracle:
 
     @property
     def image_transform(self):
-        return lambda image: torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(
-            2, 0, 1
-        )
+        return lambda image: torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         flat = pixels.flatten(2).transpose(1, 2)  # (B, H*W, 3)
@@ -139,9 +137,7 @@ class ColourOracle:
             words = text.replace(",", " ").replace(".", " ").split()
             found = [self.NAMES.index(w) for w in words if w in self.NAMES]
             if found:
-                out[i] = torch.nn.functional.one_hot(
-                    torch.tensor((found[0] + self.text_shift) % 3), 3
-                ).float()
+                out[i] = torch.nn.functional.one_hot(torch.tensor((found[0] + self.text_shift) % 3), 3).float()
         return out
 
 
@@ -236,7 +232,6 @@ def test_searcher_text_and_image_queries(captioned: Path, tmp_path: Path, encode
 
 
 def test_searcher_loads_the_model_named_in_the_index(captioned: Path, tmp_path: Path, encoder) -> None:
-    pytest.importorskip("vitrina.checkpoint")
     index_folder(captioned, encoder, tmp_path / "idx", model_ref="clip-tiny", progress=False)
     with Searcher(tmp_path / "idx") as searcher:
         assert searcher.encoder.identity == encoder.identity

@@ -200,4 +200,3 @@ def load_json(cls: type[T], path: str | os.PathLike) -> T:
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     return from_json(cls, path.read_text(), where=str(path))
-

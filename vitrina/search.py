@@ -36,9 +36,7 @@ class Searcher:
     in the index; either way its identity must match the index's (same kind and width).
     """
 
-    def __init__(
-        self, index_dir: Path, encoder: Encoder | None = None, *, model_ref: str | None = None
-    ) -> None:
+    def __init__(self, index_dir: Path, encoder: Encoder | None = None, *, model_ref: str | None = None) -> None:
         self.index_dir = Path(index_dir)
         probe = IndexStore.open(self.index_dir)
         stored_ref = probe.info.get("model_ref")
@@ -89,8 +87,6 @@ def classify(
     if len(labels) < 2:
         raise UserError("zero-shot classification needs at least two labels")
     class_vectors = class_embeddings(labels, encoder)  # (C, D)
-    probs = class_probabilities(
-        encode_images(images, encoder), class_vectors, logit_scale_of(encoder)
-    )  # (B, C)
+    probs = class_probabilities(encode_images(images, encoder), class_vectors, logit_scale_of(encoder))  # (B, C)
     order = np.argsort(-probs, axis=1, kind="stable")[:, : top or len(labels)]
     return [[(labels[c], float(row[c])) for c in ranked] for row, ranked in zip(probs, order, strict=True)]

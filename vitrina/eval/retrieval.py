@@ -90,10 +90,7 @@ def _caption_recalls(
     """Text->image and image->text R@K; identical caption strings count as the same target."""
     unique, caption_of_image = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
     text = np.concatenate(
-        [
-            encoder.encode_text(list(unique[i : i + chunk])).detach().cpu().numpy()
-            for i in range(0, len(unique), chunk)
-        ]
+        [encoder.encode_text(list(unique[i : i + chunk])).detach().cpu().numpy() for i in range(0, len(unique), chunk)]
     ).astype(np.float32)  # (T, D), T unique captions
     t2i, i2t = [], []
     for start in range(0, len(unique), chunk):
@@ -103,9 +100,7 @@ def _caption_recalls(
     for start in range(0, len(image_vectors), chunk):
         q = np.arange(start, min(start + chunk, len(image_vectors)))
         scores = image_vectors[q] @ text.T  # (q, T)
-        i2t.append(
-            first_relevant_rank(scores, np.arange(len(unique))[None, :] == caption_of_image[q][:, None])
-        )
+        i2t.append(first_relevant_rank(scores, np.arange(len(unique))[None, :] == caption_of_image[q][:, None]))
     return {
         "text_to_image": {
             "queries": len(unique),

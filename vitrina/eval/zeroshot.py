@@ -41,9 +41,7 @@ def logit_scale_of(encoder: Encoder) -> float:
 
 def class_probabilities(image_vectors: np.ndarray, class_vectors: np.ndarray, scale: float) -> np.ndarray:
     """(N, C) softmax over ``scale`` * cosine between (N, D) image and (C, D) class unit vectors."""
-    logits = scale * (
-        np.asarray(image_vectors, np.float32) @ np.asarray(class_vectors, np.float32).T
-    )  # (N, C)
+    logits = scale * (np.asarray(image_vectors, np.float32) @ np.asarray(class_vectors, np.float32).T)  # (N, C)
     logits -= logits.max(axis=1, keepdims=True)  # stable softmax
     exp = np.exp(logits)
     return exp / exp.sum(axis=1, keepdims=True)

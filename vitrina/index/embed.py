@@ -57,9 +57,7 @@ class IndexReport:
     def summary(self) -> str:
         """One line for the CLI."""
         n_bad = sum(self.bad.values())
-        bad = f"{n_bad} bad" + (
-            f" ({', '.join(f'{r}: {n}' for r, n in sorted(self.bad.items()))})" if n_bad else ""
-        )
+        bad = f"{n_bad} bad" + (f" ({', '.join(f'{r}: {n}' for r, n in sorted(self.bad.items()))})" if n_bad else "")
         line = (
             f"{self.seen} files seen: {self.new} new, {self.changed} changed, {self.unchanged} unchanged, "
             f"{self.deleted} deleted, {bad}; {self.total} in index; "
@@ -92,6 +90,21 @@ class _Decoded:
     detail: str = ""
 
 
+@dataclass
+class _Batch:
+    """Decoded jobs in order, their pixels stripped and stacked: one tensor crosses process boundaries."""
+
+    items: list[_Decoded]
+    pixels: torch.Tensor | None  # (G, 3, H, W) for the items without a ``reason``, in order
+
+
+def _collate(decoded: list[_Decoded]) -> _Batch:
+    good = [d.pixels for d in decoded if d.pixels is not None]
+    for d in decoded:
+        d.pixels = None
+    return _Batch(decoded, torch.stack(good) if good else None)
+
+
 def content_hash(path: Path) -> str:
     """blake2b (128-bit) of the file's bytes, read in 1 MiB chunks."""
     digest = hashlib.blake2b(digest_size=16)
@@ -113,16 +126,18 @@ def _decode(job: _Job, transform: Callable) -> _Decoded:
         return _Decoded(job, None, reason="unreadable", detail=str(error))
 
 
-def _thread_batches(
-    jobs: list[_Job], transform: Callable, batch_size: int, workers: int
-) -> Iterator[list[_Decoded]]:
+def _thread_batches(jobs: list[_Job], transform: Callable, batch_size: int, workers: int) -> Iterator[_Batch]:
     """Decode in a thread pool (PIL releases the GIL while decoding), two batches ahead of the model."""
     chunks = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     if workers <= 0:
         for chunk in chunks:
-            yield [_decode(job, transform) for job in chunk]
+            yield _collate([_decode(job, transform) for job in chunk])
         return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vitrina-decode") as pool:
+    # One intra-op thread per decoder: torch's thread count is per OS thread under OpenMP, and a decode
+    # thread left at the default would start its own OpenMP team and fight the model for the cores.
+    with ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="vitrina-decode", initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
         pending: deque = deque()
         chunk_iter = iter(chunks)
         for chunk in chunk_iter:
@@ -134,7 +149,7 @@ def _thread_batches(
             next_chunk = next(chunk_iter, None)
             if next_chunk is not None:  # keep the pool busy while the model works on this batch
                 pending.append([pool.submit(_decode, job, transform) for job in next_chunk])
-            yield [future.result() for future in futures]
+            yield _collate([future.result() for future in futures])
 
 
 class _DecodeDataset(torch.utils.data.Dataset):
@@ -150,19 +165,14 @@ class _DecodeDataset(torch.utils.data.Dataset):
         return _decode(self.jobs[i], self.transform)
 
 
-def _keep_list(batch: list[_Decoded]) -> list[_Decoded]:
-    return batch
-
-
-def _process_batches(
-    jobs: list[_Job], transform: Callable, batch_size: int, workers: int
-) -> Iterator[list[_Decoded]]:
-    """Decode in ``workers`` processes through a torch DataLoader (tensors come back via shared memory)."""
+def _process_batches(jobs: list[_Job], transform: Callable, batch_size: int, workers: int) -> Iterator[_Batch]:
+    """Decode in ``workers`` processes through a torch DataLoader (a batch's pixels come back as one
+    shared-memory tensor, stacked in the worker)."""
     loader = torch.utils.data.DataLoader(
         _DecodeDataset(jobs, transform),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_keep_list,
+        collate_fn=_collate,
         prefetch_factor=2 if workers else None,
     )
     yield from loader
@@ -206,9 +216,9 @@ def _plan(
     return jobs, stale, updates
 
 
-def _open_store(
-    index_dir: Path, encoder: Encoder, *, model_ref: str, root: Path, index_kind: str
-) -> IndexStore:
+def _open_store(index_dir: Path, encoder: Encoder, *, model_ref: str, root: Path, index_kind: str) -> IndexStore:
+    if Path(model_ref).is_dir():  # a checkpoint folder: store it absolute, so search works from anywhere
+        model_ref = str(Path(model_ref).resolve())
     if not (index_dir / META_FILE).exists():
         return IndexStore.create(
             index_dir, identity=encoder.identity, model_ref=model_ref, root=root, index_kind=index_kind
@@ -279,9 +289,7 @@ def index_folder(
             store.rebuild_vectors_index()
         report.total = store.count
     if not entries:
-        report.message = (
-            f"{folder}: no images found (looked for image files, also in sub-folders); index is empty"
-        )
+        report.message = f"{folder}: no images found (looked for image files, also in sub-folders); index is empty"
     report.seconds = time.perf_counter() - start
     return report
 
@@ -303,21 +311,18 @@ def _embed_jobs(
     batches = (_thread_batches if decoder == "thread" else _process_batches)(
         jobs, encoder.image_transform, batch_size, workers
     )
-    bar = tqdm(
-        total=len(jobs), unit="img", desc="embedding", disable=not progress or not jobs, file=sys.stderr
-    )
+    bar = tqdm(total=len(jobs), unit="img", desc="embedding", disable=not progress or not jobs, file=sys.stderr)
     with bar:
         for n_batch, batch in enumerate(batches, 1):
-            good = [d for d in batch if d.pixels is not None]
-            failed = [d for d in batch if d.pixels is None]
+            good = [d for d in batch.items if not d.reason]
+            failed = [d for d in batch.items if d.reason]
             for d in failed:
                 store.add_ledger(d.job.rel, d.reason, d.detail)
                 bad[d.reason] += 1
             # A file that was indexed and is now unreadable must not keep its old vector.
             store.delete_paths([d.job.rel for d in failed if not d.job.is_new])
             if good:
-                pixels = torch.stack([d.pixels for d in good])  # (B, 3, H, W)
-                vectors = encoder.encode_image(pixels).detach().cpu().numpy().astype(np.float32)  # (B, D)
+                vectors = encoder.encode_image(batch.pixels).detach().cpu().numpy().astype(np.float32)  # (B, D)
                 rows = [
                     ItemRow(d.job.rel, d.content_hash, d.job.size, d.job.mtime, d.job.label, d.job.caption)
                     for d in good
@@ -326,7 +331,7 @@ def _embed_jobs(
                 report.embedded += len(good)
                 report.new += sum(d.job.is_new for d in good)
                 report.changed += sum(not d.job.is_new for d in good)
-            bar.update(len(batch))
+            bar.update(len(batch.items))
             bar.set_postfix(bad=sum(bad.values()))
             if pause_after and n_batch >= pause_after:
                 print(f"vitrina: paused after {n_batch} batches ({PAUSE_ENV})", file=sys.stderr, flush=True)

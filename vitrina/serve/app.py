@@ -1,0 +1,441 @@
+"""The HTTP API and web page over one index: ``create_app(index_dir)`` returns a FastAPI app.
+
+The model is loaded once, when the app is made, and lives on one worker thread together with the
+index it searches (see ``workers.py``); a second worker holds a metadata-only connection for image,
+thumbnail and info look-ups, so those never wait behind a search. Every error is a JSON object
+``{"error": "one line"}`` with a 4xx status; a 500 means a bug.
+
+Routes: ``/`` (the page), ``/static/*``, ``/api/search`` (GET text, POST JSON text/image id/both),
+``/api/search/image`` (multipart upload), ``/api/images/{id}``, ``/api/thumbs/{id}``,
+``/api/classify``, ``/api/info``, ``/healthz``, ``/metrics``; the OpenAPI schema at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vitrina.data.images import BadImageError, load_image
+from vitrina.encoder import Encoder
+from vitrina.errors import UserError
+from vitrina.index.store import Hit, IndexStore, choose_index_kind
+from vitrina.search import Searcher, classify, encode_images
+from vitrina.serve.media import MAX_UPLOAD_BYTES, ThumbCache, UploadError, decode_upload, indexed_file, media_type
+from vitrina.serve.metrics import Metrics, MetricsMiddleware
+from vitrina.serve.query import MAX_ABS_WEIGHT, Term, collapse_near_duplicates, combine, parse_query, text_parts
+from vitrina.serve.workers import Worker
+
+log = logging.getLogger("vitrina.serve")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_QUERY_CHARS = 1000
+MAX_K = 1000
+DEFAULT_K = 24
+MAX_LABELS = 64
+MAX_LABELS_CHARS = 4000
+DUPLICATE_COSINE = 0.95  # image vectors this close are shown as one result when collapsing
+COLLAPSE_POOL = 3  # when collapsing, rank k * 3 candidates so k distinct ones usually remain
+WEAK_SCORE = 0.15  # a text query whose best cosine is below this "matches nothing well"
+MULTIPART_SLACK = 64 * 2**10  # boundaries and part headers around an upload of MAX_UPLOAD_BYTES
+NOSNIFF = {"X-Content-Type-Options": "nosniff"}  # an indexed "x.png" holding HTML stays an image
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'",
+    **NOSNIFF,
+}
+IMAGE_HEADERS = {"Cache-Control": "private, max-age=3600", **NOSNIFF}
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class SearchBody(BaseModel):
+    """``POST /api/search``: a text query, an indexed image by id, or both mixed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    q: str | None = Field(None, max_length=MAX_QUERY_CHARS, description="text query (see the query syntax)")
+    image_id: int | None = Field(None, ge=0, description="id of an indexed image to search by")
+    image_weight: float = Field(1.0, ge=-MAX_ABS_WEIGHT, le=MAX_ABS_WEIGHT, description="weight of the image")
+    k: int = Field(DEFAULT_K, ge=1, le=MAX_K)
+    collapse: bool = Field(False, description="show near-duplicate images as one result")
+
+
+@dataclass
+class _Query:
+    """A parsed query, ready for the search worker."""
+
+    terms: list[Term] = field(default_factory=list)
+    image_id: int | None = None
+    image: Image.Image | None = None
+    image_weight: float = 1.0
+    k: int = DEFAULT_K
+    collapse: bool = False
+
+
+def _item_vectors(store: IndexStore, ids: list[int]) -> dict[int, np.ndarray]:
+    """Stored (D,) vectors of these ids. Reads the store's SQLite table: belongs in ``IndexStore``."""
+    found: dict[int, np.ndarray] = {}
+    for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+        part = ids[start : start + 900]
+        marks = ",".join("?" * len(part))
+        rows = store._conn.execute(f"SELECT id, vector FROM items WHERE id IN ({marks})", part)
+        found.update((item_id, np.frombuffer(blob, dtype=np.float32)) for item_id, blob in rows)
+    return found
+
+
+def _run_query(searcher: Searcher, query: _Query) -> tuple[list[tuple[Hit, list[int]]], int]:
+    """On the search worker: encode the query, search, collapse if asked -> ([(hit, duplicate ids)], count)."""
+    parts = text_parts(query.terms, searcher.encoder) if query.terms else []
+    if query.image_id is not None:
+        vector = _item_vectors(searcher.store, [query.image_id]).get(query.image_id)
+        if vector is None:
+            raise ApiError(404, f"image_id {query.image_id} is not in the index")
+        parts.append((vector, query.image_weight))
+    if query.image is not None:
+        parts.append((encode_images([query.image], searcher.encoder)[0], query.image_weight))
+    vector = combine(parts)
+    count = searcher.store.count
+    if not query.collapse:
+        return [(hit, []) for hit in searcher.search_vector(vector, query.k)], count
+    pool = searcher.search_vector(vector, query.k * COLLAPSE_POOL)
+    stored = _item_vectors(searcher.store, [hit.id for hit in pool])
+    pool = [hit for hit in pool if hit.id in stored]  # deleted between the two reads
+    if not pool:
+        return [], count
+    vectors = np.stack([stored[hit.id] for hit in pool])  # (N, D)
+    groups = collapse_near_duplicates(vectors, query.k, DUPLICATE_COSINE)
+    return [(pool[row], [pool[d].id for d in dups]) for row, dups in groups], count
+
+
+def _warm_up(searcher: Searcher) -> None:
+    """Load the FAISS file and run the text tower once, so the first user does not pay for it."""
+    searcher.store.vectors_index()
+    searcher.encoder.encode_text(["warm-up"])
+
+
+def _index_info(store: IndexStore) -> dict:
+    """On the metadata worker: what ``/api/info`` reports about the index."""
+    info, count = store.info, store.count
+    reasons = Counter(reason for _, reason, _ in store.ledger())
+    return {
+        "count": count,
+        "embed_dim": info["embed_dim"],
+        "index_kind": choose_index_kind(count, info["index_kind"]),
+        "index_kind_setting": info["index_kind"],
+        "collection": Path(info["root"]).name,
+        "ledger": {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},
+    }
+
+
+def _validation_message(error: RequestValidationError) -> str:
+    """The first validation problem as ``field: what is wrong``."""
+    first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+    return f"{where}: {first.get('msg', 'invalid')}"
+
+
+class BodyLimitMiddleware:
+    """Answers 413 to request bodies over ``max_bytes``, declared or streamed, before the app parses them.
+
+    A declared ``Content-Length`` is checked up front (the server enforces it). A streamed body
+    without one is read here, up to the limit, and replayed to the app: the 413 has to be sent from
+    here, since FastAPI turns any error raised while it reads a body into a 400.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        buffered: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"request body over {self.max_bytes} bytes; uploads may be at most {MAX_UPLOAD_BYTES} bytes"
+        await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
+
+
+def _thumb_folder(index_dir: Path, thumb_dir: Path | None) -> Path:
+    """``thumb_dir``, else ``INDEX_DIR/thumbs``, else (read-only index) a private temporary folder."""
+    folder = Path(thumb_dir) if thumb_dir is not None else index_dir / "thumbs"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    if thumb_dir is not None:
+        raise UserError(f"{thumb_dir}: cannot write thumbnails there; give a writable folder")
+    return Path(tempfile.mkdtemp(prefix="vitrina-thumbs-"))
+
+
+def create_app(
+    index_dir: Path,
+    *,
+    encoder: Encoder | None = None,
+    model_ref: str | None = None,
+    thumb_dir: Path | None = None,
+    weak_score: float = WEAK_SCORE,
+) -> FastAPI:
+    """A FastAPI app serving the index in ``index_dir``; the model is loaded now and kept warm.
+
+    ``encoder`` (else ``model_ref``, else the model recorded in the index) must match the index's
+    kind and width. Thumbnails are cached in ``thumb_dir`` (default ``INDEX_DIR/thumbs``).
+    """
+    index_dir = Path(index_dir)
+    searcher_worker: Worker[Searcher] = Worker(
+        "vitrina-search", lambda: Searcher(index_dir, encoder, model_ref=model_ref), close=Searcher.close
+    )
+    meta: Worker[IndexStore] = Worker("vitrina-meta", lambda: IndexStore.open(index_dir), close=IndexStore.close)
+    searcher_encoder = searcher_worker.call(lambda s: s.encoder)
+    searcher_worker.call(_warm_up)
+    stored_ref = meta.call(lambda s: s.info.get("model_ref"))
+    root = meta.call(lambda s: s.root)
+    thumbs = ThumbCache(_thumb_folder(index_dir, thumb_dir))
+    model_info = _model_info(searcher_encoder, model_ref or stored_ref)
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        searcher_worker.shutdown()
+        meta.shutdown()
+
+    app = FastAPI(
+        title="vitrina",
+        summary="Text-to-image search over one index",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_UPLOAD_BYTES + MULTIPART_SLACK)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: also times 413s
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_error_handlers(app)
+
+    def hit_json(hit: Hit, duplicates: list[int]) -> dict:
+        try:
+            name = Path(hit.path).relative_to(root).as_posix()
+        except ValueError:
+            name = Path(hit.path).name
+        return {
+            "id": hit.id,
+            "name": name,
+            "score": round(hit.score, 6),
+            "label": hit.label,
+            "caption": hit.caption,
+            "image_url": f"/api/images/{hit.id}",
+            "thumb_url": f"/api/thumbs/{hit.id}",
+            "duplicates": duplicates,
+        }
+
+    async def answer(query: _Query, echo: dict) -> dict:
+        start = time.perf_counter()
+        results, count = await searcher_worker.run(_run_query, query)
+        best = results[0][0].score if results else None
+        text_only = query.image_id is None and query.image is None
+        return {
+            "query": echo,
+            "terms": [{"text": t.text, "weight": t.weight} for t in query.terms],
+            "k": query.k,
+            "count": count,
+            "hits": [hit_json(hit, dups) for hit, dups in results],
+            "weak": bool(text_only and results and best < weak_score),
+            "took_ms": round(1000 * (time.perf_counter() - start), 2),
+        }
+
+    async def indexed_path(item_id: int) -> Path:
+        hit = await meta.run(IndexStore.get, item_id)
+        path = indexed_file(root, hit.path) if hit is not None else None
+        if path is None:
+            raise ApiError(404, f"image {item_id} is not in the index")
+        return path
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict:
+        """Liveness: the index answers."""
+        return {"status": "ok", "count": await meta.run(lambda s: s.count)}
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    async def metrics_text() -> Response:
+        """Prometheus text format: requests, latency histogram, errors, index size."""
+        metrics.items.set(await meta.run(lambda s: s.count))
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.get("/api/info", tags=["index"])
+    async def info() -> dict:
+        """Model, vector width, item count, index kind and ledger counts."""
+        return {"model": model_info, **await meta.run(_index_info)}
+
+    @app.get("/api/search", tags=["search"])
+    async def search_get(
+        q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS, description="text query")],
+        k: Annotated[int, Query(ge=1, le=MAX_K)] = DEFAULT_K,
+        collapse: Annotated[bool, Query(description="show near-duplicate images as one result")] = False,
+    ) -> dict:
+        """Text query. Words form one phrase; ``-word`` / ``-"a phrase"`` push away; ``word^0.5`` weighs."""
+        return await answer(_Query(terms=parse_query(q), k=k, collapse=collapse), {"q": q})
+
+    @app.post("/api/search", tags=["search"])
+    async def search_post(body: SearchBody) -> dict:
+        """A text query, an indexed image by id, or both mixed (``image_weight`` scales the image)."""
+        if body.image_id is None and not (body.q and body.q.strip()):
+            raise ApiError(422, "give q (a text query), image_id (an indexed image), or both")
+        terms = parse_query(body.q) if body.q and body.q.strip() else []
+        query = _Query(terms, body.image_id, None, body.image_weight, body.k, body.collapse)
+        return await answer(query, body.model_dump(exclude_defaults=True))
+
+    @app.post("/api/search/image", tags=["search"])
+    async def search_image(
+        file: Annotated[UploadFile, File(description="PNG, JPEG, GIF, BMP, WebP or TIFF; ≤ 20 MB, ≤ 50 MP")],
+        q: Annotated[str | None, Form(max_length=MAX_QUERY_CHARS, description="optional text mixed in")] = None,
+        k: Annotated[int, Query(ge=1, le=MAX_K)] = DEFAULT_K,
+        collapse: Annotated[bool, Query()] = False,
+    ) -> dict:
+        """Search by an uploaded example image (optionally mixed with a text query)."""
+        image = await _read_upload(file)
+        terms = parse_query(q) if q and q.strip() else []
+        echo = {"image": file.filename or "upload", **({"q": q} if q else {})}
+        return await answer(_Query(terms, None, image, 1.0, k, collapse), echo)
+
+    @app.get("/api/images/{item_id:int}", tags=["images"], response_class=FileResponse)
+    async def image_file(item_id: int) -> FileResponse:
+        """The original file of an indexed image, by id."""
+        path = await indexed_path(item_id)
+        return FileResponse(path, media_type=media_type(path), headers=IMAGE_HEADERS)
+
+    @app.get("/api/thumbs/{item_id:int}", tags=["images"], response_class=FileResponse)
+    async def thumb_file(item_id: int) -> FileResponse:
+        """A JPEG thumbnail of an indexed image (made once, then served from the disk cache)."""
+        path = await indexed_path(item_id)
+        try:
+            thumb = await run_in_threadpool(thumbs.get, item_id, path)
+        except BadImageError as error:
+            raise ApiError(404, f"image {item_id} can no longer be read ({error.reason})") from None
+        return FileResponse(thumb, media_type="image/jpeg", headers=IMAGE_HEADERS)
+
+    @app.post("/api/classify", tags=["search"])
+    async def classify_image(
+        labels: Annotated[str, Form(max_length=MAX_LABELS_CHARS, description="comma-separated class names")],
+        file: Annotated[UploadFile | None, File(description="the image to classify (or give image_id)")] = None,
+        image_id: Annotated[int | None, Form(ge=0)] = None,
+        top: Annotated[int | None, Form(ge=1)] = None,
+    ) -> dict:
+        """Zero-shot classification of one image against the given labels (prompt ensembles)."""
+        names = list(dict.fromkeys(x.strip() for x in labels.split(",") if x.strip()))
+        if not 2 <= len(names) <= MAX_LABELS:
+            raise ApiError(422, f"labels: give 2 to {MAX_LABELS} distinct comma-separated names, got {len(names)}")
+        if (file is None) == (image_id is None):
+            raise ApiError(422, "give either file (an upload) or image_id (an indexed image), not both")
+        if file is not None:
+            image = await _read_upload(file)
+        else:
+            path = await indexed_path(image_id)
+            try:
+                image = await run_in_threadpool(load_image, path)
+            except BadImageError as error:
+                raise ApiError(404, f"image {image_id} can no longer be read ({error.reason})") from None
+        ranked = await searcher_worker.run(lambda s: classify([image], names, s.encoder, top=top)[0])
+        return {"labels": [{"label": label, "probability": round(p, 6)} for label, p in ranked]}
+
+    return app
+
+
+async def _read_upload(file: UploadFile) -> Image.Image:
+    """Read and decode an upload off the event loop; ``UploadError`` says why it cannot be used."""
+    data = await file.read(MAX_UPLOAD_BYTES + 1)
+    return await run_in_threadpool(decode_upload, data, declared_type=file.content_type)
+
+
+def _model_info(encoder: Encoder, ref: str | None) -> dict:
+    """The encoder's identity, its reference, and whether it is an untrained preset."""
+    from vitrina.models.registry import CLIP_PRESETS
+
+    untrained = ref is not None and not Path(ref).exists() and ref in CLIP_PRESETS
+    return {**encoder.identity, "ref": Path(ref).name if ref and Path(ref).exists() else ref, "untrained": untrained}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as ``{"error": "one line"}``."""
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(UploadError)
+    async def upload_error(_: Request, exc: UploadError) -> JSONResponse:
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(UserError)
+    async def user_error(_: Request, exc: UserError) -> JSONResponse:
+        return error(422, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error(422, _validation_message(exc))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the user's doing: log the traceback here, answer one JSON line.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error(500, "internal error; the server log has the details")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = "no such page or item" if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
