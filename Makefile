@@ -18,6 +18,7 @@ env: .venv/.installed
 
 data:
 	bash scripts/setup_data.sh
+	bash scripts/setup_browser.sh
 
 demo: setup
 	.venv/bin/vitrina demo

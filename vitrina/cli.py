@@ -141,6 +141,12 @@ def cmd_data_export(args: argparse.Namespace) -> None:
     print(f"{out}: {n} images")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from vitrina.serve import serve
+
+    serve(Path(args.index), host=args.host, port=args.port, model_ref=args.model)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from vitrina.demo import run_demo
 
@@ -156,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a small CLIP on emoji + Fashion-MNIST, index held-out data, evaluate")
     demo.add_argument("--out", default="runs/demo", help="folder for the checkpoint, indexes and reports")
-    demo.add_argument("--minutes", type=float, default=8.0, help="training time cap in minutes")
+    demo.add_argument("--minutes", type=float, default=10.0, help="training time cap in minutes")
     demo.add_argument("--held-out", default="facebook", help="emoji style indexed but never trained on")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=cmd_demo)
@@ -182,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--seed", type=int, default=0, help="seed of the fraction sample")
     index.add_argument("--batch-size", type=int, default=64)
     index.add_argument("--workers", type=int, default=2, help="parallel image decoders")
-    index.add_argument("--index-kind", default="auto", choices=["auto", "flat", "ivf", "hnsw"])
+    index.add_argument("--index-kind", default="auto", choices=["auto", "flat", "ivf", "hnsw", "pq"])
     index.set_defaults(handler=cmd_index)
 
     search = sub.add_parser("search", help="search an index by text or by example image")
@@ -193,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print hits as JSON")
     search.add_argument("--model", default=None, help="override the model stored in the index (same kind/width)")
     search.set_defaults(handler=cmd_search)
+
+    serve = sub.add_parser("serve", help="HTTP API and web page over an index (127.0.0.1:8000 by default)")
+    serve.add_argument("index")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback exposes the index")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model", default=None, help="override the model stored in the index (same kind/width)")
+    serve.set_defaults(handler=cmd_serve)
 
     classify = sub.add_parser("classify", help="zero-shot classification with prompt ensembles")
     classify.add_argument("images", nargs="+")

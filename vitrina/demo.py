@@ -22,7 +22,8 @@ from vitrina.data.emoji import EMOJI_STYLES
 from vitrina.errors import UserError
 
 DEMO_PRESET = "clip-minilm"
-FASHION_TRAIN_IMAGES = 12_000
+FASHION_TRAIN_IMAGES = 6_000
+TRAIN_EPOCHS = 6
 
 EMOJI_QUERIES = ["a smiling face with hearts", "a dog", "pizza", "the flag of japan", "a rocket", "a red heart"]
 FASHION_QUERIES = ["an ankle boot", "a handbag", "a pair of trousers"]
@@ -67,7 +68,7 @@ def run_demo(
     spec = f"emoji:{','.join(train_styles)}+fashion-mnist:train:{FASHION_TRAIN_IMAGES}"
     pairs = load_training_pairs(spec, seed=seed)
     console.print(f"training pairs: {len(pairs)} from {spec!r}; preset {DEMO_PRESET}, cap {train_minutes} min")
-    config = TrainConfig(epochs=30, batch_size=128, lr=2e-3, seed=seed, max_minutes=train_minutes, num_workers=2)
+    config = TrainConfig(epochs=TRAIN_EPOCHS, batch_size=128, lr=1e-3, seed=seed, max_minutes=train_minutes, num_workers=2)
     train_clip(model=build_model(DEMO_PRESET), pairs=pairs, out_dir=checkpoint, train_config=config)
     encoder = load_encoder(str(checkpoint))
 

@@ -133,8 +133,17 @@ def _thread_batches(jobs: list[_Job], transform: Callable, batch_size: int, work
         for chunk in chunks:
             yield _collate([_decode(job, transform) for job in chunk])
         return
-    # One intra-op thread per decoder: torch's thread count is per OS thread under OpenMP, and a decode
-    # thread left at the default would start its own OpenMP team and fight the model for the cores.
+    # One intra-op thread per decoder: a decode thread left at the default would start its own OpenMP
+    # team and fight the model for the cores. Some builds make that setting process-wide, so the
+    # model's own thread count is put back before every batch and at the end.
+    model_threads = torch.get_num_threads()
+    try:
+        yield from _pooled_batches(chunks, transform, workers, model_threads)
+    finally:
+        torch.set_num_threads(model_threads)
+
+
+def _pooled_batches(chunks: list, transform: Callable, workers: int, model_threads: int) -> Iterator[_Batch]:
     with ThreadPoolExecutor(
         max_workers=workers, thread_name_prefix="vitrina-decode", initializer=torch.set_num_threads, initargs=(1,)
     ) as pool:
@@ -149,7 +158,9 @@ def _thread_batches(jobs: list[_Job], transform: Callable, batch_size: int, work
             next_chunk = next(chunk_iter, None)
             if next_chunk is not None:  # keep the pool busy while the model works on this batch
                 pending.append([pool.submit(_decode, job, transform) for job in next_chunk])
-            yield _collate([future.result() for future in futures])
+            batch = _collate([future.result() for future in futures])
+            torch.set_num_threads(model_threads)
+            yield batch
 
 
 class _DecodeDataset(torch.utils.data.Dataset):

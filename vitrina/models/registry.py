@@ -20,12 +20,16 @@ from vitrina.models.vit import ViT, ViTConfig
 # Sized for 2 CPU cores: forward+backward runs at roughly 80 img/s at batch 128 (see BENCHMARKS.md),
 # so a few thousand images x several epochs train in minutes.
 VIT_DEMO_64 = ViTConfig(image_size=64, patch_size=8, width=192, depth=6, heads=3)
+# The demo's image tower: the same ViT at 48 px (6 x 6 tokens), about twice as fast to train, so the
+# demo fits several epochs of ~12k images into its time budget on 2 cores.
+VIT_DEMO_48 = ViTConfig(image_size=48, patch_size=8, width=192, depth=6, heads=3)
 
 VIT_PRESETS: dict[str, ViTConfig] = {
     "vit-ti16": ViTConfig(image_size=224, patch_size=16, width=192, depth=12, heads=3),
     "vit-s16": ViTConfig(image_size=224, patch_size=16, width=384, depth=12, heads=6),
     "vit-b16": ViTConfig(image_size=224, patch_size=16, width=768, depth=12, heads=12),
     "vit-demo-64": VIT_DEMO_64,
+    "vit-demo-48": VIT_DEMO_48,
     "vit-micro-64": ViTConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4),
     "vit-nano-32": ViTConfig(image_size=32, patch_size=8, width=64, depth=2, heads=2),
 }
@@ -43,8 +47,8 @@ CLIP_PRESETS: dict[str, CLIPConfig] = {
         text=TextConfig(vocab_size=4096, context_length=64, width=256, depth=4, heads=4),
         embed_dim=256,
     ),
-    # 64 px image tower + the pretrained all-MiniLM-L6-v2 text tower, frozen.
-    "clip-minilm": CLIPConfig(vision=VIT_DEMO_64, text=None, text_backend="minilm", text_locked=True, embed_dim=256),
+    # 48 px image tower + the pretrained all-MiniLM-L6-v2 text tower, frozen (the demo's model).
+    "clip-minilm": CLIPConfig(vision=VIT_DEMO_48, text=None, text_backend="minilm", text_locked=True, embed_dim=256),
 }
 
 
