@@ -68,7 +68,9 @@ def run_demo(
     spec = f"emoji:{','.join(train_styles)}+fashion-mnist:train:{FASHION_TRAIN_IMAGES}"
     pairs = load_training_pairs(spec, seed=seed)
     console.print(f"training pairs: {len(pairs)} from {spec!r}; preset {DEMO_PRESET}, cap {train_minutes} min")
-    config = TrainConfig(epochs=TRAIN_EPOCHS, batch_size=128, lr=1e-3, seed=seed, max_minutes=train_minutes, num_workers=2)
+    config = TrainConfig(
+        epochs=TRAIN_EPOCHS, batch_size=128, lr=1e-3, seed=seed, max_minutes=train_minutes, num_workers=2
+    )
     train_clip(model=build_model(DEMO_PRESET), pairs=pairs, out_dir=checkpoint, train_config=config)
     encoder = load_encoder(str(checkpoint))
 
