@@ -85,7 +85,7 @@ def run_demo(
         searcher = Searcher(indexes[name], encoder=encoder)
         for query in queries:
             hits = searcher.search_text(query, k=5)
-            shown = "; ".join(f"{h.label or h.caption} ({h.score:.2f})" for h in hits)
+            shown = "; ".join(f"{h.caption or h.label} ({h.score:.2f})" for h in hits)
             console.print(f"[bold]{query!r}[/] → {shown}")
         searcher.close()
 
