@@ -7,26 +7,8 @@ APT_PACKAGES=(chromium chromium-driver)
 
 say() { printf '[setup-browser] %s\n' "$*"; }
 
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
-    missing+=("$pkg")
-  fi
-done
-
-if ((${#missing[@]})); then
-  SUDO=""
-  if [[ $(id -u) -ne 0 ]]; then
-    if ! command -v sudo >/dev/null 2>&1; then
-      echo "[setup-browser] need root to run: apt-get install -y ${missing[*]} (run that as root, then re-run)" >&2
-      exit 1
-    fi
-    SUDO="sudo"
-  fi
-  say "installing Debian packages: ${missing[*]}"
-  $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_apt.sh"
+apt_install_missing setup-browser --no-install-recommends -- "${APT_PACKAGES[@]}"
 
 for exe in /usr/bin/chromium /usr/bin/chromedriver; do
   if [[ ! -x "$exe" ]]; then

@@ -20,27 +20,11 @@ EMOJI_DIR="$DATA/emoji"
 say() { printf '[setup-data] %s\n' "$*"; }
 
 # ---- Debian packages -------------------------------------------------------------------------
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
-    missing+=("$pkg")
-  fi
-done
+source "$(dirname "${BASH_SOURCE[0]}")/_apt.sh"
+extra=()
 # npm fetches the emoji tarballs; a fresh Debian has none.
-if ! command -v npm >/dev/null 2>&1; then missing+=(npm); fi
-if ((${#missing[@]})); then
-  SUDO=""
-  if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
-  say "installing Debian packages: ${missing[*]}"
-  if [[ -n "$SUDO" ]] && ! command -v sudo >/dev/null 2>&1; then
-    echo "[setup-data] need root to run: apt-get install -y ${missing[*]} (run that as root, then re-run)" >&2
-    exit 1
-  fi
-  $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-else
-  say "Debian packages present: ${APT_PACKAGES[*]} npm"
-fi
+if ! command -v npm >/dev/null 2>&1; then extra+=(npm); fi
+apt_install_missing setup-data -- "${APT_PACKAGES[@]}" "${extra[@]}"
 
 # ---- emoji (npm pack: download the tarball without installing anything) ----------------------
 mkdir -p "$EMOJI_DIR"

@@ -34,15 +34,6 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), 
 SHAPES = ("circle", "square", "triangle")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and 2 shared cores oversubscribed by OpenMP crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def shape_image(colour: str, shape: str, rng: np.random.Generator, size: int = 48) -> np.ndarray:
     """A coloured shape at a random place and size on white: (size, size, 3) uint8."""
     image = Image.new("RGB", (size, size), "white")

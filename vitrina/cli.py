@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _print_hits(hits, as_json: bool) -> None:
     if as_json:
-        print(json.dumps([h.to_json() if hasattr(h, "to_json") else h.__dict__ for h in hits], indent=2))
+        print(json.dumps([hit.to_json() for hit in hits], indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -78,7 +78,7 @@ def cmd_index(args: argparse.Namespace) -> None:
         fraction=args.fraction,
         seed=args.seed,
     )
-    print(report.summary() if hasattr(report, "summary") else report)
+    print(report.summary())
     print(f'index: {args.out}\nnext: vitrina search {args.out} "a query"')
 
 
