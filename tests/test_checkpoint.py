@@ -135,8 +135,8 @@ def test_bad_config(saved: Path) -> None:
     good = json.loads(path.read_text())
     path.write_text("{not json")
     assert "not valid JSON" in _error(saved)
-    path.write_text(json.dumps({**good, "kind": "swin"}))
-    assert "unknown checkpoint kind 'swin'" in _error(saved)
+    path.write_text(json.dumps({**good, "kind": "resnet50"}))
+    assert "unknown checkpoint kind 'resnet50'" in _error(saved)
     path.write_text(json.dumps({**good, "format_version": 7}))
     assert "format_version 7" in _error(saved)
     bad_field = {**good, "model": {**good["model"], "vision": {**good["model"]["vision"], "widht": 3}}}
