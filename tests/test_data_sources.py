@@ -348,9 +348,7 @@ def test_spec_errors(spec: str, message: str, tmp_path: Path) -> None:
 _REAL_FASHION = fm.DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz"
 
 
-@pytest.mark.skipif(
-    not _REAL_FASHION.exists(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist"
-)
+@pytest.mark.skipif(not _REAL_FASHION.exists(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
 def test_real_fashion_mnist_test_split() -> None:
     x, y = fm.load_fashion_mnist("test")
     assert x.shape == (10_000, 28, 28)

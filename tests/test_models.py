@@ -12,7 +12,15 @@ from PIL import Image
 from vitrina.encoder import Encoder
 from vitrina.errors import UserError
 from vitrina.models.clip import CLIP, CLIPEncoder
-from vitrina.models.registry import CLIP_PRESETS, VIT_PRESETS, build_model, describe_presets, list_presets
+from vitrina.models.registry import (
+    CLIP_PRESETS,
+    CNN_PRESETS,
+    SWIN_PRESETS,
+    VIT_PRESETS,
+    build_model,
+    describe_presets,
+    list_presets,
+)
 from vitrina.models.text import TextConfig, TextTransformer, byte_level_tokenizer, tokenize, train_bpe
 from vitrina.models.vit import ViT, ViTConfig
 
@@ -87,7 +95,7 @@ def test_build_model_is_deterministic_and_leaves_global_rng_alone() -> None:
 def test_unknown_preset_is_a_user_error() -> None:
     with pytest.raises(UserError, match="clip-tiny"):
         build_model("clip-huge")
-    assert set(list_presets()) == set(VIT_PRESETS) | set(CLIP_PRESETS)
+    assert set(list_presets()) == set(VIT_PRESETS) | set(SWIN_PRESETS) | set(CNN_PRESETS) | set(CLIP_PRESETS)
     assert all(name in describe_presets() for name in list_presets())
 
 

@@ -33,9 +33,7 @@ def _step(console: Console, number: int, title: str) -> None:
     console.rule(f"[bold]{number}/5 {title}")
 
 
-def run_demo(
-    *, out_dir: Path, train_minutes: float = 8.0, held_out_style: str = "facebook", seed: int = 0
-) -> dict:
+def run_demo(*, out_dir: Path, train_minutes: float = 8.0, held_out_style: str = "facebook", seed: int = 0) -> dict:
     """Run the five steps; returns the evaluation results (also written to ``out_dir/eval.json``)."""
     from vitrina.checkpoint import load_encoder
     from vitrina.config import TrainConfig

@@ -80,6 +80,4 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_and_note)
         finally:
             route = scope.get("route")
-            self.metrics.observe(
-                scope["method"], getattr(route, "path", UNMATCHED), status, self.clock() - start
-            )
+            self.metrics.observe(scope["method"], getattr(route, "path", UNMATCHED), status, self.clock() - start)
