@@ -109,6 +109,10 @@ def describe_presets() -> str:
     lines = []
     for name, v in VIT_PRESETS.items():
         lines.append(f"{name:<13} vit   {v.image_size}px patch {v.patch_size}, width {v.width}, depth {v.depth}")
+    for name, s in SWIN_PRESETS.items():
+        lines.append(f"{name:<13} swin  {s.image_size}px patch {s.patch_size}, C {s.embed_dim}, depths {s.depths}")
+    for name, r in CNN_PRESETS.items():
+        lines.append(f"{name:<13} cnn   {r.image_size}px widths {r.widths}, blocks {r.blocks}")
     for name, c in CLIP_PRESETS.items():
         v = c.vision
         if c.text_backend == "minilm":
