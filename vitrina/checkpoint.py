@@ -152,9 +152,13 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def load_encoder(ref: str | os.PathLike) -> Encoder:
-    """An ``Encoder`` from a checkpoint folder or a CLIP preset name (untrained: warns on stderr)."""
+    """An ``Encoder`` from a checkpoint folder, a CLIP preset name (untrained: warns on stderr), or a
+    pretrained reference (``hf:``, ``open_clip:``, ``timm:`` or their folders: ``vitrina.models.pretrained``)."""
+    from vitrina.models.pretrained import is_pretrained_ref, load_pretrained
     from vitrina.models.registry import CLIP_PRESETS, build_model, list_presets
 
+    if is_pretrained_ref(ref):
+        return load_pretrained(ref)
     path = Path(ref)
     if path.exists():
         model, config = load_model(path)

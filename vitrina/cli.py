@@ -33,6 +33,12 @@ def _print_hits(hits, as_json: bool) -> None:
     Console().print(table)
 
 
+# the names of vitrina.ssl.METHODS, spelt out so that `vitrina --help` needs no torch import
+SSL_METHODS = (
+    "rotation", "jigsaw", "relative-position", "inpainting", "colorization", "simclr", "deepcluster", "mae",
+)  # fmt: skip
+
+
 # --- handlers -------------------------------------------------------------------------------
 
 
@@ -57,6 +63,105 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
     summary = train_clip(model=model, pairs=pairs, out_dir=Path(args.out), train_config=config)
     print(f"checkpoint: {args.out}  ({summary})")
     print(f"next: vitrina index FOLDER --model {args.out} --out INDEX_DIR")
+
+
+def _classify_train_config(args: argparse.Namespace):
+    from vitrina.config import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        max_minutes=args.minutes,
+        num_workers=args.workers,
+    )
+
+
+def _classify_settings(args: argparse.Namespace):
+    from vitrina.train.classify import ClassifySettings
+
+    return ClassifySettings(label_smoothing=args.label_smoothing, augment=not args.no_augment)
+
+
+def _classify_data(args: argparse.Namespace):
+    from vitrina.train.classify_data import load_classification_data
+
+    return load_classification_data(args.data, fraction=args.fraction, limit=args.limit, seed=args.seed)
+
+
+def _print_outcome(outcome, out: str) -> None:
+    r = outcome.results
+    print(f"checkpoint: {out}  ({outcome.summary})")
+    print(f"best (epoch {r['best_epoch']}, val acc {r['best_val_acc']:.4f}): {outcome.best_dir}")
+    print(f"test accuracy {r['test_acc']:.4f} on {r['test_images']} images; written: {out}/results.json, confusion.png")
+
+
+def cmd_train_classify(args: argparse.Namespace) -> None:
+    from vitrina.train.classify import build_classifier, count_parameters, train_classifier
+    from vitrina.train.transfer import TransferSettings, transfer_classifier
+
+    if args.init is None and (args.mode != "finetune" or args.freeze != "none" or args.layer_decay is not None):
+        raise UserError("--mode, --freeze and --layer-decay apply to transfer learning: give --init CHECKPOINT too")
+    if args.init is None and args.model is None:
+        raise UserError("give --model PRESET (train from scratch) or --init CHECKPOINT (transfer)")
+    data = _classify_data(args)
+    config, settings = _classify_train_config(args), _classify_settings(args)
+    if args.init is not None:
+        transfer = TransferSettings(mode=args.mode, freeze=args.freeze, layer_decay=args.layer_decay)
+        outcome = transfer_classifier(
+            init=args.init, data=data, out_dir=Path(args.out), train_config=config, settings=settings, transfer=transfer
+        )
+    else:
+        model = build_classifier(args.model, len(data.class_names), seed=args.seed)
+        total, trainable = count_parameters(model)
+        print(f"{args.model}: {total:,} parameters, {trainable:,} trainable; {len(data.train)} training images")
+        outcome = train_classifier(
+            model=model, data=data, out_dir=Path(args.out), train_config=config, settings=settings
+        )
+    _print_outcome(outcome, args.out)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    if args.target == "clip":
+        from vitrina.data.sources import load_training_pairs
+        from vitrina.distill.clip_tower import ClipDistillSettings, distill_clip_tower
+
+        if args.data is None:
+            raise UserError("vitrina distill clip needs --data SPEC (e.g. emoji:apple,google+fashion-mnist:train:6000)")
+        pairs = load_training_pairs(args.data, seed=args.seed)
+        settings = ClipDistillSettings(augment=not args.no_augment, similarity_weight=args.similarity_weight)
+        summary = distill_clip_tower(
+            teacher_path=args.teacher,
+            student_preset=args.student,
+            pairs=pairs,
+            out_dir=Path(args.out),
+            train_config=_classify_train_config(args),
+            settings=settings,
+        )
+        print(f"checkpoint: {args.out}  ({summary})")
+        print(f"next: vitrina index FOLDER --model {args.out} --out INDEX_DIR")
+        return
+    from vitrina.distill.trainer import DistillSettings, KDKind, distill_classifier
+
+    if args.kind is None:
+        raise UserError("give --kind response|feature|relation|deit|deit-soft")
+    if args.data is None:
+        raise UserError("give --data fashion-mnist or a folder of class folders (the teacher's data)")
+    distill = DistillSettings(
+        kind=KDKind.parse(args.kind), alpha=args.alpha, temperature=args.temperature, beta=args.beta
+    )
+    outcome = distill_classifier(
+        teacher_path=args.teacher,
+        student_preset=args.student,
+        data=_classify_data(args),
+        out_dir=Path(args.out),
+        train_config=_classify_train_config(args),
+        settings=_classify_settings(args),
+        distill=distill,
+    )
+    _print_outcome(outcome, args.out)
 
 
 def cmd_index(args: argparse.Namespace) -> None:
@@ -122,10 +227,80 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
     print(f"written: {out}")
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from vitrina.ssl.run import run_pretraining
+
+    if args.minutes is None and args.epochs is None:
+        raise UserError("give --minutes (the run is sized to fit) or --epochs")
+    result = run_pretraining(
+        args.method,
+        backbone=args.backbone,
+        data=args.data,
+        out_dir=Path(args.out),
+        minutes=args.minutes,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    print(f"backbone checkpoint: {args.out}  ({result.summary})")
+    print(f"next: vitrina eval probe --ckpt {args.out} --data DATA --out PROBE_DIR")
+
+
+def cmd_eval_probe(args: argparse.Namespace) -> None:
+    from vitrina.eval.probe import PIXELS, load_probe_model, probe_representation
+    from vitrina.ssl.data import probe_splits, stratified_indices
+
+    model = None if args.ckpt == PIXELS else load_probe_model(args.ckpt, seed=args.seed)
+    size = 28 if model is None else model.config.image_size
+    if model is None and args.image_size:
+        size = args.image_size
+    train, test = probe_splits(args.data, size, seed=args.seed)
+    if args.limit_train:
+        train = train.subset(stratified_indices(train.labels, args.limit_train, args.seed))
+    if args.limit_test:
+        test = test.subset(stratified_indices(test.labels, args.limit_test, args.seed))
+    options = {"seed": args.seed, "label": args.ckpt, "tsne_points": args.tsne_points, "pool": args.pool}
+    results = probe_representation(model, train, test, Path(args.out), **options)
+    knn = ", ".join(f"kNN@{k[1:]} {v:.4f}" for k, v in results["knn"].items())
+    print(
+        f"linear {results['linear']['accuracy']:.4f}, {knn}, "
+        f"NMI {results['cluster']['nmi']:.4f}, ARI {results['cluster']['ari']:.4f}"
+    )
+    print(f"written: {Path(args.out) / 'probe.json'}, {Path(args.out) / 'tsne.png'}")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from vitrina.models.registry import describe_presets
 
     print(describe_presets())
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    from vitrina.checkpoint import load_model
+    from vitrina.data.transforms import MEAN, STD
+    from vitrina.models.explain import explain_images, vision_transformer
+    from vitrina.models.registry import build_model, list_presets
+
+    if not 0.0 <= args.discard_ratio < 1.0:
+        raise UserError(f"--discard-ratio {args.discard_ratio}: must be in [0, 1), e.g. 0.9 keeps the top 10%")
+    ref = Path(args.model)
+    if ref.exists():
+        model, _ = load_model(ref)
+    elif args.model in list_presets():
+        print(f"warning: {args.model} is an untrained preset (random weights): its maps show no learned structure")
+        model = build_model(args.model)
+    else:
+        raise UserError(f"--model {args.model}: no such checkpoint folder or model preset (see `vitrina models`)")
+    vit = vision_transformer(model, where=f"--model {args.model}")
+    config = getattr(model, "config", None)  # a CLIP normalises with its own statistics
+    mean, std = getattr(config, "image_mean", MEAN), getattr(config, "image_std", STD)
+    images = [Path(p) for p in args.images]
+    written = explain_images(
+        vit, images, Path(args.out), mean=mean, std=std, discard_ratio=args.discard_ratio, head_fusion=args.head_fusion
+    )
+    for path in written:
+        print(f"written: {path}")
 
 
 def cmd_data_export(args: argparse.Namespace) -> None:
@@ -156,6 +331,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # --- parser ---------------------------------------------------------------------------------
 
 
+def _add_classify_options(parser: argparse.ArgumentParser, *, lr: float, data_required: bool = True) -> None:
+    """Data and training options shared by `train classify` and `distill`."""
+    parser.add_argument("--data", required=data_required, help="fashion-mnist, or a folder of class folders")
+    parser.add_argument("--fraction", type=float, default=None, help="a stratified share of the images")
+    parser.add_argument("--limit", type=int, default=None, help="at most about N images per split (smoke runs)")
+    parser.add_argument("--out", required=True, help="checkpoint folder; an existing one is resumed")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--no-augment", action="store_true", help="train on the images as they are")
+    parser.add_argument("--minutes", type=float, default=None, help="stop cleanly after this many minutes")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes (folders of photos)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitrina", description="Text-to-image retrieval on vision transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +371,29 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--workers", type=int, default=2, help="data-loading processes")
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(handler=cmd_train_clip)
+
+    classify = train.add_parser("classify", help="supervised image classification (from scratch or transfer)")
+    classify.add_argument("--model", default=None, help="ViT / Swin / CNN preset trained from scratch")
+    classify.add_argument("--init", default=None, help="start from this checkpoint (a CLIP gives its image tower)")
+    classify.add_argument("--mode", default="finetune", choices=["finetune", "linear-probe"])
+    classify.add_argument("--freeze", default="none", help="none, all-but-head or first-N (fine-tuning)")
+    classify.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay, e.g. 0.75")
+    _add_classify_options(classify, lr=1e-3)
+    classify.set_defaults(handler=cmd_train_classify)
+
+    distill = sub.add_parser(
+        "distill", help="knowledge distillation into a student classifier, or of a CLIP image tower (distill clip)"
+    )
+    distill.add_argument("target", nargs="?", default="classify", choices=["classify", "clip"])
+    distill.add_argument("--teacher", required=True, help="teacher checkpoint folder")
+    distill.add_argument("--student", required=True, help="student preset (see `vitrina models`)")
+    distill.add_argument("--kind", default=None, help="response, feature, relation, deit (= deit-hard), deit-soft")
+    distill.add_argument("--alpha", type=float, default=0.7, help="weight of the soft-target term (response)")
+    distill.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of soft targets")
+    distill.add_argument("--beta", type=float, default=1.0, help="weight of the feature / relation term")
+    distill.add_argument("--similarity-weight", type=float, default=1.0, help="clip: in-batch similarity KL weight")
+    _add_classify_options(distill, lr=1e-3, data_required=False)
+    distill.set_defaults(handler=cmd_distill)
 
     index = sub.add_parser("index", help="embed a folder of images into an index (incremental, resumable)")
     index.add_argument("folder")
@@ -222,8 +437,40 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--json-out", default=None, help="default: INDEX/eval.json")
     retrieval.set_defaults(handler=cmd_eval_retrieval)
 
-    models = sub.add_parser("models", help="list model presets")
+    probe = evaluate.add_parser("probe", help="linear probe, kNN, k-means NMI/ARI and t-SNE of frozen features")
+    probe.add_argument("--ckpt", required=True, help="checkpoint folder, a preset (random init) or 'pixels'")
+    probe.add_argument("--data", default="fashion-mnist", help="fashion-mnist, emoji:STYLES or a class folder")
+    probe.add_argument("--limit-train", type=int, default=None, help="a stratified subset of the train split")
+    probe.add_argument("--limit-test", type=int, default=None, help="a stratified subset of the test split")
+    probe.add_argument("--tsne-points", type=int, default=2000, help="points in the t-SNE plot")
+    probe.add_argument("--pool", default=None, choices=["cls", "mean"], help="ViT features: override the pooling")
+    probe.add_argument("--image-size", type=int, default=None, help="pixel baseline only: resize images to this")
+    probe.add_argument("--out", required=True, help="folder for probe.json and tsne.png")
+    probe.add_argument("--seed", type=int, default=0)
+    probe.set_defaults(handler=cmd_eval_probe)
+
+    pretrain = sub.add_parser("pretrain", help="self-supervised pretraining of a ViT backbone")
+    pretrain.add_argument("method", choices=SSL_METHODS)
+    pretrain.add_argument("--backbone", default="vit-fmnist-28", help="ViT preset (see `vitrina models`)")
+    pretrain.add_argument("--data", default="fashion-mnist", help="fashion-mnist[:train[:N]], emoji:STYLES or a folder")
+    pretrain.add_argument("--out", required=True, help="checkpoint folder; an existing one is resumed")
+    pretrain.add_argument("--minutes", type=float, default=None, help="time cap; without --epochs the run fits it")
+    pretrain.add_argument("--epochs", type=int, default=None)
+    pretrain.add_argument("--batch-size", type=int, default=256)
+    pretrain.add_argument("--lr", type=float, default=1e-3)
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.set_defaults(handler=cmd_pretrain)
+
+    models = sub.add_parser("models", help="list model presets with parameters and measured GMACs per image")
     models.set_defaults(handler=cmd_models)
+
+    explain = sub.add_parser("explain", help="attention rollout of images and position-embedding similarity (ViT)")
+    explain.add_argument("images", nargs="+", help="image files")
+    explain.add_argument("--model", required=True, help="ViT or CLIP checkpoint folder, or preset name")
+    explain.add_argument("--out", required=True, help="folder for <stem>-rollout.png and pos-embed-similarity.png")
+    explain.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of faint weights")
+    explain.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"])
+    explain.set_defaults(handler=cmd_explain)
 
     data = sub.add_parser("data", help="export offline data sets as image folders").add_subparsers(
         dest="what", required=True

@@ -12,7 +12,7 @@ import json
 import os
 import types
 import typing
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -100,6 +100,28 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     return obj
+
+
+def non_default_dict(obj: Any) -> Any:
+    """``to_dict`` without the fields that hold their default value, at every level.
+
+    Hashing this instead of the full dict keeps an identity stable when a later version adds a
+    field with a default that keeps the old behaviour.
+    """
+    if not is_dataclass(obj):
+        return to_dict(obj)
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = MISSING
+        if default is MISSING or to_dict(value) != to_dict(default):
+            out[f.name] = non_default_dict(value)
+    return out
 
 
 def from_dict(cls: type[T], data: Any, *, where: str = "config") -> T:

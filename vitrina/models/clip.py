@@ -142,10 +142,14 @@ class CLIP(nn.Module):
 
 
 def config_hash(model: CLIP) -> str:
-    """8 hex digits naming the model's shape and tokenizer (vectors from different ones never mix)."""
-    from vitrina.config import to_dict
+    """8 hex digits naming the model's shape and tokenizer (vectors from different ones never mix).
 
-    payload = json.dumps(to_dict(model.config), sort_keys=True)
+    Only non-default config fields count, so adding a field with a neutral default later does not
+    orphan existing indexes.
+    """
+    from vitrina.config import non_default_dict
+
+    payload = json.dumps(non_default_dict(model.config), sort_keys=True)
     if model.tokenizer is not None:
         payload += model.tokenizer.to_str()
     return hashlib.sha256(payload.encode()).hexdigest()[:8]

@@ -7,6 +7,8 @@ untrained model (an index embedded with ``clip-tiny`` can be searched with ``cli
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,6 +16,8 @@ from torch import nn
 from vitrina.errors import UserError
 from vitrina.models.clip import CLIP, CLIPConfig
 from vitrina.models.cnn import CNN, CNN_PRESETS, CNNConfig
+from vitrina.models.flops import count_macs, count_parameters, on_meta
+from vitrina.models.minilm import WIDTH as MINILM_WIDTH
 from vitrina.models.swin import SWIN_PRESETS, Swin, SwinConfig
 from vitrina.models.text import TextConfig
 from vitrina.models.vit import ViT, ViTConfig
@@ -104,22 +108,72 @@ def build_model(preset: str, *, seed: int = 0) -> nn.Module:
         return build_from_config(config)
 
 
-def describe_presets() -> str:
-    """One line per preset: name, kind and size (for ``vitrina models``)."""
-    lines = []
-    for name, v in VIT_PRESETS.items():
-        lines.append(f"{name:<13} vit   {v.image_size}px patch {v.patch_size}, width {v.width}, depth {v.depth}")
-    for name, s in SWIN_PRESETS.items():
-        lines.append(f"{name:<13} swin  {s.image_size}px patch {s.patch_size}, C {s.embed_dim}, depths {s.depths}")
-    for name, r in CNN_PRESETS.items():
-        lines.append(f"{name:<13} cnn   {r.image_size}px widths {r.widths}, blocks {r.blocks}")
-    for name, c in CLIP_PRESETS.items():
-        v = c.vision
-        if c.text_backend == "minilm":
-            text = f"all-MiniLM-L6-v2 ({'locked' if c.text_locked else 'fine-tuned'})"
+@dataclass
+class PresetCost:
+    """What a preset costs: parameters of the whole model, and MACs of one image through its image model."""
+
+    parameters: int
+    macs: int  # per image at the preset's image size; a CLIP's image tower only (text is per caption)
+    image_size: int
+
+
+def _minilm_parameter_count() -> int:
+    """Parameters of the packaged MiniLM, read from its safetensors header (no 90 MB load, no transformers import)."""
+    from safetensors import safe_open
+
+    from vitrina.models.minilm import minilm_dir
+
+    with safe_open(str(minilm_dir() / "model.safetensors"), "pt") as f:
+        names = f.keys()  # a list; the safe_open handle itself is not iterable
+        # position_ids is an index buffer that older transformers versions saved beside the weights
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in names if not k.endswith("position_ids"))
+
+
+def preset_cost(config: ModelConfig) -> PresetCost:
+    """Parameters and measured MACs per image of a preset's model, built on the meta device (fast at any size)."""
+    if isinstance(config, CLIPConfig):
+        vision = config.vision
+        image_model = on_meta(lambda: ViT(vision))
+        if config.text_backend == "minilm":  # the MiniLM tower loads real weights: count it from its file
+            projections = (vision.width + MINILM_WIDTH) * config.embed_dim + 1  # + logit_scale
+            parameters = count_parameters(image_model) + projections + _minilm_parameter_count()
         else:
-            text = f"text transformer width {c.text.width}, depth {c.text.depth}"
+            parameters = count_parameters(on_meta(lambda: CLIP(config)))
+    else:
+        vision = config
+        image_model = on_meta(lambda: build_from_config(config))
+        parameters = count_parameters(image_model)
+    macs = count_macs(image_model, (1, vision.in_channels, vision.image_size, vision.image_size))
+    return PresetCost(parameters=parameters, macs=macs, image_size=vision.image_size)
+
+
+def _shape_summary(config: ModelConfig) -> str:
+    if isinstance(config, ViTConfig):
+        extra = ", distilled" if config.distilled else ""
+        return f"patch {config.patch_size}, width {config.width}, depth {config.depth}, heads {config.heads}{extra}"
+    if isinstance(config, SwinConfig):
+        return f"patch {config.patch_size}, C {config.embed_dim}, depths {config.depths}, window {config.window_size}"
+    if isinstance(config, CNNConfig):
+        return f"widths {config.widths}, blocks {config.blocks}"
+    v = config.vision
+    if config.text_backend == "minilm":
+        text = f"all-MiniLM-L6-v2 ({'locked' if config.text_locked else 'fine-tuned'})"
+    else:
+        text = f"text transformer width {config.text.width}, depth {config.text.depth}"
+    return f"ViT patch {v.patch_size}, width {v.width}, depth {v.depth} + {text} -> {config.embed_dim}-d"
+
+
+def describe_presets() -> str:
+    """Every preset with kind, image size, parameters, measured GMACs per image and shape (``vitrina models``)."""
+    lines = [f"{'preset':<19} {'kind':<5} {'image':>6} {'params':>8} {'GMACs':>7}  shape"]
+    for name, config in ALL_PRESETS.items():
+        cost = preset_cost(config)
+        kind = kind_of(config)
+        gmacs = f"{cost.macs / 1e9:.3f}" + ("*" if kind == "clip" else " ")
         lines.append(
-            f"{name:<13} clip  {v.image_size}px ViT width {v.width}, depth {v.depth} + {text} -> {c.embed_dim}-d"
+            f"{name:<19} {kind:<5} {cost.image_size:>4}px {cost.parameters / 1e6:>7.2f}M {gmacs:>8} "
+            f"{_shape_summary(config)}"
         )
+    lines.append("GMACs: multiply-accumulates of one image, counted by torch's FlopCounterMode (FLOPs / 2).")
+    lines.append("* CLIP: the image tower only, per image; params count both towers and the projections.")
     return "\n".join(lines)

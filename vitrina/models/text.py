@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -52,12 +53,23 @@ def _finish(tokenizer: Tokenizer, context_length: int) -> Tokenizer:
 
 
 def set_context_length(tokenizer: Tokenizer, context_length: int) -> Tokenizer:
-    """Pad and truncate every encoding to ``context_length`` tokens (SOT and EOT included)."""
+    """Pad and truncate every encoding to ``context_length`` tokens (SOT and EOT included).
+
+    Pads with ``<|pad|>``; a tokenizer without it (a pretrained CLIP's) keeps the pad token it was
+    saved with, else pads with ``<|endoftext|>`` as OpenAI's CLIP does. Padding never changes the
+    features: the attention mask marks it and the causal mask keeps it away from the pooled token.
+    """
     if context_length < 3:
         raise ValueError(f"context_length must be at least 3 (SOT, one token, EOT), got {context_length}")
     # Truncation leaves room for the template's SOT/EOT, so EOT survives truncation.
     tokenizer.enable_truncation(max_length=context_length)
-    tokenizer.enable_padding(pad_id=tokenizer.token_to_id(PAD), pad_token=PAD, length=context_length)
+    pad = PAD
+    if tokenizer.token_to_id(PAD) is None:
+        pad = (tokenizer.padding or {}).get("pad_token") or EOT
+    pad_id = tokenizer.token_to_id(pad)
+    if pad_id is None:
+        raise ValueError(f"the tokenizer has neither {PAD} nor {EOT} to pad with")
+    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad, length=context_length)
     return tokenizer
 
 
@@ -116,9 +128,18 @@ def decode(tokenizer: Tokenizer, ids: list[int] | torch.Tensor) -> str:
 # --- text transformer -----------------------------------------------------------------------
 
 
+EosPooling = Literal["mask", "argmax", "token"]
+
+
 @dataclass
 class TextConfig:
-    """Shape of the CLIP text transformer; ``vocab_size`` may exceed the tokenizer's (rows unused)."""
+    """Shape of the CLIP text transformer; ``vocab_size`` may exceed the tokenizer's (rows unused).
+
+    ``eos_pooling`` says where the sentence vector is read: ``"mask"`` (ours) the last position the
+    attention mask marks real; ``"argmax"`` the position of the largest id (OpenAI's CLIP, where
+    end-of-text is the last id of the vocabulary); ``"token"`` the first position holding
+    ``eos_token_id`` (newer Hugging Face checkpoints). On tokenizer output all three agree.
+    """
 
     vocab_size: int = 259
     context_length: int = DEFAULT_CONTEXT_LENGTH
@@ -127,10 +148,17 @@ class TextConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-5
+    act: Literal["gelu", "quick_gelu"] = "gelu"  # MLP activation; OpenAI's CLIP uses quick_gelu
+    eos_pooling: EosPooling = "mask"
+    eos_token_id: int | None = None  # needed by eos_pooling "token"
 
     def __post_init__(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"text width {self.width} is not divisible by heads {self.heads}")
+        if self.eos_pooling not in ("mask", "argmax", "token"):
+            raise ValueError(f"eos_pooling must be 'mask', 'argmax' or 'token', got {self.eos_pooling!r}")
+        if self.eos_pooling == "token" and self.eos_token_id is None:
+            raise ValueError("eos_pooling 'token' needs eos_token_id")
 
 
 class TextTransformer(nn.Module):
@@ -143,7 +171,7 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(c.vocab_size, c.width)
         self.positional_embedding = nn.Parameter(torch.zeros(c.context_length, c.width))
         self.blocks = nn.ModuleList(
-            Block(width=c.width, heads=c.heads, mlp_ratio=c.mlp_ratio, qkv_bias=True, eps=c.layer_norm_eps)
+            Block(width=c.width, heads=c.heads, mlp_ratio=c.mlp_ratio, qkv_bias=True, eps=c.layer_norm_eps, act=c.act)
             for _ in range(c.depth)
         )
         self.ln_final = nn.LayerNorm(c.width, eps=c.layer_norm_eps)
@@ -164,7 +192,7 @@ class TextTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids and mask (1 = real token; EOT is the last real one) -> (B, width)."""
-        eot = attention_mask.sum(dim=1) - 1  # (B,) position of each text's EOT
+        eot = self.eos_positions(input_ids, attention_mask)  # (B,)
         # The mask is causal, so padding after EOT never reaches it: drop the all-padding tail.
         length = int(eot.max()) + 1
         if length > self.config.context_length:
@@ -174,3 +202,11 @@ class TextTransformer(nn.Module):
             x = block(x, is_causal=True)
         x = self.ln_final(x)
         return x[torch.arange(x.shape[0], device=x.device), eot]  # (B, C)
+
+    def eos_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and mask -> (B,) index of each text's end-of-text token (see ``TextConfig``)."""
+        if self.config.eos_pooling == "argmax":
+            return input_ids.argmax(dim=1)  # the first of equal maxima, as torch promises
+        if self.config.eos_pooling == "token":
+            return (input_ids == self.config.eos_token_id).int().argmax(dim=1)  # first EOT
+        return attention_mask.sum(dim=1) - 1

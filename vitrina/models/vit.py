@@ -1,16 +1,35 @@
 """Vision Transformer (Dosovitskiy et al., 2020), read top to bottom like the paper's figure.
 
-image -> patches (Conv2d, stride = patch) -> prepend [CLS] -> + position embedding
+image -> patches (Conv2d, stride = patch) -> prepend [CLS] (+ [DIST]) -> + position embedding
       -> depth x pre-norm block (x + MSA(LN(x)); x + MLP(LN(x))) -> LN -> pool ([CLS] or mean) -> head
 
 Parameter names and shapes are those of timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``,
 ``head``), so timm weights load 1:1 (see ``vitrina.models.pretrained``). ``Block`` and
 ``Attention`` take an ``is_causal`` flag so the text transformer reuses them.
+
+DeiT distillation token (Touvron et al., 2021), ``ViTConfig(distilled=True)``: a second learned
+prefix token ``dist_token`` follows [CLS] (so ``num_prefix_tokens`` is 2 and ``pos_embed`` has a
+row for it), read out by its own head ``head_dist``. In **training** mode ``forward`` returns the
+pair ``(cls_logits, dist_logits)`` (the first for the labels, the second for the teacher); in
+**eval** mode it returns their average, as DeiT does at inference. ``forward_head(x,
+pre_logits=True)`` is the average of the two tokens in both modes. (timm returns the pair only
+after ``set_distilled_training(True)``; here training mode alone decides.)
+
+Position embeddings follow the image size: ``resize_pos_embed`` resamples the patch rows bicubically
+(prefix rows kept), as timm's ``resample_abs_pos_embed``. It runs when a state dict saved at
+another image size is loaded (``load_state_dict`` resizes ``pos_embed`` to this model's grid) and
+when ``forward`` gets images of another size than the config's (any multiple of the patch size).
+
+``patchify``/``unpatchify`` cut images into flat patches in MAE's layout, and
+``ViT.forward_attention`` returns every block's attention weights (for rollout, see
+``vitrina.models.explain``) while ``forward`` keeps the fused attention kernel.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +53,11 @@ class ViTConfig:
     num_classes: int = 0
     layer_norm_eps: float = 1e-6
     pool: Literal["cls", "mean"] = "cls"
+    distilled: bool = False  # DeiT: a distillation token and head beside [CLS] (see the module docstring)
+    # Options of pretrained CLIP image towers (vitrina.models.pretrained); the defaults are timm's plain ViT.
+    pre_norm: bool = False  # LayerNorm on the embedded tokens before the blocks (CLIP's ln_pre, timm's norm_pre)
+    act: Literal["gelu", "quick_gelu"] = "gelu"  # MLP activation; OpenAI's CLIP uses quick_gelu
+    patch_bias: bool = True  # CLIP's patch projection has no bias
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -42,6 +66,10 @@ class ViTConfig:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.distilled and self.pool != "cls":
+            raise ValueError("a distilled ViT reads its [CLS] and distillation tokens: pool must be 'cls'")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {', '.join(ACTIVATIONS)}, got {self.act!r}")
 
     @property
     def grid_size(self) -> int:
@@ -52,13 +80,80 @@ class ViTConfig:
     def num_patches(self) -> int:
         return self.grid_size**2
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: [CLS], and DeiT's distillation token when ``distilled``."""
+        return 2 if self.distilled else 1
+
+
+# ---- tensor surgery: small pure functions ------------------------------------------------------
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[B, C, H, W] -> [B, N, p*p*C]``, N = (H/p)(W/p) patches row-major; in a patch, pixels row-major, channel last.
+
+    The layout of MAE's ``patchify`` (its reconstruction targets), so per-patch statistics are taken
+    over the last dimension.
+    """
+    B, C, H, W = images.shape
+    if H % patch or W % patch:
+        raise ValueError(f"image {H}x{W} is not a multiple of the patch size {patch}")
+    h, w = H // patch, W // patch
+    x = images.reshape(B, C, h, patch, w, patch)  # (B, C, h, p, w, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)  # (B, h, w, p, p, C)
+    return x.reshape(B, h * w, patch * patch * C)  # (B, N, p*p*C)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Undo ``patchify``: ``[B, N, p*p*C] -> [B, C, H, W]``; ``grid`` (h, w) patches, square if not given."""
+    B, N, D = patches.shape
+    if D % (patch * patch):
+        raise ValueError(f"patch vectors of size {D} are not p*p*C for patch size {patch}")
+    C = D // (patch * patch)
+    if grid is None:
+        side = math.isqrt(N)
+        if side * side != N:
+            raise ValueError(f"{N} patches do not form a square grid; pass grid=(h, w)")
+        grid = (side, side)
+    h, w = grid
+    x = patches.reshape(B, h, w, patch, patch, C)  # (B, h, w, p, p, C)
+    x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, p)
+    return x.reshape(B, C, h * patch, w * patch)  # (B, C, H, W)
+
+
+def resize_pos_embed(
+    pos_embed: torch.Tensor,
+    old_grid: int | tuple[int, int],
+    new_grid: int | tuple[int, int],
+    num_prefix_tokens: int,
+) -> torch.Tensor:
+    """``[1, P + h*w, C] -> [1, P + h'*w', C]``: patch rows resampled bicubically on the grid, P prefix rows kept.
+
+    Same arithmetic as timm's ``resample_abs_pos_embed`` (bicubic, antialiased when shrinking,
+    float32 inside), so weights resized here equal weights resized there.
+    """
+    old = (old_grid, old_grid) if isinstance(old_grid, int) else tuple(old_grid)
+    new = (new_grid, new_grid) if isinstance(new_grid, int) else tuple(new_grid)
+    if pos_embed.shape[1] != num_prefix_tokens + old[0] * old[1]:
+        raise ValueError(
+            f"pos_embed has {pos_embed.shape[1]} rows, not {num_prefix_tokens} prefix + {old[0]}x{old[1]} patches"
+        )
+    if old == new:
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    C = pos_embed.shape[-1]
+    grid = grid.float().reshape(1, old[0], old[1], C).permute(0, 3, 1, 2)  # (1, C, h, w)
+    grid = F.interpolate(grid, size=new, mode="bicubic", antialias=True, align_corners=False)  # (1, C, h', w')
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], C).to(pos_embed.dtype)  # (1, h'*w', C)
+    return torch.cat([prefix, grid], dim=1)
+
 
 class PatchEmbed(nn.Module):
     """(B, C_in, H, W) -> (B, N, C): one non-overlapping patch per token, linearly projected."""
 
-    def __init__(self, *, patch_size: int, in_channels: int, width: int) -> None:
+    def __init__(self, *, patch_size: int, in_channels: int, width: int, bias: bool = True) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, C, H/p, W/p)
@@ -66,7 +161,11 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection, through ``scaled_dot_product_attention``."""
+    """Multi-head self-attention with one fused qkv projection, through ``scaled_dot_product_attention``.
+
+    ``return_attention=True`` also returns the weights ``softmax(q k^T / sqrt(d))``, (B, nh, N, N),
+    computed explicitly (slower, more memory): only explanation tools ask for them.
+    """
 
     def __init__(self, width: int, heads: int, *, qkv_bias: bool = True) -> None:
         super().__init__()
@@ -74,22 +173,51 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, *, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, is_causal: bool = False, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads)  # (B, N, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, N, hs)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, nh, N, hs)
+        if return_attention:
+            weights = attention_weights(q, k, is_causal=is_causal)  # (B, nh, N, N)
+            x = weights @ v  # (B, nh, N, hs)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, nh, N, hs)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C): heads side by side again
-        return self.proj(x)
+        return (self.proj(x), weights) if return_attention else self.proj(x)
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, *, is_causal: bool = False) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d))``: (B, nh, N, d) twice -> (B, nh, N, N), each row summing to 1.
+
+    What ``scaled_dot_product_attention`` computes inside; ``is_causal`` masks keys after the query.
+    """
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, nh, N, N)
+    if is_causal:
+        N = q.shape[-2]
+        future = torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1)  # key after query
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the GELU approximation OpenAI's CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
 
 
 class Mlp(nn.Module):
-    """Linear -> GELU -> Linear, hidden width ``mlp_ratio * width``."""
+    """Linear -> GELU (or ``act``) -> Linear, hidden width ``mlp_ratio * width``."""
 
-    def __init__(self, width: int, hidden: int) -> None:
+    def __init__(self, width: int, hidden: int, *, act: str = "gelu") -> None:
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[act]()
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,16 +227,25 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + MSA(LN(x))`` then ``x + MLP(LN(x))``."""
 
-    def __init__(self, *, width: int, heads: int, mlp_ratio: float, qkv_bias: bool, eps: float) -> None:
+    def __init__(
+        self, *, width: int, heads: int, mlp_ratio: float, qkv_bias: bool, eps: float, act: str = "gelu"
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.mlp = Mlp(width, int(width * mlp_ratio), act=act)
 
-    def forward(self, x: torch.Tensor, *, is_causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), is_causal=is_causal)
-        return x + self.mlp(self.norm2(x))
+    def forward(
+        self, x: torch.Tensor, *, is_causal: bool = False, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, C) -> (B, N, C); with ``return_attention`` also the attention weights (B, nh, N, N)."""
+        attended = self.attn(self.norm1(x), is_causal=is_causal, return_attention=return_attention)
+        if return_attention:
+            attended, weights = attended
+        x = x + attended
+        x = x + self.mlp(self.norm2(x))
+        return (x, weights) if return_attention else x
 
 
 def init_transformer_weights(module: nn.Module) -> None:
@@ -120,22 +257,39 @@ def init_transformer_weights(module: nn.Module) -> None:
 
 
 class ViT(nn.Module):
-    """Vision Transformer: ``forward_features`` -> (B, 1+N, C) tokens, ``forward_head`` -> pooled/logits."""
+    """Vision Transformer: ``forward_features`` -> (B, P+N, C) tokens, ``forward_head`` -> pooled/logits.
+
+    P = ``num_prefix_tokens``: 1 ([CLS]), or 2 ([CLS], [DIST]) for a distilled (DeiT) ViT, whose
+    ``forward`` returns ``(cls_logits, dist_logits)`` in training mode and their average in eval mode.
+    """
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.config = config
         c = config
-        self.num_prefix_tokens = 1  # [CLS]; a DeiT distillation token would add one more
-        self.patch_embed = PatchEmbed(patch_size=c.patch_size, in_channels=c.in_channels, width=c.width)
+        self.num_prefix_tokens = c.num_prefix_tokens
+        self.patch_embed = PatchEmbed(
+            patch_size=c.patch_size, in_channels=c.in_channels, width=c.width, bias=c.patch_bias
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, c.width)) if c.distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + c.num_patches, c.width))
         self.blocks = nn.ModuleList(
-            Block(width=c.width, heads=c.heads, mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, eps=c.layer_norm_eps)
+            Block(
+                width=c.width,
+                heads=c.heads,
+                mlp_ratio=c.mlp_ratio,
+                qkv_bias=c.qkv_bias,
+                eps=c.layer_norm_eps,
+                act=c.act,
+            )
             for _ in range(c.depth)
         )
+        self.norm_pre = nn.LayerNorm(c.width, eps=c.layer_norm_eps) if c.pre_norm else nn.Identity()
         self.norm = nn.LayerNorm(c.width, eps=c.layer_norm_eps)
         self.head = nn.Linear(c.width, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        if c.distilled:
+            self.head_dist = nn.Linear(c.width, c.num_classes) if c.num_classes > 0 else nn.Identity()
         self.reset_parameters()
 
     @property
@@ -149,36 +303,89 @@ class ViT(nn.Module):
             return
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)  # DeiT's init
         self.apply(init_transformer_weights)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that AdamW should not decay."""
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token"} | ({"dist_token"} if self.dist_token is not None else set())
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # Weights saved at another image size: resample their position embedding to this grid, so
+        # e.g. a 224 px checkpoint loads into a 384 px model (prefix count and width must agree).
+        key = prefix + "pos_embed"
+        saved = state_dict.get(key)
+        if isinstance(saved, torch.Tensor) and saved.dim() == 3 and saved.shape != self.pos_embed.shape:
+            patches = saved.shape[1] - self.num_prefix_tokens
+            side = math.isqrt(max(patches, 0))
+            if side * side == patches and saved.shape[-1] == self.pos_embed.shape[-1]:
+                state_dict[key] = resize_pos_embed(saved, side, self.config.grid_size, self.num_prefix_tokens)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) -> (B, 1+N, C): patch tokens with [CLS] prepended, plus position embedding."""
+        """(B, C_in, H, W) -> (B, P+N, C): patch tokens with the prefix tokens prepended, plus position embedding.
+
+        Images of another size than the config's (a multiple of the patch size) get the position
+        embedding resampled to their grid.
+        """
+        p = self.config.patch_size
+        H, W = pixels.shape[-2:]
+        if H % p or W % p:
+            raise ValueError(f"image {H}x{W} is not a multiple of the patch size {p}")
         x = self.patch_embed(pixels)  # (B, N, C)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, C)
-        x = torch.cat([cls, x], dim=1)  # (B, 1+N, C)
-        return x + self.pos_embed
+        prefix = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
+        prefix = [token.expand(x.shape[0], -1, -1) for token in prefix]  # P x (B, 1, C)
+        x = torch.cat([*prefix, x], dim=1)  # (B, P+N, C)
+        pos_embed = self.pos_embed
+        if (H // p, W // p) != (self.config.grid_size, self.config.grid_size):
+            pos_embed = resize_pos_embed(pos_embed, self.config.grid_size, (H // p, W // p), self.num_prefix_tokens)
+        return self.norm_pre(x + pos_embed)  # identity unless pre_norm (CLIP's ln_pre)
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) -> (B, 1+N, C) token features after the final LayerNorm."""
+        """(B, C_in, H, W) -> (B, P+N, C) token features after the final LayerNorm."""
         x = self.embed(pixels)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
+    def forward_attention(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """(B, C_in, H, W) -> one (B, heads, P+N, P+N) tensor of attention weights per block, first to last."""
+        x = self.embed(pixels)
+        attentions = []
+        for block in self.blocks:
+            x, weights = block(x, return_attention=True)
+            attentions.append(weights)
+        return attentions
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1+N, C) -> (B, C): the [CLS] token, or the mean of the patch tokens (prefix tokens left out)."""
+        """(B, P+N, C) -> (B, C): [CLS] (the mean of [CLS] and [DIST] if distilled), or the mean of the patch tokens."""
         if self.config.pool == "mean":
             return x[:, self.num_prefix_tokens :].mean(dim=1)
+        if self.dist_token is not None:
+            return (x[:, 0] + x[:, 1]) / 2
         return x[:, 0]
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, 1+N, C) -> pooled (B, C) if ``pre_logits`` else head output (B, num_classes or C)."""
+    def forward_head(
+        self, x: torch.Tensor, pre_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, P+N, C) -> pooled (B, C) if ``pre_logits`` else head output (B, num_classes or C).
+
+        A distilled ViT in training mode returns ``(cls_logits, dist_logits)``, each (B, num_classes or C).
+        """
+        if self.dist_token is not None and not pre_logits:
+            logits, dist_logits = self.head(x[:, 0]), self.head_dist(x[:, 1])
+            return (logits, dist_logits) if self.training else (logits + dist_logits) / 2
         x = self.pool(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return self.forward_head(self.forward_features(pixels))
+
+
+def with_image_size(model: ViT, image_size: int) -> ViT:
+    """A copy of ``model`` for ``image_size`` px images: same weights, position embedding resampled to the new grid."""
+    config = dataclasses.replace(model.config, image_size=image_size)
+    resized = ViT(config).to(next(model.parameters()).device)
+    resized.load_state_dict(model.state_dict())
+    return resized.train(model.training)

@@ -1,0 +1,138 @@
+"""Self-supervised pretraining on Fashion-MNIST, judged by how well a frozen backbone's features
+serve a linear probe, kNN and k-means. ONE method per invocation, merged into
+bench/results/ssl_probe.json as it finishes (run them one at a time, in the background).
+
+Protocol (the same for every method):
+* backbone ``vit-fmnist-28`` (28 px, 4 px patches, width 192, depth 6), seed 0;
+* pretraining on the 60k Fashion-MNIST training images, labels unused, for at most ``--minutes``
+  (the run is sized to the cap from a measured step rate, so its cosine schedule completes);
+  DeepCluster on a seeded random 20k of them, so several cluster-and-train rounds fit the cap;
+* probes on the frozen [CLS] features: logistic regression on all 60k standardised training
+  features, scored on the 10k test set; weighted cosine kNN (k = 20, T = 0.07; k = 200 too);
+  k-means (10 clusters) NMI and ARI on the test features; t-SNE of 2,000 test points;
+* baselines: ``random-init`` (the untrained backbone) and ``pixels`` (the raw 784 pixels).
+
+Outputs: the row of ``--method`` in bench/results/ssl_probe.json (BENCHMARKS.md is regenerated),
+``bench/results/ssl_probe_tsne_<method>.png`` and, for MAE, ``ssl_probe_mae_reconstructions.png``.
+The pretrained checkpoint stays in ``runs/ssl_probe/<method>``; running the same command again
+resumes an unfinished run, or only re-probes a finished one.
+
+    python bench/ssl_probe.py --method simclr            # ~30 min pretraining + ~10 min probing
+    python bench/ssl_probe.py --method rotation --minutes 1 --probe-train 2000 --dry-run  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import _report  # noqa: E402
+from vitrina.eval.probe import load_probe_model, probe_representation  # noqa: E402
+from vitrina.ssl.data import probe_splits, stratified_indices  # noqa: E402
+from vitrina.ssl.run import run_pretraining  # noqa: E402
+
+BACKBONE = "vit-fmnist-28"
+METHODS = ("rotation", "jigsaw", "relative-position", "inpainting", "simclr", "deepcluster", "mae")
+BASELINES = ("random-init", "pixels")
+# Hyper-parameters per method: (batch size, peak learning rate, images cap). Batches of 256 give
+# SimCLR 510 negatives per anchor; relative position runs two tiles per image, hence 128.
+SETTINGS = {
+    "rotation": (256, 1e-3, None),
+    "jigsaw": (256, 1e-3, None),
+    "relative-position": (128, 1e-3, None),
+    "inpainting": (256, 1e-3, None),
+    "simclr": (256, 1e-3, None),
+    "deepcluster": (256, 1e-3, 20_000),
+    "mae": (256, 1e-3, None),
+}
+
+
+def train_rate(run_dir: Path) -> float | None:
+    """Median img/s of the training steps logged in ``metrics.jsonl`` (None when nothing was logged)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rates = [r["img_per_s"] for r in map(json.loads, path.read_text().splitlines()) if "img_per_s" in r]
+    return statistics.median(rates) if rates else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", required=True, choices=[*METHODS, *BASELINES])
+    parser.add_argument("--minutes", type=float, default=30.0, help="pretraining time cap")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe-train", type=int, default=60_000, help="training features for the probes")
+    parser.add_argument("--probe-test", type=int, default=None, help="test images (default: all 10k)")
+    parser.add_argument("--runs", default="runs/ssl_probe", help="where the pretrained checkpoints go")
+    parser.add_argument("--dry-run", action="store_true", help="smoke run: results to a temporary folder only")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    out = Path(tempfile.mkdtemp(prefix="ssl_probe_")) if args.dry_run else _report.RESULTS_DIR
+    row: dict = {"backbone": BACKBONE if args.method != "pixels" else "-"}
+    model = None
+    if args.method in METHODS:
+        batch_size, lr, max_items = SETTINGS[args.method]
+        run_dir = (out / "runs" if args.dry_run else Path(args.runs)) / args.method
+        result = run_pretraining(
+            args.method,
+            backbone=BACKBONE,
+            data="fashion-mnist:train",
+            out_dir=run_dir,
+            minutes=args.minutes,
+            batch_size=batch_size,
+            lr=lr,
+            seed=args.seed,
+            max_items=max_items,
+        )
+        model = result.method.backbone
+        row.update(
+            pretrain_minutes=round(result.summary.total_minutes, 2),
+            epochs=result.epochs,
+            pretrain_images=result.n_items,
+            batch_size=batch_size,
+            lr=lr,
+            train_img_per_s=train_rate(run_dir) or result.images_per_second,
+        )
+        if args.method == "mae":
+            shutil.copyfile(run_dir / "reconstructions.png", out / "ssl_probe_mae_reconstructions.png")
+    elif args.method == "random-init":
+        model = load_probe_model(BACKBONE, seed=args.seed)
+        row["pretrain_minutes"] = 0.0
+
+    train, test = probe_splits("fashion-mnist", 28, seed=args.seed)
+    if args.probe_train < len(train):
+        train = train.subset(stratified_indices(train.labels, args.probe_train, args.seed))
+    if args.probe_test is not None and args.probe_test < len(test):
+        test = test.subset(stratified_indices(test.labels, args.probe_test, args.seed))
+    probe_dir = out / f"probe_{args.method}" if args.dry_run else Path(args.runs) / f"probe_{args.method}"
+    results = probe_representation(model, train, test, probe_dir, seed=args.seed, label=args.method)
+    shutil.copyfile(probe_dir / "tsne.png", out / f"ssl_probe_tsne_{args.method}.png")
+    row.update(
+        linear_acc=results["linear"]["accuracy"],
+        knn_acc=results["knn"]["k20"],
+        knn200_acc=results["knn"]["k200"],
+        nmi=results["cluster"]["nmi"],
+        ari=results["cluster"]["ari"],
+        probe_train=results["linear"]["n_train"],
+        probe_minutes=round(sum(results["seconds"].values()) / 60, 2),
+    )
+    if args.dry_run:
+        print(json.dumps({args.method: row}, indent=2))
+        print(f"smoke outputs in {out} (nothing recorded)")
+        return
+    path = _report.record("ssl_probe", args.method, row)
+    print(f"{args.method}: {json.dumps(row)}\nwritten: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""How good a frozen representation is: linear probe, kNN, k-means agreement with the labels, t-SNE.
+
+* ``linear_probe`` — the standard linear evaluation protocol: features standardised, multinomial
+  logistic regression (scikit-learn, L-BFGS) on the training features, accuracy on the test ones.
+* ``knn_accuracy`` — the weighted kNN of Wu et al. (2018), as DINO uses it: cosine similarity to
+  the k nearest training features, each neighbour voting for its class with ``exp(sim / T)``.
+* ``cluster_scores`` — k-means (scikit-learn) on L2-normalised features with as many clusters as
+  classes; NMI and ARI of the clusters against the labels.
+* ``tsne_plot`` — a 2-D t-SNE of a seeded subset, coloured by label.
+
+``probe_representation`` runs all of them for a model (or raw pixels) on a train / test pair of
+``vitrina.ssl.data.ImageSet`` and writes ``probe.json`` and ``tsne.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vitrina.errors import UserError
+from vitrina.ssl.common import to_input
+from vitrina.ssl.data import ImageSet
+
+PIXELS = "pixels"
+
+
+class NormalisedPixels(Dataset):
+    """``(normalised image (in_channels, H, W), label)`` items of an ``ImageSet``."""
+
+    def __init__(self, images: ImageSet, in_channels: int = 3) -> None:
+        self.images, self.in_channels = images, in_channels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        pixels = to_input(self.images.pixels[index : index + 1], self.in_channels)[0]
+        return pixels, int(self.images.labels[index])
+
+
+def extract_features(
+    model: nn.Module, dataset: Dataset, *, batch_size: int = 256, pool: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled pre-logit features (N, D) float32 and labels (N,) int64 of every item of ``dataset``.
+
+    The model runs in eval mode under ``inference_mode``; its training flag is restored afterwards.
+    ``pool`` ("cls" or "mean", ViT only) overrides the model's own pooling for this extraction.
+    """
+    was_training = model.training
+    saved_pool = getattr(model.config, "pool", None)
+    if pool is not None:
+        if saved_pool is None:
+            raise UserError(f"--pool applies to ViT backbones; a {type(model).__name__} pools its own way")
+        model.config.pool = pool
+    model.eval()
+    features, labels = [], []
+    try:
+        with torch.inference_mode():
+            for pixels, label in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                features.append(model.forward_head(model.forward_features(pixels), pre_logits=True).float())
+                labels.append(torch.as_tensor(label))
+    finally:
+        model.train(was_training)
+        if pool is not None:
+            model.config.pool = saved_pool
+    return torch.cat(features).numpy(), torch.cat(labels).numpy().astype(np.int64)
+
+
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    *,
+    C: float = 1.0,
+    max_iter: int = 1000,
+) -> dict[str, float]:
+    """Standardise (statistics of the training features), fit logistic regression, score the test set.
+
+    Returns ``accuracy`` (test), ``train_accuracy``, ``n_train`` and ``n_test``.
+    """
+    scaler = StandardScaler().fit(train_x)
+    classifier = LogisticRegression(C=C, max_iter=max_iter)
+    classifier.fit(scaler.transform(train_x), train_y)
+    return {
+        "accuracy": float(classifier.score(scaler.transform(test_x), test_y)),
+        "train_accuracy": float(classifier.score(scaler.transform(train_x), train_y)),
+        "n_train": len(train_y),
+        "n_test": len(test_y),
+    }
+
+
+def knn_accuracy(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> float:
+    """Weighted cosine kNN (Wu et al., 2018): the k nearest training items vote ``exp(sim / T)``."""
+    train = torch.nn.functional.normalize(torch.from_numpy(np.asarray(train_x, dtype=np.float32)), dim=1)
+    test = torch.nn.functional.normalize(torch.from_numpy(np.asarray(test_x, dtype=np.float32)), dim=1)
+    labels = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    n_classes = int(max(labels.max().item(), int(np.max(test_y)))) + 1
+    k = min(k, len(train))
+    correct = 0
+    for start in range(0, len(test), chunk):
+        similarity = test[start : start + chunk] @ train.T  # (q, N_train)
+        top_sim, top_idx = similarity.topk(k, dim=1)  # (q, k)
+        votes = torch.zeros(len(top_sim), n_classes)
+        votes.scatter_add_(1, labels[top_idx], (top_sim / temperature).exp())  # (q, classes)
+        predicted = votes.argmax(dim=1).numpy()
+        correct += int((predicted == np.asarray(test_y)[start : start + chunk]).sum())
+    return correct / len(test)
+
+
+def cluster_scores(x: np.ndarray, y: np.ndarray, n_clusters: int, *, seed: int = 0) -> dict[str, float]:
+    """k-means on L2-normalised ``x`` -> ``{"nmi", "ari"}`` of the clusters against labels ``y``."""
+    unit = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+    assignments = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit_predict(unit)
+    return {
+        "nmi": float(normalized_mutual_info_score(y, assignments)),
+        "ari": float(adjusted_rand_score(y, assignments)),
+    }
+
+
+def tsne_plot(
+    x: np.ndarray,
+    y: np.ndarray,
+    class_names: list[str],
+    out_png: str | os.PathLike,
+    *,
+    max_points: int = 2000,
+    seed: int = 0,
+    title: str | None = None,
+) -> None:
+    """A t-SNE scatter of (at most ``max_points``, seeded) features coloured by label, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(len(x))[:max_points])
+    points, labels = np.asarray(x, dtype=np.float32)[chosen], np.asarray(y)[chosen]
+    if points.shape[1] > 50:  # the usual PCA step first: faster, and less noise for t-SNE
+        points = PCA(n_components=50, random_state=seed).fit_transform(points)
+    perplexity = min(30.0, max(2.0, (len(points) - 1) / 3))
+    embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for c in np.unique(labels):
+        here = labels == c
+        name = class_names[c] if c < len(class_names) else str(c)
+        ax.scatter(embedded[here, 0], embedded[here, 1], s=4, color=cmap(int(c) % cmap.N), label=name)
+    ax.legend(markerscale=3, fontsize=7, loc="best")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"t-SNE: {title}" if title else "t-SNE of the features")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def load_probe_model(ref: str, *, seed: int = 0) -> nn.Module:
+    """A checkpoint folder, or a preset name (a randomly initialised baseline drawn from ``seed``)."""
+    from vitrina.checkpoint import load_model
+    from vitrina.models.registry import ALL_PRESETS, build_model
+
+    if ref in ALL_PRESETS and not Path(ref).is_dir():
+        model = build_model(ref, seed=seed)
+    else:
+        model, _ = load_model(ref)
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        raise UserError(f"{ref}: a {type(model).__name__} has no image backbone to probe; give a ViT/Swin/CNN")
+    return model
+
+
+def pixel_features(images: ImageSet) -> np.ndarray:
+    """Raw pixels in [0, 1], flattened: the baseline every representation should beat."""
+    return images.pixels.flatten(1).float().numpy() / 255.0
+
+
+def probe_representation(
+    model: nn.Module | None,
+    train: ImageSet,
+    test: ImageSet,
+    out_dir: str | os.PathLike,
+    *,
+    knn_ks: tuple[int, ...] = (20, 200),
+    tsne_points: int = 2000,
+    seed: int = 0,
+    batch_size: int = 256,
+    pool: str | None = None,
+    label: str = "",
+) -> dict[str, Any]:
+    """Every measure above for ``model`` (None: raw pixels); writes ``probe.json`` and ``tsne.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    if model is None:
+        train_x, train_y = pixel_features(train), train.labels
+        test_x, test_y = pixel_features(test), test.labels
+    else:
+        in_channels = getattr(model.config, "in_channels", 3)
+        options = {"batch_size": batch_size, "pool": pool}
+        train_x, train_y = extract_features(model, NormalisedPixels(train, in_channels), **options)
+        test_x, test_y = extract_features(model, NormalisedPixels(test, in_channels), **options)
+    seconds["features"] = time.perf_counter() - start
+    start = time.perf_counter()
+    linear = linear_probe(train_x, train_y, test_x, test_y)
+    seconds["linear"] = time.perf_counter() - start
+    start = time.perf_counter()
+    knn = {f"k{k}": knn_accuracy(train_x, train_y, test_x, test_y, k=k) for k in knn_ks}
+    seconds["knn"] = time.perf_counter() - start
+    start = time.perf_counter()
+    clusters = cluster_scores(test_x, test_y, len(test.class_names), seed=seed)
+    seconds["cluster"] = time.perf_counter() - start
+    start = time.perf_counter()
+    tsne_plot(test_x, test_y, test.class_names, out / "tsne.png", max_points=tsne_points, seed=seed, title=label)
+    seconds["tsne"] = time.perf_counter() - start
+    results = {
+        "model": label,
+        "train_data": train.name,
+        "test_data": test.name,
+        "feature_dim": int(train_x.shape[1]),
+        "pool": "pixels" if model is None else pool or getattr(model.config, "pool", "own"),
+        "linear": linear,
+        "knn": knn,
+        "cluster": clusters,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }
+    (out / "probe.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results

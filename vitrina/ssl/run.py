@@ -1,0 +1,119 @@
+"""``vitrina pretrain``: build the backbone and the method, load the data, size the run to its time
+cap, pretrain, and (MAE) draw reconstructions. Shared by the CLI and ``bench/ssl_probe.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitrina.config import TrainConfig
+from vitrina.errors import UserError
+from vitrina.models.registry import build_model
+from vitrina.models.vit import ViT
+from vitrina.ssl import build_method
+from vitrina.ssl.common import SSLMethod, measure_images_per_second, plan_budget, pretrain, to_input
+from vitrina.ssl.data import load_image_set
+from vitrina.ssl.deepcluster import DeepCluster
+from vitrina.ssl.mae import MAE, save_reconstructions
+from vitrina.train.loop import STATE_JSON, TrainSummary, find_checkpoint
+
+DEFAULT_EPOCHS = 10
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run did: the loop's summary, the method, and the sizing it chose."""
+
+    summary: TrainSummary
+    method: SSLMethod
+    epochs: int
+    n_items: int
+    images_per_second: float | None
+
+
+def _saved_plan(out_dir: Path) -> tuple[int, int] | None:
+    """(epochs, items) of the checkpoint in ``out_dir``: a resumed run keeps its first run's sizing."""
+    checkpoint = find_checkpoint(out_dir)
+    if checkpoint is None:
+        return None
+    meta = json.loads((checkpoint / STATE_JSON).read_text())
+    return meta["config"]["epochs"], meta["identity"]["items"]
+
+
+def run_pretraining(
+    method_name: str,
+    *,
+    backbone: str,
+    data: str,
+    out_dir: str | os.PathLike,
+    minutes: float | None = None,
+    epochs: int | None = None,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    seed: int = 0,
+    max_items: int | None = None,
+    method_options: dict | None = None,
+    progress: bool = True,
+) -> PretrainResult:
+    """Pretrain ``method_name`` on ``data`` with a fresh ``backbone`` preset into ``out_dir``.
+
+    With ``minutes`` and no ``epochs`` the run is sized to the cap from a measured step rate (whole
+    epochs, or one pass over a seeded subset when not even one epoch fits), so the learning-rate
+    schedule completes; ``minutes`` also stops the loop as a safety net. ``max_items``: pretrain on a
+    seeded random subset of at most this many images (chosen without labels), e.g. so that
+    DeepCluster fits several clustering rounds into the cap.
+    """
+    out = Path(out_dir)
+    model = build_model(backbone, seed=seed)
+    if not isinstance(model, ViT):
+        raise UserError(f"--backbone {backbone}: self-supervised pretraining takes a ViT preset (e.g. vit-fmnist-28)")
+    images = load_image_set(data, model.config.image_size, seed=seed)
+    method = build_method(method_name, model, **(method_options or {}))
+
+    pixels, reference = images.pixels, images.labels
+    if max_items is not None and max_items < len(pixels):
+        keep = np.sort(np.random.default_rng(seed).permutation(len(pixels))[:max_items])
+        pixels, reference = pixels[torch.from_numpy(keep)], reference[keep]
+    rate = None
+    saved = _saved_plan(out)
+    if saved is not None:
+        epochs, n_items = saved
+    elif epochs is None and minutes is not None:
+        if isinstance(method, DeepCluster):  # timing only needs targets of the right shape; prepare() clusters
+            method.pseudo_labels = torch.zeros(len(pixels), dtype=torch.long)
+        rate = measure_images_per_second(method, pixels, batch_size=batch_size)
+        # DeepCluster embeds the whole set once per epoch: about a third of a training pass
+        # (forward only, no backward), so a quarter of its time goes to that
+        effective = rate * 0.75 if isinstance(method, DeepCluster) else rate
+        budget = plan_budget(effective, len(pixels), minutes)
+        epochs, n_items = budget.epochs, budget.n_items
+    else:
+        epochs, n_items = epochs or DEFAULT_EPOCHS, len(pixels)
+    n_items = max(batch_size, min(n_items, len(pixels)))
+    if n_items < len(pixels):
+        keep = np.sort(np.random.default_rng(seed + 1).permutation(len(pixels))[:n_items])
+        pixels, reference = pixels[torch.from_numpy(keep)], reference[keep]
+    if isinstance(method, DeepCluster):
+        method.reference_labels = reference  # only for the logged NMI
+
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        max_minutes=minutes,
+        val_fraction=0.0,
+        warmup_fraction=0.05,
+    )
+    summary = pretrain(method, pixels, out, config, data_name=data, progress=progress)
+    if isinstance(method, MAE):
+        sample = to_input(pixels[:8], method.in_channels)
+        save_reconstructions(method, sample, out / "reconstructions.png", seed=seed)
+    return PretrainResult(summary, method, epochs, n_items, rate)
