@@ -16,7 +16,6 @@ augmentation the teacher's embeddings are computed once per image and looked up.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,16 +36,6 @@ from vitrina.models.registry import VIT_PRESETS, preset_config
 from vitrina.models.vit import ViTConfig
 from vitrina.train.clip import Pair, captions_of, fingerprint, retrieval_recall, split_pairs
 from vitrina.train.loop import StepOutput, TrainSummary, train
-
-# Student image towers for the demo's CLIP (48 px, patch 8, width 192, depth 6). The first keeps its
-# 6 x 6 tokens at half the width and two thirds of the depth: 4.6x the teacher's img/s (1 thread,
-# batch 64, measured with both side by side). Kept here rather than among the
-# model presets because they only make sense as distillation students of that tower.
-STUDENT_TOWERS: dict[str, ViTConfig] = {
-    "vit-demo-48-student": ViTConfig(image_size=48, patch_size=8, width=96, depth=4, heads=3),
-    # 12 px patches: 4 x 4 tokens, so a wider, deeper tower still runs ~5x faster than the teacher
-    "vit-demo-48-student-p12": ViTConfig(image_size=48, patch_size=12, width=128, depth=6, heads=4),
-}
 
 
 @dataclass
@@ -75,11 +64,9 @@ def load_clip_teacher(path: str | os.PathLike) -> CLIP:
 
 
 def student_vision_config(preset: str) -> ViTConfig:
-    """The student's image tower: a ViT preset or a ``STUDENT_TOWERS`` name, without a classifier head."""
-    if preset in STUDENT_TOWERS:
-        return copy.deepcopy(STUDENT_TOWERS[preset])
+    """The student's image tower: a ViT preset, without a classifier head."""
     if preset not in VIT_PRESETS:
-        names = ", ".join([*STUDENT_TOWERS, *VIT_PRESETS])
+        names = ", ".join(VIT_PRESETS)
         raise UserError(f"--student {preset}: the student image tower must be a ViT preset ({names})")
     config = preset_config(preset)
     config.num_classes = 0

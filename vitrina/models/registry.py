@@ -47,6 +47,11 @@ VIT_PRESETS: dict[str, ViTConfig] = {
     "vit-demo-48": VIT_DEMO_48,
     "vit-micro-64": ViTConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4),
     "vit-nano-32": ViTConfig(image_size=32, patch_size=8, width=64, depth=2, heads=2),
+    # Distillation students of the demo's 48 px tower (vit-demo-48). The first keeps its 6 x 6 tokens at
+    # half the width and two thirds of the depth; the second has 12 px patches (4 x 4 tokens), so a wider,
+    # deeper tower still runs several times faster than the teacher (bench/clip_distill.py measures it).
+    "vit-demo-48-student": ViTConfig(image_size=48, patch_size=8, width=96, depth=4, heads=3),
+    "vit-demo-48-student-p12": ViTConfig(image_size=48, patch_size=12, width=128, depth=6, heads=4),
     # Fashion-MNIST (28 x 28): 4 px patches -> 7 x 7 = 49 tokens; the from-scratch / student ViT.
     "vit-fmnist-28": ViTConfig(image_size=28, patch_size=4, width=192, depth=6, heads=3),
     # A smaller, faster one: 7 px patches -> 4 x 4 = 16 tokens, for smoke runs and quick students.
