@@ -493,3 +493,18 @@ def test_a_bug_is_a_json_500_and_counted(index_dir: Path, encoder) -> None:
         assert response.status_code == 500
         assert response.json() == {"error": "internal error; the server log has the details"}
         assert 'vitrina_http_errors_total{kind="server",route="/api/search"} 1.0' in faulty.get("/metrics").text
+
+
+def test_explain_serves_a_rollout_overlay_by_id(client, stored) -> None:
+    assert client.get("/api/info").json()["model"]["explain"] is True  # clip-tiny's image tower is a ViT
+    path = image_path(stored["root"], "green", "bar-0")
+    item = stored["by_name"][path.relative_to(stored["root"]).as_posix()]
+    response = client.get(f"/api/explain/{item}")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(response.content)) as image:
+        assert image.size == (256, 256) and image.mode == "RGB"
+        pixels = np.asarray(image)
+    assert pixels.std() > 1  # an overlay, not a blank canvas
+    missing = client.get("/api/explain/999999")
+    assert missing.status_code == 404 and "error" in missing.json()
+    assert client.get("/api/explain/..%2f..%2fetc%2fpasswd").status_code == 404

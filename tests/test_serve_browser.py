@@ -138,6 +138,9 @@ def test_search_click_collapse_upload_and_download(base_url: str, browser, colle
     assert [c["rank"] for c in shown[:3]] == ["#1", "#2", "#3"]
     assert "of 37 images, best first" in driver.find_element(By.ID, "status").text
     driver.save_screenshot(str(tmp_path / "1-text-query.png"))
+    # every card links to its attention-rollout overlay (clip-tiny's image tower is a ViT)
+    links = driver.find_elements(By.CSS_SELECTOR, "#results li.card a.why")
+    assert len(links) == 24 and links[0].get_attribute("href").endswith(f"/api/explain/{shown[0]['id']}")
 
     # 2. Hide scores, then show them again.
     driver.find_element(By.ID, "scores").click()

@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from vitrina.errors import UserError
@@ -230,3 +231,34 @@ def explain_images(
     similarity = pos_embed_similarity(model)
     written.append(save_pos_embed_similarity(similarity, out_dir / "pos-embed-similarity.png"))
     return written
+
+
+def rollout_heatmap(
+    model: ViT,
+    image: Image.Image,
+    *,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    size: int = 256,
+    alpha: float = 0.55,
+) -> Image.Image:
+    """The model's crop of ``image`` under its attention-rollout map, ``size`` px square (for the web page).
+
+    The map says where the [CLS] token draws from, for this image alone: it is the same whatever the
+    query, so it shows what the model looked at, not why a particular query matched.
+    """
+    from matplotlib import colormaps
+
+    from vitrina.data.transforms import EvalTransform
+
+    pixels = EvalTransform(model.config.image_size, mean, std)(image)  # (3, S, S), normalised
+    with torch.inference_mode():
+        attentions = model.eval().forward_attention(pixels[None])
+    heat = attention_rollout(attentions, num_prefix_tokens=model.num_prefix_tokens)[0].float()
+    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp(min=1e-12)
+    heat = F.interpolate(heat[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    shown = (pixels * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
+    shown = F.interpolate(shown[None], size=(size, size), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    colours = colormaps["inferno"](heat.clamp(0, 1).numpy())[..., :3]  # (size, size, 3)
+    blended = (1 - alpha) * shown.numpy() + alpha * colours
+    return Image.fromarray((np.clip(blended, 0, 1) * 255).round().astype(np.uint8), "RGB")

@@ -12,6 +12,7 @@ Routes: ``/`` (the page), ``/static/*``, ``/api/search`` (GET text, POST JSON te
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
@@ -366,6 +367,19 @@ def create_app(
             raise ApiError(404, f"image {item_id} can no longer be read ({error.reason})") from None
         return FileResponse(thumb, media_type="image/jpeg", headers=IMAGE_HEADERS)
 
+    @app.get("/api/explain/{item_id:int}", tags=["images"], response_class=Response)
+    async def explain_image(item_id: int) -> Response:
+        """PNG: an indexed image under the image tower's attention-rollout map (ViT image towers only)."""
+        if not model_info["explain"]:
+            raise ApiError(409, "this model's image tower is not a ViT: it has no attention map to show")
+        path = await indexed_path(item_id)
+        try:
+            image = await run_in_threadpool(load_image, path)
+        except BadImageError as error:
+            raise ApiError(404, f"image {item_id} can no longer be read ({error.reason})") from None
+        png = await searcher_worker.run(lambda s: _heatmap_png(s.encoder, image))
+        return Response(png, media_type="image/png", headers=IMAGE_HEADERS)
+
     @app.post("/api/classify", tags=["search"])
     async def classify_image(
         labels: Annotated[str, Form(max_length=MAX_LABELS_CHARS, description="comma-separated class names")],
@@ -400,11 +414,31 @@ async def _read_upload(file: UploadFile) -> Image.Image:
 
 
 def _model_info(encoder: Encoder, ref: str | None) -> dict:
-    """The encoder's identity, its reference, and whether it is an untrained preset."""
+    """The encoder's identity, its reference, whether it is an untrained preset and has attention maps."""
     from vitrina.models.registry import CLIP_PRESETS
 
     untrained = ref is not None and not Path(ref).exists() and ref in CLIP_PRESETS
-    return {**encoder.identity, "ref": Path(ref).name if ref and Path(ref).exists() else ref, "untrained": untrained}
+    shown_ref = Path(ref).name if ref and Path(ref).exists() else ref
+    return {**encoder.identity, "ref": shown_ref, "untrained": untrained, "explain": _vit_tower(encoder) is not None}
+
+
+def _vit_tower(encoder: Encoder):
+    """The encoder's ViT image tower, or None (Swin/CNN towers, wrapped foreign models)."""
+    from vitrina.models.vit import ViT
+
+    visual = getattr(getattr(encoder, "model", None), "visual", None)
+    return visual if isinstance(visual, ViT) else None
+
+
+def _heatmap_png(encoder: Encoder, image: Image.Image) -> bytes:
+    """On the searcher worker (the model is used by one thread at a time): the rollout overlay as PNG bytes."""
+    from vitrina.models.explain import rollout_heatmap
+
+    config = encoder.model.config
+    overlay = rollout_heatmap(_vit_tower(encoder), image, mean=config.image_mean, std=config.image_std)
+    buffer = io.BytesIO()
+    overlay.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -12,6 +12,7 @@ const state = {
   last: null, // the last search response, for the download
   controller: null, // aborts a request that a newer one replaces
   timer: null,
+  explain: false, // the model has attention maps: show a "where the model looks" link
 };
 
 function setStatus(text, kind = "") {
@@ -129,6 +130,16 @@ function card(hit, rank) {
   meta.append(line("name", hit.name));
   button.append(thumb, meta);
   item.append(button);
+  if (state.explain) {
+    // the attention-rollout overlay: where the image tower looked (the same for every query)
+    const why = document.createElement("a");
+    why.className = "why";
+    why.href = `/api/explain/${hit.id}`;
+    why.target = "_blank";
+    why.rel = "noopener";
+    why.textContent = "where the model looks";
+    item.append(why);
+  }
   return item;
 }
 
@@ -195,6 +206,7 @@ async function loadInfo() {
   try {
     const info = await (await fetch("/api/info")).json();
     const model = info.model.ref || info.model.name;
+    state.explain = Boolean(info.model.explain);
     $("info").textContent =
       `${info.count} images in “${info.collection}” · model ${model} (${info.embed_dim}-d)` +
       ` · ${info.index_kind} index` + (info.ledger.total ? ` · ${info.ledger.total} files skipped` : "");
