@@ -36,8 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _report  # noqa: E402
+from vitrina.data.splits import stratified_indices  # noqa: E402
 from vitrina.eval.probe import load_probe_model, probe_representation  # noqa: E402
-from vitrina.ssl.data import probe_splits, stratified_indices  # noqa: E402
+from vitrina.ssl.data import probe_splits  # noqa: E402
 from vitrina.ssl.run import run_pretraining  # noqa: E402
 
 BACKBONE = "vit-fmnist-28"

@@ -14,6 +14,7 @@ from PIL import Image
 from vitrina.checkpoint import load_model, save_model
 from vitrina.cli import main
 from vitrina.data.fashion_mnist import DEFAULT_ROOT
+from vitrina.data.splits import stratified_split
 from vitrina.errors import UserError
 from vitrina.models.registry import build_model
 from vitrina.train.classify import build_classifier, confusion_matrix
@@ -22,7 +23,6 @@ from vitrina.train.classify_data import (
     Preprocess,
     load_classification_data,
     random_crop,
-    stratified_split,
 )
 
 HAS_FMNIST = (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file()

@@ -11,6 +11,7 @@ from PIL import Image
 
 from vitrina.cli import main
 from vitrina.data.fashion_mnist import load_fashion_mnist
+from vitrina.data.splits import stratified_indices
 from vitrina.eval.probe import (
     NormalisedPixels,
     cluster_scores,
@@ -21,7 +22,7 @@ from vitrina.eval.probe import (
     tsne_plot,
 )
 from vitrina.models.vit import ViT, ViTConfig
-from vitrina.ssl.data import ImageSet, stratified_indices
+from vitrina.ssl.data import ImageSet
 
 N_CLASSES = 5
 

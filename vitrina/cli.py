@@ -248,8 +248,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_probe(args: argparse.Namespace) -> None:
+    from vitrina.data.splits import stratified_indices
     from vitrina.eval.probe import PIXELS, load_probe_model, probe_representation
-    from vitrina.ssl.data import probe_splits, stratified_indices
+    from vitrina.ssl.data import probe_splits
 
     model = None if args.ckpt == PIXELS else load_probe_model(args.ckpt, seed=args.seed)
     size = 28 if model is None else model.config.image_size

@@ -25,6 +25,7 @@ from vitrina.data.folder import scan_collection, stratified_fraction
 from vitrina.data.openclipart import load_openclipart
 from vitrina.data.paths import data_root as default_data_root
 from vitrina.data.prompts import caption_from_label
+from vitrina.data.splits import stratified_indices
 from vitrina.errors import UserError
 
 Pair = tuple[ImageSource, Caption]
@@ -49,18 +50,6 @@ def _emoji(options: list[str], root: Path) -> list[Pair]:
     return pairs
 
 
-def _stratified_count(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """Indices of ``count`` items, each class in proportion (largest remainders), seeded; sorted."""
-    classes, sizes = np.unique(labels, return_counts=True)
-    share = sizes * count / len(labels)
-    quota = np.floor(share).astype(int)
-    for c in np.argsort(-(share - quota), kind="stable")[: count - quota.sum()]:
-        quota[c] += 1
-    rng = np.random.default_rng(seed)
-    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota, strict=True)]
-    return np.sort(np.concatenate(picked))
-
-
 def _fashion(options: list[str], root: Path, seed: int) -> list[Pair]:
     if not options or options[0] not in ("train", "test") or len(options) > 2:
         raise UserError(
@@ -73,7 +62,7 @@ def _fashion(options: list[str], root: Path, seed: int) -> list[Pair]:
         if not options[1].isdigit() or int(options[1]) < 1:
             raise UserError(f"fashion-mnist:{options[0]}:{options[1]}: N must be a positive whole number")
         if int(options[1]) < len(labels):
-            indices = _stratified_count(labels, int(options[1]), seed)
+            indices = stratified_indices(labels, int(options[1]), seed)
     rng = random.Random(seed)
     return [(images[i], caption_from_label(fm.FASHION_MNIST_PROMPT_NAMES[labels[i]], rng)) for i in indices]
 

@@ -23,6 +23,7 @@ from vitrina.data import fashion_mnist as fm
 from vitrina.data.datasets import ImageSource, open_source
 from vitrina.data.folder import scan_collection
 from vitrina.data.images import BadImageError
+from vitrina.data.splits import stratified_indices
 from vitrina.errors import UserError
 
 DATA_FORMS = "fashion-mnist[:train|test[:N]], emoji:STYLE[,STYLE...] or a folder of images in class folders"
@@ -44,20 +45,6 @@ class ImageSet:
         return ImageSet(
             self.pixels[torch.from_numpy(indices)], self.labels[indices], self.class_names, name or self.name
         )
-
-
-def stratified_indices(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """Sorted indices of ``count`` items, every class in proportion (largest remainders), drawn from ``seed``."""
-    if count >= len(labels):
-        return np.arange(len(labels))
-    classes, sizes = np.unique(labels, return_counts=True)
-    share = sizes * count / len(labels)
-    quota = np.floor(share).astype(int)
-    for c in np.argsort(-(share - quota), kind="stable")[: count - quota.sum()]:
-        quota[c] += 1
-    rng = np.random.default_rng(seed)
-    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota, strict=True)]
-    return np.sort(np.concatenate(picked))
 
 
 def _square_uint8(image: Image.Image, size: int) -> np.ndarray:

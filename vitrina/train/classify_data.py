@@ -17,7 +17,6 @@ with different sizes can both see the same augmented batch.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from vitrina.data.datasets import open_source
+from vitrina.data.splits import stratified_split
 from vitrina.data.transforms import EvalTransform, TrainTransform
 from vitrina.errors import UserError
 
@@ -40,32 +40,6 @@ FOLDER_SPLIT = (0.8, 0.1, 0.1)
 
 
 # --- splits ------------------------------------------------------------------------------------
-
-
-def stratified_split(labels: Sequence[int] | np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
-    """Indices of each part (sorted), every class divided in the proportions ``fractions``.
-
-    Within a class the items are shuffled by ``(seed, class)``; part ``i`` takes the next
-    ``round(fraction_i x n)`` items (the last part takes the rest), so every part of a class with at
-    least ``len(fractions)`` items gets one item or more.
-    """
-    labels = np.asarray(labels)
-    if abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"fractions {fractions} must sum to 1")
-    parts: list[list[np.ndarray]] = [[] for _ in fractions]
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        members = np.random.default_rng([seed, int(c)]).permutation(members)
-        counts = [round(f * len(members)) for f in fractions[:-1]]
-        if len(members) >= len(fractions):
-            counts = [max(1, n) for n in counts]
-            while sum(counts) > len(members) - 1:  # the last part gets one too: take from the largest
-                counts[counts.index(max(counts))] -= 1
-        start = 0
-        for i, n in enumerate([*counts, len(members) - sum(counts)]):
-            parts[i].append(members[start : start + max(0, n)])
-            start += max(0, n)
-    return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in parts]
 
 
 def stratified_subset(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -130,7 +104,8 @@ def _fashion_mnist(val_fraction: float, limit: int | None, seed: int) -> Classif
     train_idx, val_idx = stratified_split(labels, (1 - val_fraction, val_fraction), seed)
 
     def split(x: np.ndarray, y: np.ndarray) -> ImageSplit:
-        return ImageSplit(torch.from_numpy(np.ascontiguousarray(x))[:, None], torch.from_numpy(y).long())
+        # a copy: the IDX arrays are read-only views of the file bytes, and torch wants writable memory
+        return ImageSplit(torch.from_numpy(np.array(x, copy=True))[:, None], torch.from_numpy(y).long())
 
     return ClassificationData(
         train=split(images[train_idx], labels[train_idx]),
