@@ -12,13 +12,19 @@ from vitrina.models.vit import ViT, ViTConfig
 
 
 def _vit_macs_by_hand(c: ViTConfig) -> int:
-    """Matrix products of one image: patch projection, then per block qkv, q k^T, attn v, proj, MLP; then the head."""
-    N = c.num_patches
-    T = c.num_prefix_tokens + N
+    """Matrix products of one image: patch projection, then per block qkv, q k^T, attn v, proj, MLP; then the head.
+
+    The last block computes only the P prefix tokens' outputs (keys and values still come from all T tokens).
+    """
+    N, P = c.num_patches, c.num_prefix_tokens
+    T = P + N
     C, hidden = c.width, int(c.width * c.mlp_ratio)
     patch = N * c.patch_size**2 * c.in_channels * C
-    block = T * C * 3 * C + 2 * T * T * C + T * C * C + 2 * T * C * hidden
-    return patch + c.depth * block + C * c.num_classes * (2 if c.distilled else 1)
+
+    def block(queries: int) -> int:
+        return T * C * 3 * C + 2 * queries * T * C + queries * C * C + 2 * queries * C * hidden
+
+    return patch + (c.depth - 1) * block(T) + block(P) + C * c.num_classes * (2 if c.distilled else 1)
 
 
 @pytest.mark.parametrize(

@@ -218,3 +218,28 @@ def test_forward_attention_gives_every_blocks_weights_without_changing_the_model
         q, k, _ = last.attn.qkv(last.norm1(tokens)).reshape(2, 18, 3, 2, 16).permute(2, 0, 3, 1, 4)
         expected = (q @ k.transpose(-2, -1) / 4).softmax(-1)
         assert (attentions[-1] - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_prefix_only_last_block_gives_the_full_forward(distilled: bool) -> None:
+    """``forward_for_head`` skips the patch tokens' outputs in the last block: same pooled output and grads."""
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(image_size=32, patch_size=8, width=48, depth=3, heads=3, num_classes=5, distilled=distilled))
+    pixels = torch.randn(4, 3, 32, 32)
+    prefix = model.forward_for_head(pixels)
+    assert prefix.shape == (4, model.num_prefix_tokens, 48)
+    full = model.forward_features(pixels)
+    torch.testing.assert_close(prefix, full[:, : model.num_prefix_tokens], atol=1e-6, rtol=1e-5)
+    model.eval()
+    torch.testing.assert_close(model(pixels), model.forward_head(model.forward_features(pixels)), atol=1e-6, rtol=1e-5)
+    # training: the same gradients reach every parameter as through the full forward
+    model.train()
+    fast = torch.autograd.grad(
+        model.forward_head(model.forward_for_head(pixels), pre_logits=True).sum(), model.blocks[0].attn.qkv.weight
+    )
+    slow = torch.autograd.grad(
+        model.forward_head(model.forward_features(pixels), pre_logits=True).sum(), model.blocks[0].attn.qkv.weight
+    )
+    torch.testing.assert_close(fast[0], slow[0], atol=1e-5, rtol=1e-4)
+    mean_pooled = ViT(ViTConfig(image_size=32, patch_size=8, width=48, depth=2, heads=3, pool="mean"))
+    assert mean_pooled.forward_for_head(pixels).shape == (4, 1 + 16, 48)  # mean pooling needs every token

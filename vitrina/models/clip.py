@@ -106,7 +106,7 @@ class CLIP(nn.Module):
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, Cv) pooled image-tower features, before the projection."""
-        return self.visual.forward_head(self.visual.forward_features(pixels), pre_logits=True)
+        return self.visual.forward_head(self.visual.forward_for_head(pixels), pre_logits=True)
 
     def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """``tokenize`` output -> (B, Ct) pooled text-tower features, before the projection."""

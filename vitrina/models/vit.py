@@ -187,6 +187,14 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C): heads side by side again
         return (self.proj(x), weights) if return_attention else self.proj(x)
 
+    def forward_queries(self, x: torch.Tensor, n_queries: int) -> torch.Tensor:
+        """(B, N, C) -> (B, n_queries, C): the output of the first ``n_queries`` tokens only (all N as keys)."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads)  # (B, N, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, N, hs)
+        x = F.scaled_dot_product_attention(q[:, :, :n_queries], k, v)  # (B, nh, n, hs)
+        return self.proj(x.transpose(1, 2).reshape(B, n_queries, C))
+
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, *, is_causal: bool = False) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d))``: (B, nh, N, d) twice -> (B, nh, N, N), each row summing to 1.
@@ -246,6 +254,11 @@ class Block(nn.Module):
         x = x + attended
         x = x + self.mlp(self.norm2(x))
         return (x, weights) if return_attention else x
+
+    def forward_prefix(self, x: torch.Tensor, n_prefix: int) -> torch.Tensor:
+        """(B, N, C) -> (B, n_prefix, C): the block's output for the first ``n_prefix`` tokens only."""
+        x_prefix = x[:, :n_prefix] + self.attn.forward_queries(self.norm1(x), n_prefix)
+        return x_prefix + self.mlp(self.norm2(x_prefix))
 
 
 def init_transformer_weights(module: nn.Module) -> None:
@@ -349,6 +362,20 @@ class ViT(nn.Module):
             x = block(x)
         return self.norm(x)
 
+    def forward_for_head(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> the tokens ``forward_head`` reads, after the final LayerNorm.
+
+        With [CLS] pooling that is the prefix tokens alone, (B, P, C): the last block then computes
+        only their outputs, as the patch tokens' outputs would be dropped (the same numbers for about
+        1/depth less work). With mean pooling, every token (B, P+N, C).
+        """
+        if self.config.pool == "mean" or not self.blocks:
+            return self.forward_features(pixels)
+        x = self.embed(pixels)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.norm(self.blocks[-1].forward_prefix(x, self.num_prefix_tokens))
+
     def forward_attention(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """(B, C_in, H, W) -> one (B, heads, P+N, P+N) tensor of attention weights per block, first to last."""
         x = self.embed(pixels)
@@ -380,7 +407,7 @@ class ViT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return self.forward_head(self.forward_features(pixels))
+        return self.forward_head(self.forward_for_head(pixels))
 
 
 def with_image_size(model: ViT, image_size: int) -> ViT:
