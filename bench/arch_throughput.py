@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import record  # noqa: E402
 from bench.embed_throughput import measure, timm_twin  # noqa: E402
 from vitrina.models.registry import SWIN_PRESETS, VIT_PRESETS  # noqa: E402
-from vitrina.models.swin import Swin, SwinConfig, swin_state_dict_from_timm  # noqa: E402
+from vitrina.models.swin import Swin, SwinConfig, swin_state_dict_from_timm, timm_swin_kwargs  # noqa: E402
 
 BENCHMARK = "arch_throughput"
 ARCHITECTURES = ("vit-ti16", "vit-s16", "swin-t")
@@ -34,20 +34,7 @@ def swin_twin(config: SwinConfig) -> tuple[torch.nn.Module, Swin]:
     """timm's SwinTransformer of ``config`` with random weights, and ours with those weights copied in."""
     from timm.models.swin_transformer import SwinTransformer
 
-    c = config
-    theirs = SwinTransformer(
-        img_size=c.image_size,
-        patch_size=c.patch_size,
-        in_chans=c.in_channels,
-        embed_dim=c.embed_dim,
-        depths=c.depths,
-        num_heads=c.heads,
-        window_size=c.window_size,
-        mlp_ratio=c.mlp_ratio,
-        qkv_bias=c.qkv_bias,
-        num_classes=c.num_classes,
-        drop_path_rate=0.0,
-    ).eval()
+    theirs = SwinTransformer(**timm_swin_kwargs(config)).eval()
     ours = Swin(config).eval()
     ours.load_state_dict(swin_state_dict_from_timm(theirs.state_dict()), strict=True)
     return theirs, ours

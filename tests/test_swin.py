@@ -19,6 +19,7 @@ from vitrina.models.swin import (
     relative_position_index,
     shifted_window_mask,
     swin_state_dict_from_timm,
+    timm_swin_kwargs,
     window_partition,
     window_reverse,
 )
@@ -41,21 +42,7 @@ PARITY_CONFIGS = [
 
 
 def _timm_swin(config: SwinConfig, **kwargs) -> SwinTransformer:
-    c = config
-    return SwinTransformer(
-        img_size=c.image_size,
-        patch_size=c.patch_size,
-        in_chans=c.in_channels,
-        embed_dim=c.embed_dim,
-        depths=c.depths,
-        num_heads=c.heads,
-        window_size=c.window_size,
-        mlp_ratio=c.mlp_ratio,
-        qkv_bias=c.qkv_bias,
-        num_classes=c.num_classes,
-        drop_path_rate=0.0,
-        **kwargs,
-    )
+    return SwinTransformer(**timm_swin_kwargs(config), **kwargs)
 
 
 def _timm_and_ours(config: SwinConfig) -> tuple[SwinTransformer, Swin]:

@@ -361,6 +361,24 @@ class Swin(nn.Module):
         return self.forward_head(self.forward_features(pixels))
 
 
+def timm_swin_kwargs(config: SwinConfig) -> dict:
+    """Keyword arguments that make timm's ``SwinTransformer`` the same shape as ``Swin(config)`` (parity checks)."""
+    c = config
+    return {
+        "img_size": c.image_size,
+        "patch_size": c.patch_size,
+        "in_chans": c.in_channels,
+        "embed_dim": c.embed_dim,
+        "depths": c.depths,
+        "num_heads": c.heads,
+        "window_size": c.window_size,
+        "mlp_ratio": c.mlp_ratio,
+        "qkv_bias": c.qkv_bias,
+        "num_classes": c.num_classes,
+        "drop_path_rate": 0.0,
+    }
+
+
 def swin_state_dict_from_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A timm ``SwinTransformer`` state dict, renamed for ``Swin``: the tensors themselves are used as they are.
 
