@@ -68,7 +68,12 @@ def _cell(value) -> str:
 
 
 def write_markdown() -> None:
-    """Render every results file as one table in BENCHMARKS.md (intro kept from bench/INTRO.md)."""
+    """Render every results file as one table in BENCHMARKS.md (intro kept from bench/INTRO.md).
+
+    Under each heading goes ``bench/notes/<benchmark>.md`` when there is one (protocol, targets, what
+    the numbers mean: prose, never a number that the table does not hold), then the table, its
+    provenance, and every ``bench/results/<benchmark>*.png`` (curves, t-SNE plots...) as an image.
+    """
     intro = BENCH_DIR / "INTRO.md"
     parts = [intro.read_text().rstrip() + "\n" if intro.exists() else "# Benchmarks\n"]
     for path in sorted(RESULTS_DIR.glob("*.json")):
@@ -77,6 +82,9 @@ def write_markdown() -> None:
         for metrics in table.values():
             columns += [k for k in metrics if k not in PROVENANCE and k not in columns]
         parts.append(f"\n## {path.stem}\n")
+        notes = BENCH_DIR / "notes" / f"{path.stem}.md"
+        if notes.exists():
+            parts.append(notes.read_text().rstrip() + "\n")
         parts.append(f"Source: `bench/results/{path.name}`, written by `bench/{path.stem}.py`.\n")
         parts.append("| row | " + " | ".join(columns) + " |")
         parts.append("|---" * (len(columns) + 1) + "|")
@@ -86,4 +94,11 @@ def write_markdown() -> None:
         parts.append("")
         for machine, command, day in sorted(provenance, key=str):
             parts.append(f"- `{command}` on {machine}, {day}")
+        pictures = sorted(RESULTS_DIR.glob(f"{path.stem}*.png"))
+        if pictures:
+            parts.append("")
+            markdown_dir = MARKDOWN.resolve().parent
+            for png in pictures:
+                link = os.path.relpath(png.resolve(), markdown_dir)
+                parts.append(f"![{png.stem}]({link})")
     MARKDOWN.write_text("\n".join(parts) + "\n")

@@ -235,6 +235,32 @@ def test_feature_relation_and_deit_objectives_decrease_on_a_fixed_batch(kind):
     assert loss_fn(pixels, labels, torch.arange(16)).loss.item() < first
 
 
+@pytest.mark.parametrize("kind", [KDKind.RESPONSE, KDKind.FEATURE, KDKind.RELATION])
+def test_kd_losses_stay_float32_under_bf16_autocast_and_a_bf16_teacher(kind):
+    torch.manual_seed(0)
+    pixels, labels = torch.rand(8, 1, 28, 28), torch.randint(0, 4, (8,))
+    pre = Preprocess(28, (0.5,) * 3, (0.5,) * 3)
+    student, teacher = ViT(ViTConfig(**TINY_VIT)), tiny_teacher()
+    taps, hint = None, None
+    if kind is KDKind.FEATURE:
+        student_tap, teacher_tap, hint = feature_taps(student, teacher, pre, pre)
+        taps = (student_tap, teacher_tap)
+    distiller = Distiller(student, hint)
+
+    def loss(teacher_bf16: bool) -> torch.Tensor:
+        settings = DistillSettings(kind=kind, teacher_bf16=teacher_bf16)
+        fn = make_kd_loss(distiller, teacher, settings, student_pre=pre, teacher_pre=pre, label_smoothing=0, taps=taps)
+        return fn(pixels, labels, torch.arange(8)).loss
+
+    exact = loss(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        student_bf16 = loss(False)
+    teacher_bf16 = loss(True)
+    for fast in (student_bf16, teacher_bf16):
+        assert fast.dtype == torch.float32
+        torch.testing.assert_close(fast, exact, rtol=0.05, atol=0.02)  # bf16 forward, float32 loss
+
+
 def test_deit_kind_needs_a_vit_student_and_unknown_kinds_are_named():
     with pytest.raises(UserError, match="needs a ViT student"):
         build_student("resnet-mini-28", 10, KDKind.DEIT_HARD, seed=0)

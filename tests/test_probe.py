@@ -134,3 +134,38 @@ def test_cli_pretrains_then_probes(tmp_path, capsys):
     assert results["linear"]["n_train"] == 200 and results["linear"]["n_test"] == 100
     assert main(["eval", "probe", "--ckpt", "pixels", "--data", "no-such-source", "--out", str(tmp_path / "x")]) == 2
     assert "not a known source" in capsys.readouterr().err
+
+
+def test_cli_probes_across_sources_matching_classes_by_name(tmp_path, capsys):
+    # two "styles" of the same classes (plus one class only the second has): fit on one, score on the other
+    rng = np.random.default_rng(0)
+    for style, classes in (("flat", ["circle", "square"]), ("shaded", ["square", "circle", "star"])):
+        for name in classes:
+            (tmp_path / style / name).mkdir(parents=True)
+            for i in range(6):
+                shade = 40 if name == "circle" else 210
+                pixels = np.clip(shade + rng.normal(0, 20 if style == "shaded" else 5, (16, 16, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / style / name / f"{i}.png")
+    out = tmp_path / "probe"
+    args = ["eval", "probe", "--ckpt", "pixels", "--train-data", str(tmp_path / "flat"), "--data"]
+    assert main([*args, str(tmp_path / "shaded"), "--tsne-points", "10", "--out", str(out)]) == 0
+    results = json.loads((out / "probe.json").read_text())
+    assert results["linear"]["n_train"] == 12 and results["linear"]["n_test"] == 12  # the 6 stars left out
+    assert results["linear"]["accuracy"] == 1.0
+    (tmp_path / "other" / "triangle").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "other" / "triangle" / "0.png")
+    args = ["eval", "probe", "--ckpt", "pixels", "--train-data", str(tmp_path / "flat"), "--data"]
+    assert main([*args, str(tmp_path / "other"), "--out", str(tmp_path / "x")]) == 2
+    assert "shares no class name" in capsys.readouterr().err
+
+
+def test_an_ssl_backbone_fine_tunes_through_the_transfer_code(tmp_path, capsys):
+    ckpt = tmp_path / "rotation"
+    args = ["pretrain", "rotation", "--backbone", "vit-fmnist-28-fast", "--data", "fashion-mnist:train:128"]
+    assert main([*args, "--out", str(ckpt), "--epochs", "1", "--batch-size", "64"]) == 0
+    tune = ["train", "classify", "--init", str(ckpt), "--mode", "finetune", "--data", "fashion-mnist", "--limit", "300"]
+    assert main([*tune, "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / "ft")]) == 0
+    printed = capsys.readouterr().out
+    assert "trainable" in printed  # total and trainable parameter counts come first
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert 0 <= results["test_acc"] <= 1 and results["test_images"] > 0

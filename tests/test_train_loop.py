@@ -196,6 +196,28 @@ def test_summary_of_a_finished_run_resumed(reference: Path, tmp_path: Path):
     assert all(torch.equal(before[k], v) for k, v in weights(reference).items())
 
 
+def test_bf16_autocast_trains_with_float32_weights_and_gradients(tmp_path: Path):
+    seen = {}
+
+    def step(model: nn.Module, batch) -> StepOutput:
+        out = toy_step(model, batch)
+        seen["forward"] = model(batch[0]).dtype  # what the forward ran in
+        return out
+
+    model = toy_model()
+    data = NoisyBlobs()
+    train(model=model, step_fn=step, train_data=data, out_dir=tmp_path / "bf16", config=toy_config(precision="bf16"),
+          save_fn=toy_save, progress=False)  # fmt: skip
+    assert seen["forward"] == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    log = [r for r in read_log(tmp_path / "bf16") if "loss" in r]
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    # fp32 stays out of the run's identity: runs saved before the field existed still resume
+    assert "precision" not in toy_config().trajectory() and toy_config(precision="bf16").trajectory()["precision"]
+    with pytest.raises(UserError, match="precision"):
+        toy_config(precision="fp16").validate()
+
+
 def test_lr_factor_warmup_then_cosine():
     kw = dict(warmup_steps=4, total_steps=20, min_lr_ratio=0.1)
     assert lr_factor(0, **kw) == pytest.approx(0.25)

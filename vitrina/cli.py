@@ -76,6 +76,7 @@ def _classify_train_config(args: argparse.Namespace):
         seed=args.seed,
         max_minutes=args.minutes,
         num_workers=args.workers,
+        precision=args.precision,
     )
 
 
@@ -150,7 +151,11 @@ def cmd_distill(args: argparse.Namespace) -> None:
     if args.data is None:
         raise UserError("give --data fashion-mnist or a folder of class folders (the teacher's data)")
     distill = DistillSettings(
-        kind=KDKind.parse(args.kind), alpha=args.alpha, temperature=args.temperature, beta=args.beta
+        kind=KDKind.parse(args.kind),
+        alpha=args.alpha,
+        temperature=args.temperature,
+        beta=args.beta,
+        teacher_bf16=args.teacher_bf16,
     )
     outcome = distill_classifier(
         teacher_path=args.teacher,
@@ -250,13 +255,16 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_eval_probe(args: argparse.Namespace) -> None:
     from vitrina.data.splits import stratified_indices
     from vitrina.eval.probe import PIXELS, load_probe_model, probe_representation
-    from vitrina.ssl.data import probe_splits
+    from vitrina.ssl.data import cross_source_splits, probe_splits
 
     model = None if args.ckpt == PIXELS else load_probe_model(args.ckpt, seed=args.seed)
     size = 28 if model is None else model.config.image_size
     if model is None and args.image_size:
         size = args.image_size
-    train, test = probe_splits(args.data, size, seed=args.seed)
+    if args.train_data:
+        train, test = cross_source_splits(args.train_data, args.data, size, seed=args.seed)
+    else:
+        train, test = probe_splits(args.data, size, seed=args.seed)
     if args.limit_train:
         train = train.subset(stratified_indices(train.labels, args.limit_train, args.seed))
     if args.limit_test:
@@ -346,6 +354,9 @@ def _add_classify_options(parser: argparse.ArgumentParser, *, lr: float, data_re
     parser.add_argument("--no-augment", action="store_true", help="train on the images as they are")
     parser.add_argument("--minutes", type=float, default=None, help="stop cleanly after this many minutes")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (folders of photos)")
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast forward (fast CNNs on AVX-512)"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -391,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--kind", default=None, help="response, feature, relation, deit (= deit-hard), deit-soft")
     distill.add_argument("--alpha", type=float, default=0.7, help="weight of the soft-target term (response)")
     distill.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of soft targets")
+    distill.add_argument("--teacher-bf16", action="store_true", help="teacher forward under bf16 autocast (faster)")
     distill.add_argument("--beta", type=float, default=1.0, help="weight of the feature / relation term")
     distill.add_argument("--similarity-weight", type=float, default=1.0, help="clip: in-batch similarity KL weight")
     _add_classify_options(distill, lr=1e-3, data_required=False)
@@ -441,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe = evaluate.add_parser("probe", help="linear probe, kNN, k-means NMI/ARI and t-SNE of frozen features")
     probe.add_argument("--ckpt", required=True, help="checkpoint folder, a preset (random init) or 'pixels'")
     probe.add_argument("--data", default="fashion-mnist", help="fashion-mnist, emoji:STYLES or a class folder")
+    probe.add_argument(
+        "--train-data", default=None, help="fit the probes on this source, score on --data (e.g. another emoji style)"
+    )
     probe.add_argument("--limit-train", type=int, default=None, help="a stratified subset of the train split")
     probe.add_argument("--limit-test", type=int, default=None, help="a stratified subset of the test split")
     probe.add_argument("--tsne-points", type=int, default=2000, help="points in the t-SNE plot")

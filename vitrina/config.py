@@ -21,6 +21,9 @@ from vitrina.errors import UserError
 T = TypeVar("T")
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     """How to train: optimisation, schedule, seeding, logging and limits.
@@ -48,6 +51,10 @@ class TrainConfig:
     max_minutes: float | None = None
     checkpoint_every_steps: int | None = None
     val_fraction: float = 0.1
+    # "bf16" runs the forward pass (and the loss) under CPU autocast to bfloat16: the weights, their
+    # gradients and the optimizer stay float32. On CPUs with AVX-512 BF16 convolutions run ~1.8x faster;
+    # small-width transformers gain little. Evaluation always runs in float32.
+    precision: str = "fp32"
 
     # Fields that change how a run is carried out but not what it computes: a run may be resumed
     # with other values for these (e.g. a new time cap). ``num_workers`` is here because it is a
@@ -76,6 +83,7 @@ class TrainConfig:
                 "must be at least 1",
             ),
             (0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)"),
+            (self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -83,7 +91,10 @@ class TrainConfig:
 
     def trajectory(self) -> dict[str, Any]:
         """The settings that decide the numbers a run computes (what a resumed run must share)."""
-        return {k: v for k, v in to_dict(self).items() if k not in self.RESUMABLE_CHANGES}
+        settings = {k: v for k, v in to_dict(self).items() if k not in self.RESUMABLE_CHANGES}
+        if settings["precision"] == "fp32":
+            del settings["precision"]  # runs saved before the field existed were fp32: they still resume
+        return settings
 
 
 # --- JSON helpers ---------------------------------------------------------------------------

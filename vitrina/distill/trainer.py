@@ -86,12 +86,15 @@ class KDKind(StrEnum):
 @dataclass
 class DistillSettings:
     """``alpha``: weight of the teacher term (response, DeiT soft/hard split is fixed at 1/2);
-    ``temperature``: softmax temperature of soft targets; ``beta``: weight of the feature / relation term."""
+    ``temperature``: softmax temperature of soft targets; ``beta``: weight of the feature / relation term;
+    ``teacher_bf16``: run the frozen teacher's forward under bfloat16 autocast (a CNN teacher's forward
+    is ~1.8x faster on AVX-512 BF16 CPUs; its outputs are cast back to float32 for the losses)."""
 
     kind: KDKind = KDKind.RESPONSE
     alpha: float = 0.7
     temperature: float = 4.0
     beta: float = 1.0
+    teacher_bf16: bool = False
 
     def validate(self) -> None:
         if not 0 <= self.alpha <= 1:
@@ -219,11 +222,15 @@ class Distiller(nn.Module):
 
 
 @torch.no_grad()
-def teacher_outputs(teacher: nn.Module, pixels: torch.Tensor, preprocess: Preprocess) -> tuple[torch.Tensor, ...]:
-    """(logits (B, K), pooled features (B, C)) of the teacher in eval mode."""
+def teacher_outputs(
+    teacher: nn.Module, pixels: torch.Tensor, preprocess: Preprocess, *, bf16: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """(logits (B, K), pooled features (B, C)) of the teacher in eval mode, as float32."""
     teacher.eval()
-    features = teacher.forward_features(preprocess(pixels))
-    return logits_of(teacher.forward_head(features)), teacher.forward_head(features, pre_logits=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        features = teacher.forward_features(preprocess(pixels))
+        logits, pooled = logits_of(teacher.forward_head(features)), teacher.forward_head(features, pre_logits=True)
+    return logits.float(), pooled.float()
 
 
 class TeacherCache:
@@ -259,9 +266,12 @@ def make_kd_loss(
         if cache is not None:
             t_logits, t_pooled = cache(index)
         else:
-            t_logits, t_pooled = teacher_outputs(teacher, pixels, teacher_pre)
+            t_logits, t_pooled = teacher_outputs(teacher, pixels, teacher_pre, bf16=settings.teacher_bf16)
         features = student.forward_features(student_pre(pixels))
         out = student.forward_head(features)
+        # the losses in float32 even when the forward ran under bf16 autocast (TrainConfig.precision):
+        # softened distributions and pairwise distances need the mantissa
+        out = tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
         if kind.is_deit:
             if not isinstance(out, tuple):
                 raise UserError("--kind deit needs a distilled student (ViTConfig.distilled=True)")
@@ -283,9 +293,9 @@ def make_kd_loss(
             ce = F.cross_entropy(out, labels, label_smoothing=label_smoothing)
             if kind is KDKind.FEATURE:
                 student_tap, teacher_tap = taps
-                extra = distiller.hint(student_tap.map(), teacher_tap.map())
+                extra = distiller.hint(student_tap.map().float(), teacher_tap.map().float())
             else:
-                s_pooled = student.forward_head(features, pre_logits=True)
+                s_pooled = student.forward_head(features, pre_logits=True).float()
                 extra = RKD_DISTANCE_WEIGHT * rkd_distance_loss(s_pooled, t_pooled)
                 extra = extra + RKD_ANGLE_WEIGHT * rkd_angle_loss(s_pooled, t_pooled)
             loss = ce + settings.beta * extra
@@ -349,6 +359,7 @@ def distill_classifier(
         "alpha": distill.alpha,
         "temperature": distill.temperature,
         "beta": distill.beta,
+        **({"teacher_bf16": True} if distill.teacher_bf16 else {}),  # absent when off: older runs still resume
     }
     return fit_classifier(
         trainable=distiller,

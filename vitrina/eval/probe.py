@@ -160,8 +160,9 @@ def tsne_plot(
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.permutation(len(x))[:max_points])
     points, labels = np.asarray(x, dtype=np.float32)[chosen], np.asarray(y)[chosen]
-    if points.shape[1] > 50:  # the usual PCA step first: faster, and less noise for t-SNE
-        points = PCA(n_components=50, random_state=seed).fit_transform(points)
+    components = min(50, len(points))  # PCA cannot give more components than points
+    if points.shape[1] > components:  # the usual PCA step first: faster, and less noise for t-SNE
+        points = PCA(n_components=components, random_state=seed).fit_transform(points)
     perplexity = min(30.0, max(2.0, (len(points) - 1) / 3))
     embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
     fig, ax = plt.subplots(figsize=(7, 6))

@@ -129,3 +129,22 @@ def probe_splits(spec: str, image_size: int, *, seed: int = 0, test_fraction: fl
     test = stratified_indices(full.labels, round(test_fraction * len(full)), seed)
     train = np.setdiff1d(np.arange(len(full)), test)
     return full.subset(train, f"{full.name} (train part)"), full.subset(test, f"{full.name} (test part)")
+
+
+def cross_source_splits(
+    train_spec: str, test_spec: str, image_size: int, *, seed: int = 0
+) -> tuple[ImageSet, ImageSet]:
+    """(train, test) from two sources, e.g. three emoji styles -> the fourth: how well features carry
+    over to a drawing style (or collection) the probe never saw. Labels are matched by class name;
+    test images of a class the train source lacks are left out (the count is in the set's name)."""
+    train = load_image_set(train_spec, image_size, seed=seed)
+    test = load_image_set(test_spec, image_size, seed=seed)
+    ids = {name: i for i, name in enumerate(train.class_names)}
+    names = [test.class_names[label] for label in test.labels]
+    keep = np.array([i for i, name in enumerate(names) if name in ids], dtype=np.int64)
+    if len(keep) == 0:
+        raise UserError(f"--data {test_spec!r} shares no class name with --train-data {train_spec!r}")
+    left_out = len(test) - len(keep)
+    name = test.name + (f" ({left_out} of an unseen class left out)" if left_out else "")
+    labels = np.array([ids[names[i]] for i in keep], dtype=np.int64)
+    return train, ImageSet(test.pixels[torch.from_numpy(keep)], labels, train.class_names, name)

@@ -647,7 +647,8 @@ class _Run:
 
     def train_step(self, batch: Any, *, seconds_since: float) -> tuple[float, int]:
         """Forward, backward, clip, optimizer and schedule step, log; returns the loss and batch size."""
-        out = self.step_fn(self.model, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            out = self.step_fn(self.model, batch)
         if not torch.isfinite(out.loss):
             raise UserError(
                 f"training diverged: loss is {out.loss.item()} at step {self.step + 1}; "

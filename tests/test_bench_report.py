@@ -1,0 +1,39 @@
+"""The benchmark report: rows merge into their JSON one at a time, and BENCHMARKS.md is rebuilt from
+the JSON files with each benchmark's notes, table, provenance and pictures."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def report(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_report_under_test", REPO / "bench" / "_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    bench = tmp_path / "bench"
+    (bench / "notes").mkdir(parents=True)
+    monkeypatch.setattr(module, "BENCH_DIR", bench)
+    monkeypatch.setattr(module, "RESULTS_DIR", bench / "results")
+    monkeypatch.setattr(module, "MARKDOWN", tmp_path / "BENCHMARKS.md")
+    return module
+
+
+def test_rows_merge_and_the_markdown_carries_notes_table_and_pictures(report):
+    report.BENCH_DIR.joinpath("notes", "speed.md").write_text("Protocol: one run per row.\n")
+    report.record("speed", "a", {"img_per_s": 12.5}, command="bench/speed.py --run a")
+    report.RESULTS_DIR.joinpath("speed-a.png").write_bytes(b"\x89PNG")
+    report.record("speed", "b", {"img_per_s": 20.0, "epochs": 3}, command="bench/speed.py --run b")
+    table = json.loads((report.RESULTS_DIR / "speed.json").read_text())
+    assert list(table) == ["a", "b"] and table["a"]["img_per_s"] == 12.5 and table["b"]["epochs"] == 3
+    assert {"command", "machine", "date"} <= set(table["a"])
+    text = report.MARKDOWN.read_text()
+    order = [text.index(part) for part in ("## speed", "Protocol: one run per row.", "| row | img_per_s | epochs |")]
+    assert order == sorted(order)
+    assert "| a | 12.5 |  |" in text and "| b | 20 | 3 |" in text
+    assert "- `bench/speed.py --run a` on " in text
+    assert "![speed-a](bench/results/speed-a.png)" in text
