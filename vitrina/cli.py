@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from vitrina.config import PRECISIONS
 from vitrina.errors import UserError
 
 # Nothing here may wait on a model hub: weights come from local folders or the packages.
@@ -355,7 +356,7 @@ def _add_classify_options(parser: argparse.ArgumentParser, *, lr: float, data_re
     parser.add_argument("--minutes", type=float, default=None, help="stop cleanly after this many minutes")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (folders of photos)")
     parser.add_argument(
-        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast forward (fast CNNs on AVX-512)"
+        "--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast forward (fast CNNs on AVX-512)"
     )
     parser.add_argument("--seed", type=int, default=0)
 
