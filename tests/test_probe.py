@@ -154,7 +154,6 @@ def test_cli_probes_across_sources_matching_classes_by_name(tmp_path, capsys):
     assert results["linear"]["accuracy"] == 1.0
     (tmp_path / "other" / "triangle").mkdir(parents=True)
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "other" / "triangle" / "0.png")
-    args = ["eval", "probe", "--ckpt", "pixels", "--train-data", str(tmp_path / "flat"), "--data"]
     assert main([*args, str(tmp_path / "other"), "--out", str(tmp_path / "x")]) == 2
     assert "shares no class name" in capsys.readouterr().err
 

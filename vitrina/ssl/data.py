@@ -11,7 +11,7 @@ and test sets come from.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -147,4 +147,4 @@ def cross_source_splits(
     left_out = len(test) - len(keep)
     name = test.name + (f" ({left_out} of an unseen class left out)" if left_out else "")
     labels = np.array([ids[names[i]] for i in keep], dtype=np.int64)
-    return train, ImageSet(test.pixels[torch.from_numpy(keep)], labels, train.class_names, name)
+    return train, replace(test.subset(keep, name), labels=labels, class_names=train.class_names)
