@@ -12,6 +12,7 @@ schedule fits into ``--minutes`` (minus time for the per-epoch validation). The 
 
     .venv/bin/python bench/fmnist_classify.py --run cnn-teacher          # first: the KD runs need it
     .venv/bin/python bench/fmnist_classify.py --run vit-kd-response      # --teacher defaults to its best/
+    .venv/bin/python bench/fmnist_classify.py --run vit-scratch-p7 --minutes 15 --name vit-scratch-p7-15min
 
 Smoke test (tiny, results kept out of bench/results):
     .venv/bin/python bench/fmnist_classify.py --run vit-scratch --minutes 0.5 --limit 2000 \
@@ -179,6 +180,9 @@ def main() -> None:
     parser.add_argument("--teacher", default="runs/bench/fmnist/cnn-teacher/best", help="KD runs: teacher checkpoint")
     parser.add_argument("--clip", default="runs/demo/clip", help="transfer runs: the CLIP checkpoint")
     parser.add_argument("--out", default="runs/bench/fmnist", help="parent folder of the runs' checkpoints")
+    parser.add_argument(
+        "--name", default=None, help="row and checkpoint folder (default: --run), e.g. to keep a longer cap apart"
+    )
     parser.add_argument("--limit", type=int, default=None, help="smoke runs: about N images per split")
     parser.add_argument("--results-dir", default=None, help="write results here instead of bench/results")
     args = parser.parse_args()
@@ -191,7 +195,8 @@ def main() -> None:
     if args.results_dir:
         report.RESULTS_DIR = Path(args.results_dir)
         report.MARKDOWN = report.RESULTS_DIR / "BENCHMARKS.md"
-    out = Path(args.out) / args.run
+    name = args.name or args.run
+    out = Path(args.out) / name
     data = load_classification_data("fashion-mnist", limit=args.limit, seed=SEED)
     config = TrainConfig(
         epochs=args.epochs or 1,
@@ -207,17 +212,18 @@ def main() -> None:
     if args.epochs is None and run.epochs is not None:
         config = replace(config, epochs=run.epochs)
     elif args.epochs is None:
-        img_per_s = calibrate(args.run, run, data, out, config, args)
+        img_per_s = calibrate(name, run, data, out, config, args)
         budget_images = img_per_s * SIZING_MARGIN * args.minutes * 60 * (1 - EVAL_SHARE)
         config = replace(config, epochs=max(1, int(budget_images // len(data.train))))
-        print(f"{args.run}: {img_per_s:.0f} img/s measured -> {config.epochs} epochs in {args.minutes} min")
-    outcome = execute(args.run, run, data, out, config, args)
+        print(f"{name}: {img_per_s:.0f} img/s measured -> {config.epochs} epochs in {args.minutes} min")
+    outcome = execute(name, run, data, out, config, args)
     r = outcome.results
     classifier_params = count_parameters(load_best(outcome.best_dir))[0]
     row = {
         "test_acc": r["test_acc"],
         "train_minutes": r["train_minutes"],
         "params": classifier_params,
+        "cap_minutes": args.minutes,
         "epochs": outcome.summary.epochs_done,
         "best_epoch": r["best_epoch"],
         "train_img_per_s": img_per_s,
@@ -226,10 +232,10 @@ def main() -> None:
         "checkpoint": str(outcome.best_dir),
     }
     report.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    png = report.RESULTS_DIR / f"{BENCHMARK}-{args.run}.png"
-    learning_curve(out / "metrics.jsonl", png, f"{args.run}: test accuracy {r['test_acc']:.2%}")
-    path = report.record(BENCHMARK, args.run, row)
-    print(f"{args.run}: test accuracy {r['test_acc']:.4f}; written {path} and {png}")
+    png = report.RESULTS_DIR / f"{BENCHMARK}-{name}.png"
+    learning_curve(out / "metrics.jsonl", png, f"{name}: test accuracy {r['test_acc']:.2%}")
+    path = report.record(BENCHMARK, name, row)
+    print(f"{name}: test accuracy {r['test_acc']:.4f}; written {path} and {png}")
 
 
 def load_best(folder: Path):
