@@ -22,6 +22,7 @@ resumes an unfinished run, or only re-probes a finished one.
     python bench/ssl_probe.py --method simclr            # ~30 min pretraining + ~10 min probing
     python bench/ssl_probe.py --method rotation --minutes 1 --probe-train 2000 --dry-run  # smoke
     python bench/ssl_probe.py --method simclr --finetune-epochs 10  # + full fine-tuning (`finetune_acc`)
+    python bench/ssl_probe.py --method mae --pool mean   # re-probe the finished run on mean-pooled tokens
 """
 
 from __future__ import annotations
@@ -108,11 +109,19 @@ def main() -> None:
     parser.add_argument(
         "--finetune-epochs", type=int, default=0, help="also fine-tune the pretrained backbone for N epochs (0: no)"
     )
+    parser.add_argument(
+        "--pool", default="cls", choices=["cls", "mean"], help="probe the [CLS] token or the mean of the patch tokens"
+    )
     parser.add_argument("--runs", default="runs/ssl_probe", help="where the pretrained checkpoints go")
     parser.add_argument("--dry-run", action="store_true", help="smoke run: results to a temporary folder only")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
+    if args.pool != "cls" and args.method == "pixels":
+        parser.error("--pool: raw pixels have no tokens to pool")
+    # a mean-pooled probe of a method is its own row, beside the [CLS] one
+    row_name = args.method if args.pool == "cls" else f"{args.method}, mean-pooled"
+    slug = args.method if args.pool == "cls" else f"{args.method}_mean"
     out = Path(tempfile.mkdtemp(prefix="ssl_probe_")) if args.dry_run else _report.RESULTS_DIR
     row: dict = {"backbone": BACKBONE if args.method != "pixels" else "-"}
     model = None
@@ -150,10 +159,12 @@ def main() -> None:
         train = train.subset(stratified_indices(train.labels, args.probe_train, args.seed))
     if args.probe_test is not None and args.probe_test < len(test):
         test = test.subset(stratified_indices(test.labels, args.probe_test, args.seed))
-    probe_dir = out / f"probe_{args.method}" if args.dry_run else Path(args.runs) / f"probe_{args.method}"
-    results = probe_representation(model, train, test, probe_dir, seed=args.seed, label=args.method)
-    shutil.copyfile(probe_dir / "tsne.png", out / f"ssl_probe_tsne_{args.method}.png")
+    probe_dir = (out if args.dry_run else Path(args.runs)) / f"probe_{slug}"
+    pool = None if args.method == "pixels" else args.pool
+    results = probe_representation(model, train, test, probe_dir, seed=args.seed, label=row_name, pool=pool)
+    shutil.copyfile(probe_dir / "tsne.png", out / f"ssl_probe_tsne_{slug}.png")
     row.update(
+        pool=results["pool"],
         linear_acc=results["linear"]["accuracy"],
         knn_acc=results["knn"]["k20"],
         knn200_acc=results["knn"]["k200"],
@@ -162,14 +173,14 @@ def main() -> None:
         probe_train=results["linear"]["n_train"],
         probe_minutes=round(sum(results["seconds"].values()) / 60, 2),
     )
-    if args.finetune_epochs and args.method in METHODS:
+    if args.finetune_epochs and args.method in METHODS and args.pool == "cls":
         row.update(finetune(run_dir, args, limit=args.probe_train if args.dry_run else None))
     if args.dry_run:
-        print(json.dumps({args.method: row}, indent=2))
+        print(json.dumps({row_name: row}, indent=2))
         print(f"smoke outputs in {out} (nothing recorded)")
         return
-    path = _report.record("ssl_probe", args.method, row)
-    print(f"{args.method}: {json.dumps(row)}\nwritten: {path}")
+    path = _report.record("ssl_probe", row_name, row)
+    print(f"{row_name}: {json.dumps(row)}\nwritten: {path}")
 
 
 if __name__ == "__main__":
