@@ -173,7 +173,12 @@ def main() -> None:
         probe_train=results["linear"]["n_train"],
         probe_minutes=round(sum(results["seconds"].values()) / 60, 2),
     )
-    if args.finetune_epochs and args.method in METHODS and args.pool == "cls":
+    if args.finetune_epochs and args.method != "pixels" and args.pool == "cls":
+        if args.method == "random-init":  # the control: the same fine-tuning from the untrained backbone
+            from vitrina.checkpoint import save_model
+
+            run_dir = (out / "runs" if args.dry_run else Path(args.runs)) / args.method
+            save_model(model, run_dir)
         row.update(finetune(run_dir, args, limit=args.probe_train if args.dry_run else None))
     if args.dry_run:
         print(json.dumps({row_name: row}, indent=2))
