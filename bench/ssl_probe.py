@@ -22,6 +22,7 @@ resumes an unfinished run, or only re-probes a finished one.
     python bench/ssl_probe.py --method simclr            # ~30 min pretraining + ~10 min probing
     python bench/ssl_probe.py --method rotation --minutes 1 --probe-train 2000 --dry-run  # smoke
     python bench/ssl_probe.py --method simclr --finetune-epochs 10  # + full fine-tuning (`finetune_acc`)
+    python bench/ssl_probe.py --method random-init --finetune-epochs 10  # its control: no pretraining
     python bench/ssl_probe.py --method mae --pool mean   # re-probe the finished run on mean-pooled tokens
 """
 
