@@ -26,6 +26,7 @@ import json
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -51,22 +52,31 @@ METHODS = (*SETTINGS, "colorization")
 BASELINES = ("random-init", "pixels")
 
 
+def split_concepts(category_of: dict[str, str], seed: int) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(class names, concepts, their labels, which of them are probe-test concepts) from a concept ->
+    category map: categories with fewer than ``MIN_CONCEPTS`` concepts are left out, the rest split
+    ``TEST_FRACTION`` / rest by ``seed``, stratified by category."""
+    counts = Counter(category_of.values())
+    class_names = sorted(category for category, n in counts.items() if n >= MIN_CONCEPTS)
+    ids = {name: i for i, name in enumerate(class_names)}
+    concepts = [code for code, category in category_of.items() if category in ids]
+    labels = np.array([ids[category_of[code]] for code in concepts], dtype=np.int64)
+    is_test = np.zeros(len(concepts), dtype=bool)
+    is_test[stratified_indices(labels, round(TEST_FRACTION * len(concepts)), seed)] = True
+    return class_names, concepts, labels, is_test
+
+
 def concept_splits(seed: int) -> tuple[ImageSet, ImageSet, ImageSet]:
     """(probe-train in the pretraining styles, probe-test in those styles, probe-test in the held-out
-    style): concepts split by ``seed``, labels are emoji categories."""
+    style): the emoji drawn in all four styles, split by concept, labelled by category."""
     styles = emoji_data.EMOJI_STYLES
     by_style = {style: {item.unified: item for item in emoji_data.load_emoji(style)} for style in styles}
-    shared = [code for code in by_style[HELD_OUT_STYLE] if all(code in items for items in by_style.values())]
-    categories = [by_style[HELD_OUT_STYLE][code].category for code in shared]
-    counts = {c: categories.count(c) for c in set(categories)}
-    class_names = sorted(c for c, n in counts.items() if n >= MIN_CONCEPTS)
-    ids = {name: i for i, name in enumerate(class_names)}
-    concepts = [code for code, category in zip(shared, categories, strict=True) if category in ids]
-    labels = np.array([ids[by_style[HELD_OUT_STYLE][code].category] for code in concepts], dtype=np.int64)
-    test = set(stratified_indices(labels, round(TEST_FRACTION * len(concepts)), seed).tolist())
+    held_out = by_style[HELD_OUT_STYLE]
+    shared = {code: item.category for code, item in held_out.items() if all(code in i for i in by_style.values())}
+    class_names, concepts, labels, is_test = split_concepts(shared, seed)
 
     def image_set(styles: tuple[str, ...], in_test: bool, name: str) -> ImageSet:
-        picked = [(style, i) for style in styles for i in range(len(concepts)) if (i in test) == in_test]
+        picked = [(style, i) for style in styles for i in np.flatnonzero(is_test == in_test)]
         pixels, kept = decode_images([by_style[style][concepts[i]].path for style, i in picked], IMAGE_SIZE)
         return ImageSet(pixels, labels[[picked[k][1] for k in kept]], class_names, name)
 
