@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _report  # noqa: E402
-from bench.ssl_probe import SETTINGS, train_rate  # noqa: E402
+from bench.ssl_probe import SETTINGS, pretraining_row  # noqa: E402
 from vitrina.data import emoji as emoji_data  # noqa: E402
 from vitrina.data.splits import stratified_indices  # noqa: E402
 from vitrina.eval.probe import load_probe_model, probe_representation  # noqa: E402
@@ -114,13 +114,7 @@ def main() -> None:
             seed=args.seed,
         )
         model = result.method.backbone
-        row.update(
-            pretrain_minutes=round(result.summary.total_minutes, 2),
-            epochs=result.epochs,
-            pretrain_images=result.n_items,
-            batch_size=batch_size,
-            train_img_per_s=train_rate(runs / args.method) or result.images_per_second,
-        )
+        row.update(pretraining_row(result, runs / args.method, batch_size, lr))
     elif args.method == "random-init":
         model = load_probe_model(BACKBONE, seed=args.seed)
         row["pretrain_minutes"] = 0.0

@@ -72,6 +72,18 @@ def train_rate(run_dir: Path) -> float | None:
     return statistics.median(rates) if rates else None
 
 
+def pretraining_row(result, run_dir: Path, batch_size: int, lr: float) -> dict:
+    """The pretraining columns of a benchmark row: time, sizing and the measured training rate."""
+    return {
+        "pretrain_minutes": round(result.summary.total_minutes, 2),
+        "epochs": result.epochs,
+        "pretrain_images": result.n_items,
+        "batch_size": batch_size,
+        "lr": lr,
+        "train_img_per_s": train_rate(run_dir) or result.images_per_second,
+    }
+
+
 def finetune(run_dir: Path, args, *, limit: int | None) -> dict:
     """Full fine-tuning of the pretrained backbone (every layer trains, a new head) on the labelled
     training split, the transfer recipe of bench/fmnist_classify.py; scored on the 10k test set."""
@@ -141,14 +153,7 @@ def main() -> None:
             max_items=max_items,
         )
         model = result.method.backbone
-        row.update(
-            pretrain_minutes=round(result.summary.total_minutes, 2),
-            epochs=result.epochs,
-            pretrain_images=result.n_items,
-            batch_size=batch_size,
-            lr=lr,
-            train_img_per_s=train_rate(run_dir) or result.images_per_second,
-        )
+        row.update(pretraining_row(result, run_dir, batch_size, lr))
         if args.method == "mae":
             shutil.copyfile(run_dir / "reconstructions.png", out / "ssl_probe_mae_reconstructions.png")
     elif args.method == "random-init":
