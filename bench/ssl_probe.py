@@ -136,11 +136,12 @@ def main() -> None:
     row_name = args.method if args.pool == "cls" else f"{args.method}, mean-pooled"
     slug = args.method if args.pool == "cls" else f"{args.method}_mean"
     out = Path(tempfile.mkdtemp(prefix="ssl_probe_")) if args.dry_run else _report.RESULTS_DIR
+    # the pretrained checkpoint (for random-init, the untrained backbone saved for its fine-tune)
+    run_dir = (out / "runs" if args.dry_run else Path(args.runs)) / args.method
     row: dict = {"backbone": BACKBONE if args.method != "pixels" else "-"}
     model = None
     if args.method in METHODS:
         batch_size, lr, max_items = SETTINGS[args.method]
-        run_dir = (out / "runs" if args.dry_run else Path(args.runs)) / args.method
         result = run_pretraining(
             args.method,
             backbone=BACKBONE,
@@ -183,7 +184,6 @@ def main() -> None:
         if args.method == "random-init":  # the control: the same fine-tuning from the untrained backbone
             from vitrina.checkpoint import save_model
 
-            run_dir = (out / "runs" if args.dry_run else Path(args.runs)) / args.method
             save_model(model, run_dir)
         row.update(finetune(run_dir, args, limit=args.probe_train if args.dry_run else None))
     if args.dry_run:
