@@ -27,7 +27,8 @@ class Encoder(Protocol):
 
     @property
     def identity(self) -> dict:
-        """``{"kind": str, "embed_dim": int, "name": str}``; equal identities mean compatible vectors."""
+        """``{"kind": str, "embed_dim": int, "name": str, "digest": str}``; ``digest`` (sha256 hex) names the
+        weights, so equal digests mean the same vectors and a differently trained model is told apart."""
         ...
 
     @property

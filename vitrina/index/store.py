@@ -401,6 +401,16 @@ class IndexStore:
             return None
         return Hit(id=row[0], path=str(self.root / row[1]), score=1.0, label=row[2], caption=row[3])
 
+    def item_vectors(self, ids: list[int]) -> dict[int, np.ndarray]:
+        """Stored (D,) vectors of these item ids; ids not in the index are left out."""
+        found: dict[int, np.ndarray] = {}
+        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+            part = list(ids[start : start + 900])
+            marks = ",".join("?" * len(part))
+            rows = self._conn.execute(f"SELECT id, vector FROM items WHERE id IN ({marks})", part)
+            found.update((item_id, np.frombuffer(blob, dtype=np.float32)) for item_id, blob in rows)
+        return found
+
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(N,) int64 ids and (N, D) float32 vectors of every item, ordered by id."""
         n, dim = self.count, self.info["embed_dim"]

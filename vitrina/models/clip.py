@@ -158,13 +158,20 @@ def config_hash(model: CLIP) -> str:
 class CLIPEncoder:
     """The ``Encoder`` interface over a CLIP: eval mode, ``inference_mode``, texts batched internally."""
 
-    def __init__(self, model: CLIP, *, name: str, text_batch_size: int = 256) -> None:
+    def __init__(self, model: CLIP, *, name: str, digest: str | None = None, text_batch_size: int = 256) -> None:
+        """``digest`` names the weights (sha256 of the checkpoint file); without it, of the tensors in memory."""
         from vitrina.data.transforms import eval_transform
+        from vitrina.digest import tensors_sha256
 
         self.model = model.eval()
         self.embed_dim = model.config.embed_dim
         self.text_batch_size = text_batch_size
-        self._identity = {"kind": "vitrina-clip", "embed_dim": self.embed_dim, "name": f"{name}-{config_hash(model)}"}
+        self._identity = {
+            "kind": "vitrina-clip",
+            "embed_dim": self.embed_dim,
+            "name": f"{name}-{config_hash(model)}",
+            "digest": digest or tensors_sha256(model.state_dict()),
+        }
         c = model.config
         self._transform = eval_transform(c.vision.image_size, c.image_mean, c.image_std)
 
