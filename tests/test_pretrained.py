@@ -3,7 +3,10 @@ compared with the library's own forward (max abs diff <= 1e-5, float32). No down
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +14,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vitrina.checkpoint import load_encoder, load_model, save_model
+from vitrina.digest import file_sha256, files_sha256
 from vitrina.errors import UserError
 from vitrina.models.clip import CLIPEncoder
-from vitrina.models.open_clip_backend import bytes_to_unicode
 from vitrina.models.pretrained import ImageOnlyEncoder
+from vitrina.models.pretrained.openclip import bytes_to_unicode
 
 transformers = pytest.importorskip("transformers")
 
@@ -207,7 +211,7 @@ def test_open_clip_folder_matches_open_clip(tmp_path, quick_gelu: bool) -> None:
 
 def test_open_clip_bpe_twin_tokenizes_like_open_clip() -> None:
     open_clip = pytest.importorskip("open_clip")
-    from vitrina.models.open_clip_backend import open_clip_tokenizer
+    from vitrina.models.pretrained.openclip import open_clip_tokenizer
     from vitrina.models.text import tokenize
 
     texts = [*TEXTS, "a photo of a diagram, 3 cats & 12 dogs", "Don't  stop:\tit's naïve café", "x" * 300]
@@ -245,6 +249,7 @@ def test_timm_name_with_a_local_weights_file(tmp_path) -> None:
     _perturb(full, seed=9)
     save_file(full.state_dict(), str(tmp_path / "model.safetensors"))
     encoder = load_encoder(f"timm:vit_tiny_patch16_224/{tmp_path / 'model.safetensors'}")
+    assert encoder.identity["digest"] == file_sha256(tmp_path / "model.safetensors")
     pixels = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert (encoder.encode_image(pixels) - F.normalize(full(pixels), dim=-1)).abs().max() <= TOL
@@ -301,7 +306,7 @@ def test_unmapped_models_are_wrapped(tmp_path) -> None:
     from open_clip.model import CLIP as OpenCLIP
     from timm.models import save_for_hf
 
-    from vitrina.models.open_clip_backend import OpenCLIPEncoder
+    from vitrina.models.pretrained import OpenCLIPEncoder
 
     cfg = {**OPEN_CLIP_CFG, "vision_cfg": {**OPEN_CLIP_CFG["vision_cfg"], "pool_type": "avg"}}
     theirs = OpenCLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]).eval()
@@ -310,6 +315,7 @@ def test_unmapped_models_are_wrapped(tmp_path) -> None:
     save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(tmp_path / "oc" / "model.safetensors"))
     encoder = load_encoder(str(tmp_path / "oc"))  # a plain folder: recognised by open_clip_config.json
     assert isinstance(encoder, OpenCLIPEncoder) and encoder.embed_dim == 32
+    assert encoder.identity["digest"] == file_sha256(tmp_path / "oc" / "model.safetensors")
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert (encoder.encode_image(pixels) - theirs.encode_image(pixels, normalize=True)).abs().max() <= TOL
@@ -320,6 +326,117 @@ def test_unmapped_models_are_wrapped(tmp_path) -> None:
     save_for_hf(cnn, str(tmp_path / "cnn"), safe_serialization=True)
     image_only = load_encoder(f"timm:{tmp_path / 'cnn'}")
     assert image_only.embed_dim == 512 and image_only.image_transform.size == cnn.pretrained_cfg["input_size"][-1]
+    assert image_only.identity["digest"] == file_sha256(tmp_path / "cnn" / "model.safetensors")
     pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert (image_only.encode_image(pixels) - F.normalize(cnn(pixels), dim=-1)).abs().max() <= TOL
+
+
+# --- weights digests ----------------------------------------------------------------------------
+
+
+def _saved_hf(folder: Path, seed: int) -> tuple[str, Path]:
+    _tiny_hf_clip(folder, legacy_eos=False, seed=seed)
+    return str(folder), folder / "model.safetensors"
+
+
+def _saved_open_clip(folder: Path, seed: int) -> tuple[str, Path]:
+    pytest.importorskip("open_clip")
+    from open_clip.model import CLIP as OpenCLIP
+
+    model = OpenCLIP(OPEN_CLIP_CFG["embed_dim"], OPEN_CLIP_CFG["vision_cfg"], OPEN_CLIP_CFG["text_cfg"])
+    _perturb(model, seed)
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": OPEN_CLIP_CFG}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return f"open_clip:{folder}", folder / "open_clip_model.safetensors"
+
+
+def _saved_timm(folder: Path, seed: int) -> tuple[str, Path]:
+    timm = pytest.importorskip("timm")
+    from timm.models import save_for_hf
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0)
+    _perturb(model, seed)
+    save_for_hf(model, str(folder), safe_serialization=True)
+    return f"timm:{folder}", folder / "model.safetensors"
+
+
+@pytest.mark.parametrize("save", [_saved_hf, _saved_open_clip, _saved_timm], ids=["hf", "open_clip", "timm"])
+def test_digest_is_the_sha256_of_the_weights_file(tmp_path, save) -> None:
+    """Same file -> same digest, the file's own sha256; other weights -> another digest."""
+    ref, weights = save(tmp_path / "a", seed=0)
+    other, _ = save(tmp_path / "b", seed=1)
+    first, again, different = (load_encoder(r).identity for r in (ref, ref, other))
+    assert set(first) == {"kind", "embed_dim", "name", "digest"}
+    assert first["digest"] == file_sha256(weights) == again["digest"]
+    assert different["digest"] != first["digest"]
+
+
+def test_open_clip_architecture_with_a_weights_file_is_named_by_the_file(tmp_path) -> None:
+    """``open_clip:ARCH/FILE`` (here a tiny architecture registered for the test) names the file's bytes."""
+    open_clip = pytest.importorskip("open_clip")
+    (tmp_path / "vitrina-tiny-test.json").write_text(json.dumps(OPEN_CLIP_CFG))
+    open_clip.add_model_config(tmp_path / "vitrina-tiny-test.json")
+    _, weights = _saved_open_clip(tmp_path / "oc", seed=4)
+    encoder = load_encoder(f"open_clip:vitrina-tiny-test/{weights}")
+    assert isinstance(encoder, CLIPEncoder)
+    assert encoder.identity["digest"] == file_sha256(weights)
+
+
+def test_sharded_hf_weights_are_named_by_all_their_files(tmp_path) -> None:
+    theirs, _ = _tiny_hf_clip(tmp_path / "one", legacy_eos=False, seed=2)
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    for name in ("tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        if (tmp_path / "one" / name).is_file():
+            (tmp_path / "sharded" / name).write_bytes((tmp_path / "one" / name).read_bytes())
+    shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 1
+    one, sharded = load_encoder(str(tmp_path / "one")), load_encoder(str(tmp_path / "sharded"))
+    assert sharded.identity["digest"] == files_sha256(shards) != one.identity["digest"]
+    pixels = torch.randn(2, 3, 32, 32)
+    assert torch.equal(sharded.encode_image(pixels), one.encode_image(pixels))
+
+
+# --- the package's structure --------------------------------------------------------------------
+
+
+def _package_imports(source: str, siblings: set[str]) -> set[str]:
+    """The modules of ``vitrina.models.pretrained`` that ``source`` imports ("__init__": the package itself)."""
+    package = "vitrina.models.pretrained"
+    targets = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            targets += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: inside the package
+                base = f"{package}.{node.module}" if node.module else package
+            if base == package:  # ``from PACKAGE import NAME``: a sibling module, or a name of its __init__
+                targets += [f"{package}.{a.name}" if a.name in siblings else package for a in node.names]
+            else:
+                targets.append(base)
+    found = set()
+    for target in targets:
+        if target == package:
+            found.add("__init__")
+        elif target.startswith(package + "."):
+            found.add(target.removeprefix(package + ".").split(".")[0])
+    return found
+
+
+def test_pretrained_package_imports_form_no_cycle() -> None:
+    """hub and mapping import no sibling; no module imports the package itself; the rest is acyclic."""
+    import vitrina.models.pretrained as package
+
+    folder = Path(package.__file__).parent
+    modules = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
+    assert {"hub", "mapping", "encoders", "hf", "timm", "openclip"} <= set(modules)
+    graph = {m: _package_imports((folder / f"{m}.py").read_text(), set(modules)) - {m} for m in modules}
+    for module, imports in graph.items():
+        # a submodule that imported the package (its __init__) would import itself in a circle
+        assert "__init__" not in imports, f"{module}.py imports vitrina.models.pretrained itself"
+        assert imports <= set(modules), f"{module}.py imports {imports - set(modules)}: no such module"
+    assert graph["hub"] == set() and graph["mapping"] == set()
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # CycleError on a cycle
+    assert order.index("hub") < order.index("openclip")

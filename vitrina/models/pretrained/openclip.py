@@ -1,36 +1,42 @@
-"""open_clip models -> our CLIP (ViT image tower + causal text transformer + OpenAI's BPE), or wrapped.
+"""open_clip models -> our ``CLIP`` (ViT image tower, causal text transformer, OpenAI's BPE), or wrapped.
 
-Used by ``vitrina.models.pretrained`` for ``open_clip:`` references (see its docstring for the name
-forms). open_clip is imported lazily: without it, a ``UserError`` says ``pip install open_clip_torch``.
+A plain open_clip ``CLIP`` is copied into ours with a ``tokenizers`` twin of its BPE; any other model
+(another tower, tokenizer or pooling, SigLIP) becomes an ``OpenCLIPEncoder``. The encoder's digest is
+the sha256 of the weights file read (``open_clip:MODEL/FILE``, a folder's file, a tag's cached file).
+open_clip is imported lazily: without it, a ``UserError`` says ``pip install open_clip_torch``.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch import nn
 
+from vitrina.digest import tensors_sha256
 from vitrina.errors import UserError
 from vitrina.models.clip import CLIP, CLIPConfig, CLIPEncoder
-from vitrina.models.pretrained import (
-    OPENAI_MEAN,
-    OPENAI_STD,
-    _activation_name,
-    _load_weights_file,
-    _offline,
-    hub_cache,
-)
+from vitrina.models.pretrained.encoders import OpenCLIPEncoder
+from vitrina.models.pretrained.hub import first_file, hub_cache, offline, open_clip_advice, weights_digest
+from vitrina.models.pretrained.mapping import OPENAI_MEAN, OPENAI_STD, activation_name
 from vitrina.models.text import EOT, SOT, TextConfig
 from vitrina.models.vit import ViTConfig
 
-# --- open_clip -> our CLIP, or wrapped ----------------------------------------------------------
+# The weights files of a folder with open_clip_config.json, in open_clip's order of preference (then any
+# *.safetensors, *.bin, *.pth, as open_clip falls back).
+OPEN_CLIP_DIR_WEIGHTS = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
+)
 
 
 def _import_open_clip():
@@ -41,12 +47,7 @@ def _import_open_clip():
     return open_clip
 
 
-def _open_clip_advice(model_name: str, tag: str) -> str:
-    return (
-        f"download it elsewhere with `open_clip.create_model('{model_name}', pretrained='{tag}', "
-        f"cache_dir=DIR)` and copy DIR to the Hugging Face cache at {hub_cache()}, or pass a local weights file "
-        f"as open_clip:{model_name}/PATH"
-    )
+# --- OpenAI's CLIP BPE, rebuilt with the tokenizers library ---------------------------------------
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -112,6 +113,9 @@ def open_clip_tokenizer(open_clip, model_name: str, context_length: int) -> Toke
     return clip_bpe_tokenizer(merges, context_length)
 
 
+# --- open_clip weights -> our CLIP ------------------------------------------------------------------
+
+
 def _open_clip_mappable(model) -> str | None:
     """Why an open_clip model cannot become our CLIP (None if it can)."""
     from open_clip.model import CLIP as OpenCLIP
@@ -136,7 +140,7 @@ def _open_clip_mappable(model) -> str | None:
         if not isinstance(block.attn, nn.MultiheadAttention):
             return "custom attention"
     try:
-        _activation_name(visual.transformer.resblocks[0].mlp.gelu)
+        activation_name(visual.transformer.resblocks[0].mlp.gelu)
     except ValueError as e:
         return str(e)
     return None
@@ -175,7 +179,7 @@ def clip_from_open_clip(model, tokenizer: Tokenizer, *, mean, std) -> CLIP:
         mlp_ratio=v_block.mlp.c_fc.out_features / width,
         layer_norm_eps=visual.ln_post.eps,
         pre_norm=not isinstance(visual.ln_pre, nn.Identity),
-        act=_activation_name(v_block.mlp.gelu),
+        act=activation_name(v_block.mlp.gelu),
         patch_bias=False,
     )
     text = TextConfig(
@@ -186,7 +190,7 @@ def clip_from_open_clip(model, tokenizer: Tokenizer, *, mean, std) -> CLIP:
         heads=t_block.attn.num_heads,
         mlp_ratio=t_block.mlp.c_fc.out_features / text_width,
         layer_norm_eps=model.ln_final.eps,
-        act=_activation_name(t_block.mlp.gelu),
+        act=activation_name(t_block.mlp.gelu),
         eos_pooling="argmax" if model.text_pool_type == "argmax" else "token",
         eos_token_id=None if model.text_pool_type == "argmax" else model.text_eos_id,
     )
@@ -222,93 +226,71 @@ def clip_from_open_clip(model, tokenizer: Tokenizer, *, mean, std) -> CLIP:
     return ours.eval()
 
 
-class OpenCLIPEncoder:
-    """An open_clip model we do not map (other towers, tokenizers, SigLIP...) behind the ``Encoder`` interface."""
-
-    def __init__(self, model, tokenizer, *, name: str, mean, std) -> None:
-        from vitrina.data.transforms import eval_transform
-
-        self.model, self.tokenizer = model.eval(), tokenizer
-        size = model.visual.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        with torch.inference_mode():
-            self.embed_dim = int(model.encode_image(torch.zeros(1, 3, size, size)).shape[-1])
-        self._identity = {"kind": "open_clip", "embed_dim": self.embed_dim, "name": name}
-        self._transform = eval_transform(size, tuple(mean), tuple(std))
-
-    @property
-    def identity(self) -> dict:
-        return dict(self._identity)
-
-    @property
-    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        return self._transform
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, D) float32 unit vectors."""
-        with torch.inference_mode():
-            return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
-
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """list of B strings -> (B, D) float32 unit vectors."""
-        texts = list(texts)
-        if not texts:
-            return torch.empty(0, self.embed_dim)
-        with torch.inference_mode():
-            return F.normalize(self.model.encode_text(self.tokenizer(texts)).float(), dim=-1)
+# --- references -> models -----------------------------------------------------------------------
 
 
-def _open_clip_model(rest: str, ref: str):
-    """Build the open_clip model ``rest`` names -> (model, name open_clip knows it by, mean, std)."""
-    open_clip = _import_open_clip()
+def _load_checkpoint(open_clip, model, path: Path, where: str) -> None:
+    """Read ``path`` into ``model`` as open_clip does (its format conversions included), strictly."""
+    try:
+        open_clip.load_checkpoint(model, str(path), strict=True)
+    except Exception as e:  # damaged file or weights of another shape: torch / safetensors / open_clip types
+        raise UserError(f"{where}: open_clip cannot load {path} ({type(e).__name__}: {e})") from None
+
+
+def _open_clip_model(open_clip, rest: str, ref: str):
+    """Build the open_clip model ``rest`` names -> (model, name open_clip knows it by, weights file or None)."""
     folder = Path(rest).expanduser()
     if folder.is_dir():
         if not (folder / "open_clip_config.json").is_file():
             raise UserError(f"{folder}: no open_clip_config.json; give open_clip:MODEL/PATH_TO_WEIGHTS instead")
+        others = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pth"))
+        weights = first_file(folder, OPEN_CLIP_DIR_WEIGHTS) or next(iter(others), None)
+        if weights is None:
+            raise UserError(f"{folder}: no weights file ({', '.join(OPEN_CLIP_DIR_WEIGHTS[:2])}, ...)")
         name = f"local-dir:{folder}"
         try:
-            model = open_clip.create_model(name, load_weights=True)
+            model = open_clip.create_model(name, load_weights=False)  # config and image statistics of the folder
         except Exception as e:  # open_clip raises RuntimeError / FileNotFoundError / ValueError
             raise UserError(f"{folder}: open_clip cannot load it ({type(e).__name__}: {e})") from None
-    else:
-        model_name, _, tag = rest.partition("/")
-        if not tag:
-            raise UserError(f"{ref}: give open_clip:MODEL/TAG (e.g. open_clip:ViT-B-32/laion2b_s34b_b79k)")
-        if model_name not in open_clip.list_models():
-            raise UserError(f"{ref}: open_clip has no model {model_name!r}; see open_clip.list_models()")
-        name, weights = model_name, Path(tag).expanduser()
-        try:
-            if weights.is_file():
-                model = open_clip.create_model(model_name)
-                state = _load_weights_file(weights)
-                model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
-            else:
-                pretrained = open_clip.get_pretrained_cfg(model_name, tag)
-                if not pretrained:
-                    raise UserError(
-                        f"{ref}: open_clip has no pretrained tag {tag!r} for {model_name} and no file {weights} "
-                        "exists; see open_clip.list_pretrained()"
-                    )
-                # Fetch (or find in the cache) before building the model, so a missing copy fails fast.
-                open_clip.download_pretrained(pretrained, cache_dir=str(hub_cache()))
-                model = open_clip.create_model(model_name, pretrained=tag, cache_dir=str(hub_cache()))
-        except UserError:
-            raise
-        except Exception as e:  # download / offline / tag errors all surface as the library's own types
-            where = "is not available offline" if _offline() else f"could not be loaded ({type(e).__name__}: {e})"
-            raise UserError(f"{ref} {where}; {_open_clip_advice(model_name, tag)}") from None
-    pre = getattr(model.visual, "preprocess_cfg", {}) or {}
-    return model, name, pre.get("mean", OPENAI_MEAN), pre.get("std", OPENAI_STD)
+        _load_checkpoint(open_clip, model, weights, str(folder))
+        return model, name, weights
+    model_name, _, tag = rest.partition("/")
+    if not tag:
+        raise UserError(f"{ref}: give open_clip:MODEL/TAG (e.g. open_clip:ViT-B-32/laion2b_s34b_b79k)")
+    if model_name not in open_clip.list_models():
+        raise UserError(f"{ref}: open_clip has no model {model_name!r}; see open_clip.list_models()")
+    weights = Path(tag).expanduser()
+    if weights.is_file():
+        model = open_clip.create_model(model_name)
+        _load_checkpoint(open_clip, model, weights, ref)
+        return model, model_name, weights
+    pretrained = open_clip.get_pretrained_cfg(model_name, tag)
+    if not pretrained:
+        raise UserError(
+            f"{ref}: open_clip has no pretrained tag {tag!r} for {model_name} and no file {weights} exists; "
+            "see open_clip.list_pretrained()"
+        )
+    try:
+        # Fetch (or find in the cache) before building the model, so a missing copy fails fast.
+        cached = open_clip.download_pretrained(pretrained, cache_dir=str(hub_cache()))
+        model = open_clip.create_model(model_name, pretrained=tag, cache_dir=str(hub_cache()))
+    except Exception as e:  # download / offline / tag errors all surface as the library's own types
+        where = "is not available offline" if offline() else f"could not be loaded ({type(e).__name__}: {e})"
+        raise UserError(f"{ref} {where}; {open_clip_advice(model_name, tag)}") from None
+    return model, model_name, Path(cached) if cached and Path(cached).is_file() else None
 
 
-def load_open_clip(rest: str, *, ref: str):
+def load_open_clip(rest: str, *, ref: str) -> CLIPEncoder | OpenCLIPEncoder:
     """``open_clip:`` reference -> a ``CLIPEncoder`` over our CLIP when the model maps, else ``OpenCLIPEncoder``."""
     open_clip = _import_open_clip()
-    model, name, mean, std = _open_clip_model(rest, ref)
+    model, name, weights_file = _open_clip_model(open_clip, rest, ref)
     model.eval()
+    digest = weights_digest([weights_file]) if weights_file else tensors_sha256(model.state_dict())
+    pre = getattr(model.visual, "preprocess_cfg", {}) or {}
+    mean, std = pre.get("mean", OPENAI_MEAN), pre.get("std", OPENAI_STD)
     why = _open_clip_mappable(model)
     tokenizer = open_clip_tokenizer(open_clip, name, model.context_length) if why is None else None
     if why is None and tokenizer is not None:
-        return CLIPEncoder(clip_from_open_clip(model, tokenizer, mean=mean, std=std), name=ref)
+        return CLIPEncoder(clip_from_open_clip(model, tokenizer, mean=mean, std=std), name=ref, digest=digest)
     print(f"note: {ref} is wrapped as an open_clip model ({why or 'its own tokenizer'})", file=sys.stderr)
-    return OpenCLIPEncoder(model, open_clip.get_tokenizer(name), name=ref, mean=mean, std=std)
+    return OpenCLIPEncoder(model, open_clip.get_tokenizer(name), name=ref, mean=mean, std=std, digest=digest)
