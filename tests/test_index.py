@@ -23,9 +23,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from vitrina.errors import UserError
-from vitrina.index.embed import PAUSE_ENV, index_folder
+from vitrina.index.embed import index_folder
 from vitrina.index.store import (
-    FAISS_FILE,
     FLAT_MAX,
     IndexStore,
     ItemRow,

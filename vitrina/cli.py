@@ -177,6 +177,10 @@ def cmd_index(args: argparse.Namespace) -> None:
     folder = Path(args.folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder of images; give the collection's root folder")
+    if args.no_activate and args.activate_if_better:
+        raise UserError("--no-activate and --activate-if-better contradict each other; give one")
+    if (args.no_activate or args.activate_if_better) and not args.new_version:
+        raise UserError("--no-activate and --activate-if-better apply to --new-version; add it")
     encoder = load_encoder(args.model)
     report = index_folder(
         folder,
@@ -188,9 +192,108 @@ def cmd_index(args: argparse.Namespace) -> None:
         index_kind=args.index_kind,
         fraction=args.fraction,
         seed=args.seed,
+        new_version=args.new_version,
+        activate=not (args.no_activate or args.activate_if_better),
     )
     print(report.summary())
+    if args.new_version and report.ready and args.activate_if_better and not report.activated:
+        _activate_if_better(Path(args.out), report.version)
+    elif args.new_version and not report.ready:
+        print(f"{report.version} is not complete yet; run the same command again to finish it")
+    elif args.new_version and not report.activated:
+        print(f"{report.version} is ready, not active: vitrina versions {args.out} --activate {report.version}")
+    elif report.activated:
+        print(f"active version: {report.version}")
     print(f'index: {args.out}\nnext: vitrina search {args.out} "a query"')
+
+
+def _activate_if_better(index_dir: Path, candidate: str) -> None:
+    """Score the new version against the active one on the collection's own labels and captions;
+    activate it only if it does not score lower."""
+    from vitrina.eval.retrieval import compare_versions, format_comparison
+    from vitrina.index.lock import WriterLock
+    from vitrina.index.store import IndexStore
+
+    with IndexStore.open(index_dir) as store:
+        active = store.active_version().name
+    if active == candidate:
+        return
+    comparison = compare_versions(index_dir, active, candidate)
+    print(format_comparison(comparison))
+    old, new = comparison["headline"]
+    if old is None or new is None:
+        print(f"nothing to score {candidate} on (no labels or captions): it stays inactive; activate it by hand")
+    elif new >= old:
+        with WriterLock(index_dir, what="vitrina versions --activate"), IndexStore.open(index_dir) as store:
+            store.activate(candidate)
+        print(f"{candidate} scores {new:.3f} vs {old:.3f} for {active}: activated")
+    else:
+        print(f"{candidate} scores {new:.3f} vs {old:.3f} for {active}: lower, so {active} stays active")
+
+
+def cmd_versions(args: argparse.Namespace) -> None:
+    from vitrina.index.lock import WriterLock
+    from vitrina.index.store import IndexStore
+
+    index_dir = Path(args.index)
+    if args.compare:
+        from vitrina.eval.retrieval import compare_versions, format_comparison
+
+        comparison = compare_versions(index_dir, *args.compare)
+        print(json.dumps(comparison, indent=2) if args.json else format_comparison(comparison))
+        return
+    if args.activate or args.drop:
+        with WriterLock(index_dir, what="vitrina versions"), IndexStore.open(index_dir) as store:
+            if args.activate:
+                print(f"active: {store.activate(args.activate).describe()}")
+            if args.drop:
+                print(f"dropped: {store.drop(args.drop).describe()}")
+    with IndexStore.open(index_dir) as store:
+        versions, count = store.versions(), store.count
+        rows = [(v, store.vector_count(v.id)) for v in versions]
+    if args.json:
+        print(json.dumps([{**v.to_json(), "items": n} for v, n in rows], indent=2))
+        return
+    print(_versions_table(index_dir, rows, count))
+
+
+def _versions_table(index_dir: Path, rows: list, count: int) -> str:
+    import io
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from vitrina.digest import short
+
+    table = Table(title=f"{index_dir}  ({count} items)")
+    for column in ("version", "model", "digest", "items", "state", "active", "kind", "created"):
+        table.add_column(column)
+    for v, n in rows:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created))
+        active = "*" if v.active else ""
+        table.add_row(v.name, v.model_name, short(v.digest), f"{n}/{count}", v.state, active, v.index_kind, created)
+    buffer = io.StringIO()
+    Console(file=buffer, width=120, force_terminal=False).print(table)
+    return buffer.getvalue().rstrip()
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from vitrina.index.export import export_index
+
+    report = export_index(Path(args.index), Path(args.out), version=args.version)
+    print(f"exported {report.version}: {report.count} items in {report.files} Parquet file(s) to {report.out}")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from vitrina.index.export import import_index
+
+    report = import_index(
+        Path(args.folder), Path(args.out), root=Path(args.root) if args.root else None, model_ref=args.model
+    )
+    print(f"imported {report.count} items into {report.out} (nothing re-embedded)")
+    if not report.root_exists:
+        print(f"note: the collection folder {report.root} is not on this machine; give --root to serve its images")
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -417,8 +520,47 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--seed", type=int, default=0, help="seed of the fraction sample")
     index.add_argument("--batch-size", type=int, default=64)
     index.add_argument("--workers", type=int, default=2, help="parallel image decoders")
-    index.add_argument("--index-kind", default="auto", choices=["auto", "flat", "ivf", "hnsw", "pq"])
+    index.add_argument(
+        "--index-kind",
+        default=None,
+        choices=["auto", "flat", "ivf", "hnsw", "pq"],
+        help="ANN kind; omitted: keep the version's stored choice (a new index: auto)",
+    )
+    index.add_argument(
+        "--new-version",
+        action="store_true",
+        help="embed with a model the index was not built with, beside the active version (which keeps serving)",
+    )
+    index.add_argument("--no-activate", action="store_true", help="--new-version: leave the new version inactive")
+    index.add_argument(
+        "--activate-if-better",
+        action="store_true",
+        help="--new-version: activate only if it scores no lower on the collection's labels and captions",
+    )
     index.set_defaults(handler=cmd_index)
+
+    versions = sub.add_parser("versions", help="list, activate, drop or compare the model versions of an index")
+    versions.add_argument("index")
+    versions.add_argument("--activate", default=None, metavar="V", help="make version V (e.g. v2) the one searched")
+    versions.add_argument("--drop", default=None, metavar="V", help="delete an inactive version's vectors and files")
+    versions.add_argument(
+        "--compare", nargs=2, default=None, metavar=("A", "B"), help="score two versions on the collection's labels"
+    )
+    versions.add_argument("--json", action="store_true")
+    versions.set_defaults(handler=cmd_versions)
+
+    export = sub.add_parser("export", help="write a version of an index as Parquet + manifest.json")
+    export.add_argument("index")
+    export.add_argument("--out", required=True, help="a new folder")
+    export.add_argument("--version", default=None, help="default: the active version")
+    export.set_defaults(handler=cmd_export)
+
+    import_ = sub.add_parser("import", help="verify an export, then build an index from it without re-embedding")
+    import_.add_argument("folder", help="a folder written by `vitrina export`")
+    import_.add_argument("--out", required=True, help="a new index folder")
+    import_.add_argument("--root", default=None, help="where the collection's images are here (default: as exported)")
+    import_.add_argument("--model", default=None, help="the model's reference here; checked against the digest")
+    import_.set_defaults(handler=cmd_import)
 
     search = sub.add_parser("search", help="search an index by text or by example image")
     search.add_argument("index")

@@ -32,6 +32,17 @@ class EvalTransform:
 
     def __init__(self, size: int, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> None:
         self.size, self.to_tensor = size, _ToTensor(mean, std)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    def describe(self) -> dict:
+        """The preprocessing as data (an index records it per version; exports carry it)."""
+        return {
+            "size": self.size,
+            "resize": "shorter side to size, centre crop",
+            "interpolation": "bicubic",
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         width, height = image.size

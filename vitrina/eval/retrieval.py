@@ -136,30 +136,101 @@ def _label_metrics(image_vectors: np.ndarray, labels: list[str], encoder: Encode
     }
 
 
-def evaluate_index(index_dir: Path, encoder: Encoder | None = None, *, model_ref: str | None = None) -> dict:
-    """Evaluate the model behind an index on the index's own labels and/or captions.
+def evaluate_index(
+    index_dir: Path, encoder: Encoder | None = None, *, model_ref: str | None = None, version: str | int | None = None
+) -> dict:
+    """Evaluate the model behind one version of an index (default: the active one) on the index's own
+    labels and/or captions.
 
     Uses the stored image vectors (no image is re-embedded) and exact inner products, so the numbers
     measure the model, not the ANN structure.
     """
-    index_dir = Path(index_dir)
-    with IndexStore.open(index_dir) as probe:
-        stored_ref = probe.info.get("model_ref")
-    if encoder is None:
-        from vitrina.checkpoint import load_encoder
+    from vitrina.index.encoders import check_encoder, encoder_for
 
-        encoder = load_encoder(model_ref or stored_ref)
-    with IndexStore.open(index_dir, identity=encoder.identity) as store:
-        _, vectors = store.all_vectors()
-        items = store.items()
-    results: dict = {"index": str(index_dir), "model": model_ref or stored_ref, "items": len(items)}
-    labelled = [i for i, (_, _, label, _) in enumerate(items) if label]
-    if len({items[i][2] for i in labelled}) >= 2:
-        results["labels"] = _label_metrics(vectors[labelled], [items[i][2] for i in labelled], encoder)
-    captioned = [i for i, (_, _, _, caption) in enumerate(items) if caption]
+    index_dir = Path(index_dir)
+    with IndexStore.open(index_dir) as store:
+        chosen = store.active_version() if version is None else store.version(version)
+        if encoder is None:
+            encoder = encoder_for(chosen, index_dir, model_ref=model_ref)
+        else:
+            check_encoder(encoder, chosen, index_dir, chosen=True)
+        ids, vectors = store.all_vectors(version=chosen.id)
+        by_id = {item_id: (path, label, caption) for item_id, path, label, caption in store.items()}
+    items = [by_id[int(i)] for i in ids]  # the version's vectors, in id order
+    results: dict = {
+        "index": str(index_dir),
+        "version": chosen.name,
+        "model": model_ref or chosen.model_ref,
+        "items": len(items),
+    }
+    labelled = [i for i, (_, label, _) in enumerate(items) if label]
+    if len({items[i][1] for i in labelled}) >= 2:
+        results["labels"] = _label_metrics(vectors[labelled], [items[i][1] for i in labelled], encoder)
+    captioned = [i for i, (_, _, caption) in enumerate(items) if caption]
     if captioned:
-        results["captions"] = _caption_recalls(vectors[captioned], [items[i][3] for i in captioned], encoder)
+        results["captions"] = _caption_recalls(vectors[captioned], [items[i][2] for i in captioned], encoder)
     return results
+
+
+def headline_score(results: dict) -> float | None:
+    """One number to compare two versions on the same collection: the mean of the label mAP and the
+    caption → image R@10 that ``evaluate_index`` measured (None when the index has neither)."""
+    scores = []
+    if "labels" in results:
+        scores.append(results["labels"]["mAP"])
+    if "text_to_image" in results.get("captions", {}):
+        scores.append(results["captions"]["text_to_image"]["R@10"])
+    return float(np.mean(scores)) if scores else None
+
+
+def compare_versions(index_dir: Path, a: str | int, b: str | int) -> dict:
+    """Both versions evaluated side by side on the collection's own labels and captions, with headlines."""
+    first, second = evaluate_index(index_dir, version=a), evaluate_index(index_dir, version=b)
+    return {
+        "index": str(index_dir),
+        "versions": [first, second],
+        "headline": [headline_score(first), headline_score(second)],
+        "headline_metric": "mean of label mAP and caption→image R@10",
+    }
+
+
+def format_comparison(comparison: dict) -> str:
+    """``compare_versions`` as a rich table: one row per metric, one column per version."""
+    from rich.console import Console
+    from rich.table import Table
+
+    first, second = comparison["versions"]
+    table = Table(title=f"{comparison['index']}: {first['version']} vs {second['version']}")
+    table.add_column("task")
+    table.add_column("metric")
+    for result in (first, second):
+        table.add_column(f"{result['version']} ({Path(str(result['model'])).name})", justify="right")
+    table.add_column("Δ", justify="right")
+    rows = _metric_rows(first)
+    other = dict(((task, name), value) for task, name, value in _metric_rows(second))
+    for task, name, value in rows:
+        theirs = other.get((task, name))
+        delta = f"{theirs - value:+.3f}" if isinstance(value, float) and isinstance(theirs, float) else ""
+        table.add_row(task, name, _fmt(value), _fmt(theirs), delta)
+    a, b = comparison["headline"]
+    if a is not None and b is not None:
+        table.add_row("headline", comparison["headline_metric"], _fmt(a), _fmt(b), f"{b - a:+.3f}")
+    buffer = io.StringIO()
+    Console(file=buffer, width=120, force_terminal=False).print(table)
+    return buffer.getvalue()
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def _metric_rows(results: dict) -> list[tuple[str, str, object]]:
+    rows = []
+    if "labels" in results:
+        rows += [("class prompts → images", name, value) for name, value in results["labels"].items()]
+    for key, title in (("text_to_image", "caption → image"), ("image_to_text", "image → caption")):
+        rows += [(title, name, value) for name, value in results.get("captions", {}).get(key, {}).items()]
+    return rows
 
 
 def format_table(results: dict) -> str:
@@ -167,7 +238,8 @@ def format_table(results: dict) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{results['index']}  ({results['items']} items, model {results['model']})")
+    version = f"{results['version']}, " if "version" in results else ""
+    table = Table(title=f"{results['index']}  ({results['items']} items, {version}model {results['model']})")
     table.add_column("task")
     table.add_column("metric")
     table.add_column("value", justify="right")

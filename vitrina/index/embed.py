@@ -1,36 +1,45 @@
-"""Embed a folder of images into an index directory: incremental, resumable, safe on bad files.
+"""Embed a folder of images into an index directory: incremental, resumable, safe on bad files, and
+kept up to date in every model version the index holds.
 
-One run: scan the collection, compare it with the store (size + mtime first, the content hash only
-when those differ), drop rows of deleted files, decode the new/changed files in parallel, embed them
-batch by batch (each batch committed in one SQLite transaction, so a kill loses at most the batch in
-flight), then rebuild the FAISS file once. Files that cannot be decoded go into the ledger.
+One run, under the index's writer lock:
+
+1. choose the version the given model writes to: the one built with the same weights (by digest), or
+   a new one with ``new_version``; any other model is refused before anything is written;
+2. scan the collection and compare it with the items (size + mtime first, the content hash only when
+   those differ); drop the items of deleted files;
+3. embed new and changed files with the active version's model (the "primary" pass), batch by batch,
+   each batch one SQLite transaction, so a kill loses at most the batch in flight;
+4. catch every other version up: each embeds the items it has no vector for (a new version: all of
+   them; an older one: the files that just arrived), so no version falls behind;
+5. publish each changed version's ANN file (also every ``publish_every_s`` during a long primary
+   pass, so a running server sees new items), mark a complete new version ready and activate it.
+
+Files that cannot be decoded go into the ledger.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import sys
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from vitrina.data.folder import scan_collection, stratified_fraction
-from vitrina.data.images import BadImageError, load_image
+from vitrina.digest import short
 from vitrina.encoder import Encoder
 from vitrina.errors import UserError
-from vitrina.index.store import META_FILE, IndexStore, ItemRow
+from vitrina.index.ann import choose_index_kind
+from vitrina.index.decode import Job, content_hash, process_batches, thread_batches
+from vitrina.index.lock import WriterLock
+from vitrina.index.store import META_FILE, READY, IndexStore, ItemRow, Version
 
-# Test hook: after this many committed batches the run sleeps, so a test can SIGKILL it at a known point.
-PAUSE_ENV = "VITRINA_PAUSE_AFTER_BATCHES"
 DECODERS = ("thread", "process")
+PUBLISH_EVERY_S = 60.0  # during a long primary pass, publish the active ANN this often
 
 
 @dataclass
@@ -48,6 +57,10 @@ class IndexReport:
     total: int = 0
     seconds: float = 0.0
     message: str = ""
+    version: str = ""  # the version the given model wrote to
+    activated: bool = False  # this run made ``version`` the active one
+    ready: bool = True  # ``version`` has a vector for every item
+    by_version: dict[str, int] = field(default_factory=dict)  # images embedded per version
 
     @property
     def images_per_s(self) -> float:
@@ -63,138 +76,17 @@ class IndexReport:
             f"{self.deleted} deleted, {bad}; {self.total} in index; "
             f"{self.embedded} embedded in {self.seconds:.1f}s ({self.images_per_s:.1f} img/s)"
         )
+        if len(self.by_version) > 1:
+            line += " [" + ", ".join(f"{v}: {n}" for v, n in sorted(self.by_version.items())) + "]"
         return f"{line}\n{self.message}" if self.message else line
-
-
-@dataclass(frozen=True)
-class _Job:
-    """One file to embed."""
-
-    rel: str
-    path: Path
-    size: int
-    mtime: float
-    label: str | None
-    caption: str | None
-    is_new: bool
-
-
-@dataclass
-class _Decoded:
-    """A decoded job: pixels and content hash, or why it could not be decoded."""
-
-    job: _Job
-    pixels: torch.Tensor | None
-    content_hash: str = ""
-    reason: str = ""
-    detail: str = ""
-
-
-@dataclass
-class _Batch:
-    """Decoded jobs in order, their pixels stripped and stacked: one tensor crosses process boundaries."""
-
-    items: list[_Decoded]
-    pixels: torch.Tensor | None  # (G, 3, H, W) for the items without a ``reason``, in order
-
-
-def _collate(decoded: list[_Decoded]) -> _Batch:
-    good = [d.pixels for d in decoded if d.pixels is not None]
-    for d in decoded:
-        d.pixels = None
-    return _Batch(decoded, torch.stack(good) if good else None)
-
-
-def content_hash(path: Path) -> str:
-    """blake2b (128-bit) of the file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _decode(job: _Job, transform: Callable) -> _Decoded:
-    """Decode and transform one file; never raises for a bad file (the ledger gets the reason)."""
-    try:
-        image = load_image(job.path)  # size checks happen before decoding: no decompression bombs
-        pixels = transform(image)
-        return _Decoded(job, pixels, content_hash(job.path))
-    except BadImageError as error:
-        return _Decoded(job, None, reason=getattr(error, "reason", "unreadable"), detail=str(error))
-    except OSError as error:  # vanished or unreadable between scan and decode
-        return _Decoded(job, None, reason="unreadable", detail=str(error))
-
-
-def _thread_batches(jobs: list[_Job], transform: Callable, batch_size: int, workers: int) -> Iterator[_Batch]:
-    """Decode in a thread pool (PIL releases the GIL while decoding), two batches ahead of the model."""
-    chunks = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
-    if workers <= 0:
-        for chunk in chunks:
-            yield _collate([_decode(job, transform) for job in chunk])
-        return
-    # One intra-op thread per decoder: a decode thread left at the default would start its own OpenMP
-    # team and fight the model for the cores. Some builds make that setting process-wide, so the
-    # model's own thread count is put back before every batch and at the end.
-    model_threads = torch.get_num_threads()
-    try:
-        yield from _pooled_batches(chunks, transform, workers, model_threads)
-    finally:
-        torch.set_num_threads(model_threads)
-
-
-def _pooled_batches(chunks: list, transform: Callable, workers: int, model_threads: int) -> Iterator[_Batch]:
-    with ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix="vitrina-decode", initializer=torch.set_num_threads, initargs=(1,)
-    ) as pool:
-        pending: deque = deque()
-        chunk_iter = iter(chunks)
-        for chunk in chunk_iter:
-            pending.append([pool.submit(_decode, job, transform) for job in chunk])
-            if len(pending) >= 2:
-                break
-        while pending:
-            futures = pending.popleft()
-            next_chunk = next(chunk_iter, None)
-            if next_chunk is not None:  # keep the pool busy while the model works on this batch
-                pending.append([pool.submit(_decode, job, transform) for job in next_chunk])
-            batch = _collate([future.result() for future in futures])
-            torch.set_num_threads(model_threads)
-            yield batch
-
-
-class _DecodeDataset(torch.utils.data.Dataset):
-    """Jobs as a map-style dataset for a process-based DataLoader."""
-
-    def __init__(self, jobs: list[_Job], transform: Callable) -> None:
-        self.jobs, self.transform = jobs, transform
-
-    def __len__(self) -> int:
-        return len(self.jobs)
-
-    def __getitem__(self, i: int) -> _Decoded:
-        return _decode(self.jobs[i], self.transform)
-
-
-def _process_batches(jobs: list[_Job], transform: Callable, batch_size: int, workers: int) -> Iterator[_Batch]:
-    """Decode in ``workers`` processes through a torch DataLoader (a batch's pixels come back as one
-    shared-memory tensor, stacked in the worker)."""
-    loader = torch.utils.data.DataLoader(
-        _DecodeDataset(jobs, transform),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        prefetch_factor=2 if workers else None,
-    )
-    yield from loader
 
 
 def _plan(
     store: IndexStore, root: Path, entries: list, report: IndexReport
-) -> tuple[list[_Job], list[str], list[tuple]]:
+) -> tuple[list[Job], list[str], list[tuple]]:
     """Split the scanned entries into jobs to embed, stale paths to delete, and metadata-only updates."""
     states = store.file_states()
-    jobs: list[_Job] = []
+    jobs: list[Job] = []
     updates: list[tuple] = []
     seen: set[str] = set()
     for entry in entries:
@@ -209,7 +101,7 @@ def _plan(
         try:
             stat = path.stat()
         except OSError:  # a dangling link, or gone since the scan: the decoder puts it in the ledger
-            jobs.append(_Job(rel, path, 0, 0.0, entry.label, entry.caption, is_new=state is None))
+            jobs.append(Job(rel, path, 0, 0.0, entry.label, entry.caption, is_new=state is None))
             continue
         label, caption = entry.label, entry.caption
         if state is not None:
@@ -220,28 +112,59 @@ def _plan(
                 if not same_stat or (state.label, state.caption) != (label, caption):
                     updates.append((rel, stat.st_size, stat.st_mtime, label, caption))
                 continue
-        jobs.append(_Job(rel, path, stat.st_size, stat.st_mtime, label, caption, is_new=state is None))
+        jobs.append(Job(rel, path, stat.st_size, stat.st_mtime, label, caption, is_new=state is None))
     stale = [rel for rel in states if rel not in seen]
     stale += [rel for rel, _, _ in store.ledger() if rel not in seen]
     report.seen = len(seen)
     return jobs, stale, updates
 
 
-def _open_store(index_dir: Path, encoder: Encoder, *, model_ref: str, root: Path, index_kind: str) -> IndexStore:
-    if Path(model_ref).is_dir():  # a checkpoint folder: store it absolute, so search works from anywhere
-        model_ref = str(Path(model_ref).resolve())
-    if not (index_dir / META_FILE).exists():
-        return IndexStore.create(
-            index_dir, identity=encoder.identity, model_ref=model_ref, root=root, index_kind=index_kind
-        )
-    store = IndexStore.open(index_dir, identity=encoder.identity)
-    if store.root != root:
-        store.close()
-        raise UserError(
-            f"{index_dir}: this index holds the collection {store.root}, not {root}; "
-            "give the same folder again, or another --out for a new index"
-        )
-    return store
+def preprocess_of(encoder: Encoder) -> dict:
+    """What the image tower expects (size, mean, std, interpolation), as recorded per version and exported."""
+    transform = encoder.image_transform
+    describe = getattr(transform, "describe", None)
+    return describe() if callable(describe) else {"transform": type(transform).__name__}
+
+
+def _same_model_family(version: Version, identity: dict) -> bool:
+    """A version from before weights digests (upgraded format 1) adopts the first model of its kind/width/name."""
+    stored = version.identity
+    return version.digest is None and all(stored.get(k) == identity.get(k) for k in ("kind", "embed_dim", "name"))
+
+
+def _target_version(
+    store: IndexStore, encoder: Encoder, *, model_ref: str, new_version: bool
+) -> tuple[Version | None, Version | None]:
+    """(the version ``encoder`` writes to, or None: create one; a legacy version to adopt the digest of).
+
+    Refuses, before anything is written, a model that matches no version unless ``new_version``.
+    """
+    identity = encoder.identity
+    match = store.find_version(identity.get("digest"))
+    if match is not None:
+        return match, None
+    legacy = next((v for v in store.versions() if _same_model_family(v, identity)), None)
+    if legacy is not None:
+        return legacy, legacy
+    versions = store.versions()
+    if not versions or new_version:
+        return None, None
+    active = next((v for v in versions if v.active), versions[-1])
+    raise UserError(
+        f"{store.index_dir}: built with {active.describe()}, but the given model {model_ref} has other weights "
+        f"(digest {short(identity.get('digest'))}); add --new-version to embed the collection with it beside "
+        f"{active.name} (which keeps serving until the new version is complete), or index with the model it was "
+        "built with"
+    )
+
+
+EncoderLoader = Callable[[str], Encoder]
+
+
+def _default_loader(ref: str) -> Encoder:
+    from vitrina.checkpoint import load_encoder
+
+    return load_encoder(ref)
 
 
 def index_folder(
@@ -252,16 +175,24 @@ def index_folder(
     model_ref: str,
     batch_size: int = 64,
     workers: int = 2,
-    index_kind: str = "auto",
+    index_kind: str | None = None,
     fraction: float | None = None,
     seed: int = 0,
     progress: bool = True,
     decoder: str = "thread",
+    new_version: bool = False,
+    activate: bool = True,
+    load_encoder: EncoderLoader = _default_loader,
+    publish_every_s: float = PUBLISH_EVERY_S,
 ) -> IndexReport:
-    """Embed the images under ``folder`` into ``index_dir`` (created, or brought up to date).
+    """Embed the images under ``folder`` into ``index_dir`` (created, or brought up to date in every version).
 
     Only new and changed files are embedded; rows of deleted files are dropped; bad files go to the
-    ledger. ``decoder`` picks a thread pool or a process-based DataLoader of ``workers`` decoders.
+    ledger. ``encoder`` must be the model of one of the index's versions (same weights digest), or
+    ``new_version`` builds a version for it beside the others, activated when complete unless
+    ``activate`` is False. The other versions' models are loaded with ``load_encoder(model_ref)`` when
+    they have files to catch up on. ``index_kind`` None keeps the version's stored choice. ``decoder``
+    picks a thread pool or a process-based DataLoader of ``workers`` decoders.
     """
     start = time.perf_counter()
     folder, index_dir = Path(folder), Path(index_dir)
@@ -269,82 +200,218 @@ def index_folder(
         raise UserError(f"decoder {decoder!r} is unknown; use one of {', '.join(DECODERS)}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if index_kind is not None:
+        choose_index_kind(0, index_kind)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder of images; give the collection's root folder")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise UserError(f"--fraction must be in (0, 1], got {fraction}")
+    if index_dir.exists() and not index_dir.is_dir():
+        raise UserError(f"{index_dir}: exists and is not a folder; choose another --out")
+    if Path(model_ref).is_dir():  # a checkpoint folder: store it absolute, so search works from anywhere
+        model_ref = str(Path(model_ref).resolve())
     root = folder.resolve()
-    entries = scan_collection(root)
-    if fraction is not None:
-        if not 0 < fraction <= 1:
-            raise UserError(f"--fraction must be in (0, 1], got {fraction}")
-        entries = stratified_fraction(entries, fraction, seed)
 
     report = IndexReport(index_dir=str(index_dir))
-    store = _open_store(index_dir, encoder, model_ref=model_ref, root=root, index_kind=index_kind)
-    with store:
-        if store.info["index_kind"] != index_kind:
-            store.set_index_kind(index_kind)
-        jobs, stale, updates = _plan(store, root, entries, report)
-        report.deleted = store.delete_paths(stale)
-        store.update_metadata(updates)
-        _embed_jobs(
-            store,
-            encoder,
-            jobs,
-            report,
-            batch_size=batch_size,
-            workers=workers,
-            decoder=decoder,
-            progress=progress,
-        )
-        if not store.is_vectors_index_current():
-            store.rebuild_vectors_index()
-        report.total = store.count
-    if not entries:
-        report.message = f"{folder}: no images found (looked for image files, also in sub-folders); index is empty"
+    fresh = not (index_dir / META_FILE).exists()
+    if fresh:
+        index_dir.mkdir(parents=True, exist_ok=True)
+    with WriterLock(index_dir):
+        store = IndexStore.create(index_dir, root=root) if fresh else IndexStore.open_for_writing(index_dir)
+        with store:
+            run = _Run(store, encoder, model_ref=model_ref, report=report, load_encoder=load_encoder)
+            run.choose_version(root, new_version=new_version, index_kind=index_kind)  # may refuse: nothing written
+            entries = scan_collection(root)
+            if fraction is not None:
+                entries = stratified_fraction(entries, fraction, seed)
+            run.embed(
+                entries,
+                root,
+                batch_size=batch_size,
+                workers=workers,
+                decoder=decoder,
+                progress=progress,
+                publish_every_s=publish_every_s,
+            )
+            run.finish(activate=activate and new_version)
+            if not entries:
+                report.message = f"{folder}: no images found (looked for image files, also in sub-folders); empty index"
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _embed_jobs(
-    store: IndexStore,
-    encoder: Encoder,
-    jobs: list[_Job],
-    report: IndexReport,
-    *,
-    batch_size: int,
-    workers: int,
-    decoder: str,
-    progress: bool,
-) -> None:
-    """Decode, embed and commit ``jobs`` batch by batch, counting outcomes into ``report``."""
-    pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
-    bad: Counter = Counter(report.bad)
-    batches = (_thread_batches if decoder == "thread" else _process_batches)(
-        jobs, encoder.image_transform, batch_size, workers
-    )
-    bar = tqdm(total=len(jobs), unit="img", desc="embedding", disable=not progress or not jobs, file=sys.stderr)
-    with bar:
-        for n_batch, batch in enumerate(batches, 1):
-            good = [d for d in batch.items if not d.reason]
-            failed = [d for d in batch.items if d.reason]
-            for d in failed:
-                store.add_ledger(d.job.rel, d.reason, d.detail)
-                bad[d.reason] += 1
-            # A file that was indexed and is now unreadable must not keep its old vector.
-            store.delete_paths([d.job.rel for d in failed if not d.job.is_new])
-            if good:
-                vectors = encoder.encode_image(batch.pixels).detach().cpu().numpy().astype(np.float32)  # (B, D)
-                rows = [
-                    ItemRow(d.job.rel, d.content_hash, d.job.size, d.job.mtime, d.job.label, d.job.caption)
-                    for d in good
+class _Run:
+    """One indexing run's state: the store, the target version, the encoder of each version it touches."""
+
+    def __init__(
+        self, store: IndexStore, encoder: Encoder, *, model_ref: str, report: IndexReport, load_encoder: EncoderLoader
+    ) -> None:
+        self.store, self.encoder, self.model_ref, self.report = store, encoder, model_ref, report
+        self.load_encoder = load_encoder
+        self.target: Version | None = None
+        self._encoders: dict[int, Encoder] = {}
+
+    def choose_version(self, root: Path, *, new_version: bool, index_kind: str | None) -> None:
+        """Find or make the version this run's model writes to; refuse a mismatch before any write."""
+        store = self.store
+        if store.versions() and store.root != root:
+            raise UserError(
+                f"{store.index_dir}: this index holds the collection {store.root}, not {root}; "
+                "give the same folder again, or another --out for a new index"
+            )
+        target, legacy = _target_version(store, self.encoder, model_ref=self.model_ref, new_version=new_version)
+        if legacy is not None:
+            store.adopt_identity(legacy.id, self.encoder.identity, model_ref=self.model_ref)
+        if target is None:
+            inherited = next((v.index_kind for v in store.versions() if v.active), "auto")
+            target = store.add_version(
+                identity=self.encoder.identity,
+                model_ref=self.model_ref,
+                index_kind=index_kind or inherited,
+                preprocess=preprocess_of(self.encoder),
+            )
+        elif index_kind is not None and index_kind != target.index_kind:
+            store.set_index_kind(target.id, index_kind)
+        self.target = store.version(target.id)
+        self.report.version = self.target.name
+        self._encoders[self.target.id] = self.encoder
+
+    def encoder_of(self, version: Version) -> Encoder:
+        """The model of ``version``: this run's, or loaded from its reference and checked by digest."""
+        if version.id not in self._encoders:
+            try:
+                loaded = self.load_encoder(version.model_ref)
+            except UserError as error:
+                raise UserError(
+                    f"{self.store.index_dir}: {version.name} must embed the new files too, but its model cannot be "
+                    f"loaded ({error}); restore it, or drop the version (`vitrina versions IX --drop {version.name}`)"
+                ) from None
+            digest = loaded.identity.get("digest")
+            if version.digest is not None and digest != version.digest:
+                raise UserError(
+                    f"{self.store.index_dir}: {version.describe()} must embed the new files too, but "
+                    f"{version.model_ref} now holds other weights (digest {short(digest)}); restore them, or drop "
+                    f"the version (`vitrina versions IX --drop {version.name}`)"
+                )
+            self._encoders[version.id] = loaded
+        return self._encoders[version.id]
+
+    def embed(
+        self,
+        entries: list,
+        root: Path,
+        *,
+        batch_size: int,
+        workers: int,
+        decoder: str,
+        progress: bool,
+        publish_every_s: float,
+    ) -> None:
+        """Plan, delete, then the primary pass and every version's catch-up pass."""
+        store, report = self.store, self.report
+        jobs, stale, updates = _plan(store, root, entries, report)
+        report.deleted = store.delete_paths(stale)
+        store.update_metadata(updates)
+        versions = store.versions()
+        active = next((v for v in versions if v.active and v.state == READY), None)
+        primary = active or self.target
+        options = dict(batch_size=batch_size, workers=workers, decoder=decoder, progress=progress)
+        publisher = _Publisher(store, primary.id if primary.active else None, publish_every_s)
+        if jobs:
+            self._embed(primary, jobs, upsert=True, on_commit=publisher.maybe_publish, **options)
+        # Ready versions first (they serve, or may be activated again), the version being built last.
+        others = [v for v in versions if v.id != primary.id and v.state == READY]
+        if self.target.id != primary.id and self.target.state != READY:
+            others.append(self.target)
+        for version in others:
+            missing = store.missing_items(version.id)
+            if missing:
+                catch_up = [
+                    Job(rel, root / rel, size, mtime, label, caption, is_new=False, item_id=item_id)
+                    for item_id, rel, size, mtime, label, caption in missing
                 ]
-                store.upsert_batch(rows, vectors)
-                report.embedded += len(good)
-                report.new += sum(d.job.is_new for d in good)
-                report.changed += sum(not d.job.is_new for d in good)
-            bar.update(len(batch.items))
-            bar.set_postfix(bad=sum(bad.values()))
-            if pause_after and n_batch >= pause_after:
-                print(f"vitrina: paused after {n_batch} batches ({PAUSE_ENV})", file=sys.stderr, flush=True)
-                time.sleep(3600)
-    report.bad = dict(bad)
+                self._embed(version, catch_up, upsert=False, on_commit=lambda: None, **options)
+        report.total = store.count
+
+    def _embed(
+        self,
+        version: Version,
+        jobs: list[Job],
+        *,
+        upsert: bool,
+        on_commit: Callable[[], None],
+        batch_size: int,
+        workers: int,
+        decoder: str,
+        progress: bool,
+    ) -> None:
+        """Decode, embed with ``version``'s model and commit ``jobs`` batch by batch.
+
+        ``upsert``: new/changed files (item rows written with the vector); else existing items whose
+        vector this version lacks.
+        """
+        store, report = self.store, self.report
+        encoder = self.encoder_of(version)
+        bad: Counter = Counter(report.bad)
+        batches = (thread_batches if decoder == "thread" else process_batches)(
+            jobs, encoder.image_transform, batch_size, workers
+        )
+        desc = f"embedding ({version.name})"
+        bar = tqdm(total=len(jobs), unit="img", desc=desc, disable=not progress or not jobs, file=sys.stderr)
+        with bar:
+            for batch in batches:
+                good = [d for d in batch.items if not d.reason]
+                failed = [d for d in batch.items if d.reason]
+                for d in failed:
+                    store.add_ledger(d.job.rel, d.reason, d.detail)
+                    bad[d.reason] += 1
+                # A file that was indexed and is now unreadable must not keep its old vectors.
+                store.delete_paths([d.job.rel for d in failed if not d.job.is_new])
+                if good:
+                    vectors = encoder.encode_image(batch.pixels).detach().cpu().numpy().astype(np.float32)  # (B, D)
+                    if upsert:
+                        rows = [
+                            ItemRow(d.job.rel, d.content_hash, d.job.size, d.job.mtime, d.job.label, d.job.caption)
+                            for d in good
+                        ]
+                        store.upsert_batch(rows, vectors, version=version.id)
+                        report.new += sum(d.job.is_new for d in good)
+                        report.changed += sum(not d.job.is_new for d in good)
+                    else:
+                        store.put_vectors(version.id, [d.job.item_id for d in good], vectors)
+                    report.embedded += len(good)
+                    report.by_version[version.name] = report.by_version.get(version.name, 0) + len(good)
+                    on_commit()
+                bar.update(len(batch.items))
+                bar.set_postfix(bad=sum(bad.values()))
+        report.bad = dict(bad)
+
+    def finish(self, *, activate: bool) -> None:
+        """Publish every version whose ANN is behind; mark a complete target ready; activate it if asked."""
+        store, report = self.store, self.report
+        for version in store.versions():
+            if not store.is_published_current(version.id):
+                store.publish_ann(version.id)
+        target = store.version(self.target.id)
+        if target.state != READY and not store.missing_items(target.id):
+            store.mark_ready(target.id)
+            target = store.version(target.id)
+        report.ready = target.state == READY
+        if report.ready and not target.active and (activate or not any(v.active for v in store.versions())):
+            store.activate(target.id)
+            report.activated = True
+        report.total = store.count
+
+
+class _Publisher:
+    """Publishes the active version's ANN at most every ``every_s`` seconds during a long primary pass."""
+
+    def __init__(self, store: IndexStore, version: int | None, every_s: float) -> None:
+        self.store, self.version, self.every_s = store, version, every_s
+        self.last = time.monotonic()
+
+    def maybe_publish(self) -> None:
+        if self.version is None or time.monotonic() - self.last < self.every_s:
+            return
+        self.store.publish_ann(self.version)
+        self.last = time.monotonic()

@@ -1,56 +1,52 @@
-"""An index directory: SQLite is the source of truth, FAISS a derived, rebuildable view of it.
+"""An index directory: SQLite is the source of truth; the FAISS files are derived views of it.
 
 Layout of ``INDEX_DIR``:
 
-* ``meta.sqlite`` (WAL): ``items`` (one row per indexed image, its vector as a float32 blob),
-  ``ledger`` (files that could not be indexed, and why), ``info`` (key/value: encoder identity,
-  model ref, width, index kind, collection root, and a *generation* counter bumped by every
-  transaction that changes the vectors).
-* ``vectors.faiss``: a header (magic + the generation it was built from) followed by a serialised
-  FAISS index whose ids are the SQLite ids. It is written to a temp file and renamed into place,
-  so it is either the old complete file or the new one; if its generation differs from SQLite's
-  (a run killed before the rebuild, a file copied from elsewhere) or it is missing, opening the
-  store rebuilds it.
+* ``meta.sqlite`` (WAL), shared by every model version:
+
+  - ``items``: one row per indexed image (relative path, content hash, size, mtime, label, caption);
+  - ``ledger``: files that could not be indexed, and why;
+  - ``versions``: one row per model version: model reference, identity and weights digest, vector
+    width, ANN kind, state (``building`` until every item has a vector, then ``ready``), created,
+    and a *generation* counter bumped by every transaction that changes that version's vectors;
+  - ``vectors``: (version, item) -> float32 vector;
+  - ``info``: key/value: format, collection root, the active version.
+
+* ``versions/<N>/``: the published ANN file of version N (``vitrina.index.ann``);
+* ``writer.lock``: held by the one writer (``vitrina.index.lock``).
+
+Writers (the indexer, ``versions``, ``import``) change SQLite in short transactions and publish ANN
+files; readers (search, the server) only read SQLite and load what was published, so a search never
+builds or writes anything and never waits for a rebuild.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import struct
-import tempfile
 import time
-import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 
+from vitrina.digest import short
 from vitrina.errors import UserError
+from vitrina.index import ann
+from vitrina.index.ann import (  # noqa: F401 - re-exported: the index's public names
+    FLAT_MAX,
+    INDEX_KINDS,
+    AnnView,
+    build_faiss_index,
+    choose_index_kind,
+)
+from vitrina.index.lock import LOCK_FILE
 
 META_FILE = "meta.sqlite"
-FAISS_FILE = "vectors.faiss"
-_MAGIC = b"VITRFAIS"
-_HEADER = struct.Struct("<8sQ")  # magic, generation
-
-INDEX_KINDS = ("auto", "flat", "pq", "hnsw", "ivf")
-# Below this many vectors an exact scan takes a few ms at width 512 and has perfect recall. Above it
-# `auto` picks "pq": a product-quantised fast-scan pass over all vectors (4-bit codes of 2-dim pieces)
-# whose best k * k_factor candidates are re-ranked with the exact float vectors. On random unit vectors
-# (the hard case: no cluster structure) it keeps recall@10 >= 0.95 at 1M where HNSW and IVF do not
-# within the latency budget; bench/search_latency.py holds the measurements.
-FLAT_MAX = 50_000
-PQ_DIMS_PER_SUBQUANTIZER = 2  # 4-bit codes of 2-dim pieces: 1 byte per 4 dims, 128 B per 512-d vector
-PQ_K_FACTOR = 100  # re-rank k * 100 candidates exactly (measured: recall@10 0.998 at 1M random vectors)
-PQ_TRAIN_MAX = 100_000
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 256
-IVF_NPROBE_FRACTION = 1 / 16
-
+FORMAT = 2  # 1: one model, vectors in ``items`` and one ``vectors.faiss`` (upgraded by ``open_for_writing``)
+BUILDING, READY = "building", "ready"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items(
@@ -60,8 +56,7 @@ CREATE TABLE IF NOT EXISTS items(
     size INTEGER NOT NULL,
     mtime REAL NOT NULL,
     label TEXT,
-    caption TEXT,
-    vector BLOB NOT NULL
+    caption TEXT
 );
 CREATE TABLE IF NOT EXISTS ledger(
     path TEXT PRIMARY KEY,
@@ -70,12 +65,31 @@ CREATE TABLE IF NOT EXISTS ledger(
     seen_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS info(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS versions(
+    id INTEGER PRIMARY KEY,
+    model_ref TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    digest TEXT,
+    embed_dim INTEGER NOT NULL,
+    index_kind TEXT NOT NULL,
+    preprocess TEXT NOT NULL DEFAULT '{}',
+    state TEXT NOT NULL CHECK(state IN ('building', 'ready')),
+    created REAL NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS vectors(
+    version INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+    item INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE,
+    vector BLOB NOT NULL,
+    PRIMARY KEY(version, item)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS vectors_by_item ON vectors(item);
 """
 
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: the item's SQLite/FAISS id, absolute path, cosine score and metadata."""
+    """One search result: the item's id, absolute path, cosine score and metadata."""
 
     id: int
     path: str
@@ -112,132 +126,122 @@ class FileState:
     caption: str | None
 
 
-def choose_index_kind(n: int, kind: str = "auto") -> str:
-    """Resolve ``auto`` to ``flat`` or ``pq`` by collection size; pass explicit kinds through."""
-    if kind not in INDEX_KINDS:
-        raise UserError(f"index kind {kind!r} is unknown; use one of {', '.join(INDEX_KINDS)}")
-    if kind != "auto":
-        return kind
-    return "flat" if n < FLAT_MAX else "pq"
+@dataclass(frozen=True)
+class Version:
+    """One model version of an index: whose vectors, how many, and whether it is complete and active."""
+
+    id: int
+    model_ref: str
+    identity: dict
+    digest: str | None
+    embed_dim: int
+    index_kind: str
+    preprocess: dict
+    state: str
+    created: float
+    generation: int
+    active: bool
+
+    @property
+    def name(self) -> str:
+        """``v<N>``, as the CLI shows and accepts it."""
+        return f"v{self.id}"
+
+    @property
+    def model_name(self) -> str:
+        """The model reference as a short name (a checkpoint folder's name)."""
+        return Path(self.model_ref).name if "/" in self.model_ref and ":" not in self.model_ref else self.model_ref
+
+    def describe(self) -> str:
+        """``v2 (model runs/b, digest 1a2b3c4d5e6f)`` for messages."""
+        return f"{self.name} (model {self.model_ref}, digest {short(self.digest)})"
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (``name`` included)."""
+        return {"name": self.name, **asdict(self)}
 
 
-def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, kind: str = "auto") -> faiss.Index:
-    """Build an inner-product FAISS index over (N, D) unit ``vectors`` with the given int64 ``ids``.
-
-    Always an ``IndexIDMap2`` around the searchable part, so FAISS ids are SQLite ids whatever the kind.
-    """
-    n, dim = vectors.shape
-    kind = choose_index_kind(n, kind)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if kind == "flat" or n == 0:
-        inner: faiss.Index = faiss.IndexFlatIP(dim)
-    elif kind == "pq":
-        # 4-bit fast-scan PQ needs dim divisible by the number of sub-quantizers; fall back to finer splits.
-        m = next(m for m in (dim // PQ_DIMS_PER_SUBQUANTIZER, dim) if m and dim % m == 0)
-        inner = faiss.IndexRefineFlat(faiss.IndexPQFastScan(dim, m, 4, faiss.METRIC_INNER_PRODUCT))
-        rng = np.random.default_rng(0)
-        sample = vectors if n <= PQ_TRAIN_MAX else vectors[np.sort(rng.choice(n, PQ_TRAIN_MAX, replace=False))]
-        inner.train(sample)
-        inner.k_factor = PQ_K_FACTOR
-    elif kind == "hnsw":
-        inner = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        inner.hnsw.efSearch = HNSW_EF_SEARCH
-    elif kind == "ivf":
-        # ~4·sqrt(N) lists, each trained on at most 256 points per list (FAISS' own guidance).
-        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39 or 1))
-        quantizer = faiss.IndexFlatIP(dim)
-        inner = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(0)
-        sample = vectors if n <= 256 * nlist else vectors[rng.choice(n, 256 * nlist, replace=False)]
-        inner.train(sample)
-        inner.nprobe = max(1, int(nlist * IVF_NPROBE_FRACTION))
-    else:  # pragma: no cover - choose_index_kind validated it
-        raise AssertionError(kind)
-    index = faiss.IndexIDMap2(inner)
-    if n:
-        index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
-    return index
-
-
-def _check_identity(stored: dict, given: dict, index_dir: Path) -> None:
-    """Refuse encoders of another kind or width; warn when only the name differs."""
-    mismatch = [key for key in ("kind", "embed_dim") if stored.get(key) != given.get(key)]
-    if mismatch:
-        raise UserError(
-            f"{index_dir}: index was built with encoder {json.dumps(stored, sort_keys=True)}, "
-            f"but the given encoder is {json.dumps(given, sort_keys=True)} "
-            f"({' and '.join(mismatch)} {'differ' if len(mismatch) > 1 else 'differs'}); "
-            "use the model it was built with, or index into a new folder"
-        )
-    if stored.get("name") != given.get("name"):
-        warnings.warn(
-            f"{index_dir}: index built by {stored.get('name')!r}, searched with {given.get('name')!r} "
-            "(same kind and width): scores are only meaningful if the weights are the same",
-            stacklevel=3,
-        )
+def parse_version(text: str | int) -> int:
+    """``v2``, ``V2`` or ``2`` -> 2; ``UserError`` for anything else."""
+    raw = str(text).strip().lower().removeprefix("v")
+    if not raw.isdigit():
+        raise UserError(f"version {text!r}: give a version as listed by `vitrina versions`, e.g. v1")
+    return int(raw)
 
 
 class IndexStore:
-    """The index directory: items + ledger in SQLite, vectors also in a derived FAISS file."""
+    """The index directory's SQLite database: shared items and ledger, per-version vectors."""
 
     def __init__(self, index_dir: Path, conn: sqlite3.Connection) -> None:
         self.index_dir = index_dir
         self._conn = conn
-        self._faiss: faiss.Index | None = None
-        self._faiss_generation = -1
+        self._view: AnnView | None = None
 
     # --- opening -----------------------------------------------------------------------------
 
     @staticmethod
     def _connect(index_dir: Path) -> sqlite3.Connection:
-        conn = sqlite3.connect(index_dir / META_FILE, isolation_level=None)  # explicit transactions
+        conn = sqlite3.connect(index_dir / META_FILE, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL survives a killed process (only power loss can drop the last commits).
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")  # a reader waits out the writer's short commits
         return conn
 
     @classmethod
-    def create(
-        cls, index_dir: Path, *, identity: dict, model_ref: str, root: Path, index_kind: str = "auto"
-    ) -> IndexStore:
-        """Create a new, empty index in ``index_dir`` (made if missing) for vectors of ``identity``."""
-        choose_index_kind(0, index_kind)  # validate early
+    def create(cls, index_dir: Path, *, root: Path) -> IndexStore:
+        """Create a new index without versions in ``index_dir`` (made if missing) for the collection ``root``."""
         index_dir = Path(index_dir)
         if (index_dir / META_FILE).exists():
             raise UserError(f"{index_dir}: already holds an index; open it, or choose another --out folder")
         if index_dir.exists() and not index_dir.is_dir():
             raise UserError(f"{index_dir}: exists and is not a folder; choose another --out")
         index_dir.mkdir(parents=True, exist_ok=True)
-        store = cls(index_dir, cls._connect(index_dir))
+        (index_dir / LOCK_FILE).touch()
+        conn = cls._connect(index_dir)
+        conn.executescript(_SCHEMA)
+        store = cls(index_dir, conn)
         with store._transaction():
-            store._set_info(
-                identity=json.dumps(identity, sort_keys=True),
-                model_ref=model_ref,
-                embed_dim=str(int(identity["embed_dim"])),
-                index_kind=index_kind,
-                root=str(Path(root).resolve()),
-                generation="0",
-            )
+            store._set_info(format=str(FORMAT), root=str(Path(root).resolve()), active_version="")
         return store
 
     @classmethod
-    def open(cls, index_dir: Path, *, identity: dict | None = None) -> IndexStore:
-        """Open an existing index; with ``identity``, refuse if the index was built by another kind/width."""
+    def open(cls, index_dir: Path) -> IndexStore:
+        """Open an existing index for reading (and writing, under the writer lock)."""
         index_dir = Path(index_dir)
         if not (index_dir / META_FILE).is_file():
             raise UserError(f"{index_dir}: no index here ({META_FILE} missing); build one with `vitrina index`")
         try:
             store = cls(index_dir, cls._connect(index_dir))
-            info = store.info
+            info = dict(store._conn.execute("SELECT key, value FROM info"))
         except sqlite3.DatabaseError as error:
             raise UserError(f"{index_dir / META_FILE}: not a readable index database ({error})") from None
-        if "identity" not in info:
+        if info.get("format") != str(FORMAT):
+            if "identity" in info and "root" in info:  # format 1
+                store.close()
+                raise UserError(
+                    f"{index_dir}: index of an older vitrina (format 1); run `vitrina index FOLDER --model MODEL "
+                    f"--out {index_dir}` once with the model it was built with to upgrade it (nothing is re-embedded)"
+                )
+            store.close()
             raise UserError(f"{index_dir / META_FILE}: index metadata incomplete; re-index into a new folder")
-        if identity is not None:
-            _check_identity(info["identity"], identity, index_dir)
         return store
+
+    @classmethod
+    def open_for_writing(cls, index_dir: Path) -> IndexStore:
+        """Open an index as its writer (hold ``WriterLock`` first): upgrades a format-1 index in place."""
+        index_dir = Path(index_dir)
+        if (index_dir / META_FILE).is_file():
+            try:
+                conn = cls._connect(index_dir)
+                info = dict(conn.execute("SELECT key, value FROM info"))
+                if "format" not in info and "identity" in info:
+                    _upgrade_format_1(conn, index_dir, info)
+                conn.close()
+            except sqlite3.DatabaseError as error:
+                raise UserError(f"{index_dir / META_FILE}: not a readable index database ({error})") from None
+        return cls.open(index_dir)
 
     def close(self) -> None:
         """Close the SQLite connection."""
@@ -254,7 +258,7 @@ class IndexStore:
     def _transaction(self) -> sqlite3.Connection:
         # sqlite3's context manager commits/rolls back but does not BEGIN under isolation_level=None.
         self._conn.execute("BEGIN IMMEDIATE")
-        return self._conn
+        return _Transaction(self._conn)
 
     def _set_info(self, **values: str) -> None:
         self._conn.executemany(
@@ -262,116 +266,240 @@ class IndexStore:
             list(values.items()),
         )
 
-    def set_index_kind(self, kind: str) -> None:
-        """Switch the FAISS kind (one of ``INDEX_KINDS``); the FAISS file is rebuilt when next needed."""
-        choose_index_kind(0, kind)
-        self._set_info(index_kind=kind)
-        self._faiss, self._faiss_generation = None, -1
-        (self.index_dir / FAISS_FILE).unlink(missing_ok=True)
-
-    def _bump_generation(self) -> None:
-        self._conn.execute("UPDATE info SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
-
     @property
     def info(self) -> dict:
-        """Key/value metadata; ``identity`` decoded to a dict, ``embed_dim``/``generation`` to ints."""
-        info: dict = dict(self._conn.execute("SELECT key, value FROM info"))
-        if "identity" in info:
-            info["identity"] = json.loads(info["identity"])
-        for key in ("embed_dim", "generation"):
-            if key in info:
-                info[key] = int(info[key])
-        return info
+        """Key/value metadata of the index (format, root, active version)."""
+        return dict(self._conn.execute("SELECT key, value FROM info"))
 
     @property
     def root(self) -> Path:
         """The collection folder the relative item paths are resolved against."""
-        return Path(self.info["root"])
+        return Path(self._conn.execute("SELECT value FROM info WHERE key='root'").fetchone()[0])
 
     @property
     def count(self) -> int:
         """Number of indexed items."""
         return self._conn.execute("SELECT count(*) FROM items").fetchone()[0]
 
-    @property
-    def generation(self) -> int:
-        """Counter bumped by every transaction that changes the vectors."""
-        return int(self._conn.execute("SELECT value FROM info WHERE key='generation'").fetchone()[0])
+    # --- versions ----------------------------------------------------------------------------
+
+    def versions(self) -> list[Version]:
+        """Every version, oldest first."""
+        active = self._active_id()
+        rows = self._conn.execute(
+            "SELECT id, model_ref, identity, digest, embed_dim, index_kind, preprocess, state, created, generation "
+            "FROM versions ORDER BY id"
+        )
+        return [
+            Version(i, ref, json.loads(ident), dig, dim, kind, json.loads(pre), state, created, gen, i == active)
+            for i, ref, ident, dig, dim, kind, pre, state, created, gen in rows
+        ]
+
+    def _active_id(self) -> int | None:
+        row = self._conn.execute("SELECT value FROM info WHERE key='active_version'").fetchone()
+        return int(row[0]) if row and row[0] else None
+
+    def version(self, version: int | str) -> Version:
+        """The version with this number (``v2``/``2``); ``UserError`` naming the ones there are."""
+        number = parse_version(version)
+        for v in self.versions():
+            if v.id == number:
+                return v
+        names = ", ".join(v.name for v in self.versions()) or "none"
+        raise UserError(f"{self.index_dir}: no version v{number} (versions: {names}); see `vitrina versions`")
+
+    def active_version(self) -> Version:
+        """The version searches use; ``UserError`` when none is active yet."""
+        active = self._active_id()
+        if active is None:
+            raise UserError(
+                f"{self.index_dir}: no active version yet (the first `vitrina index` run has not finished); "
+                "run it again to complete the index"
+            )
+        return self.version(active)
+
+    def find_version(self, digest: str | None) -> Version | None:
+        """The version built with weights of this digest, or None."""
+        if digest is None:
+            return None
+        return next((v for v in self.versions() if v.digest == digest), None)
+
+    def add_version(self, *, identity: dict, model_ref: str, index_kind: str, preprocess: dict) -> Version:
+        """A new, empty version in state ``building`` (not active) for vectors of ``identity``."""
+        choose_index_kind(0, index_kind)  # validate early
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO versions(model_ref, identity, digest, embed_dim, index_kind, preprocess, state, created) "
+                "VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    model_ref,
+                    json.dumps(identity, sort_keys=True),
+                    identity.get("digest"),
+                    int(identity["embed_dim"]),
+                    index_kind,
+                    json.dumps(preprocess, sort_keys=True),
+                    BUILDING,
+                    time.time(),
+                ),
+            )
+            number = cursor.lastrowid
+        return self.version(number)
+
+    def adopt_identity(self, version: int, identity: dict, *, model_ref: str) -> None:
+        """Record the identity and weights digest of a version built before digests were kept."""
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE versions SET identity=?, digest=?, model_ref=? WHERE id=? AND digest IS NULL",
+                (json.dumps(identity, sort_keys=True), identity.get("digest"), model_ref, version),
+            )
+
+    def mark_ready(self, version: int) -> None:
+        """Record that ``version`` has a vector for every item (it may now be activated)."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE versions SET state=? WHERE id=?", (READY, version))
+
+    def activate(self, version: int | str) -> Version:
+        """Make a complete version the one searches use; a running server swaps to it by itself."""
+        target = self.version(version)
+        if target.state != READY:
+            raise UserError(
+                f"{self.index_dir}: {target.name} is still being built ({self.vector_count(target.id)} of "
+                f"{self.count} items); finish it with `vitrina index FOLDER --model {target.model_ref} "
+                f"--out {self.index_dir} --new-version`"
+            )
+        if ann.published_generation(self.index_dir, target.id) is None:
+            raise UserError(f"{self.index_dir}: {target.name} has no published ANN file; re-run `vitrina index`")
+        with self._transaction():
+            self._set_info(active_version=str(target.id))
+        return self.version(target.id)
+
+    def drop(self, version: int | str) -> Version:
+        """Delete a version that is not active: its vectors and ANN files."""
+        target = self.version(version)
+        if target.active:
+            raise UserError(
+                f"{self.index_dir}: {target.name} is the active version; activate another first "
+                "(`vitrina versions IX --activate vN`)"
+            )
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM vectors WHERE version=?", (target.id,))
+            conn.execute("DELETE FROM versions WHERE id=?", (target.id,))
+        ann.drop_files(self.index_dir, target.id)
+        return target
+
+    def set_index_kind(self, version: int, kind: str) -> None:
+        """Switch a version's FAISS kind (one of ``INDEX_KINDS``); the writer republishes its ANN file."""
+        choose_index_kind(0, kind)
+        with self._transaction() as conn:
+            conn.execute("UPDATE versions SET index_kind=?, generation=generation+1 WHERE id=?", (kind, version))
+
+    def generation(self, version: int) -> int:
+        """Counter bumped by every transaction that changes ``version``'s vectors."""
+        row = self._conn.execute("SELECT generation FROM versions WHERE id=?", (version,)).fetchone()
+        if row is None:
+            raise UserError(f"{self.index_dir}: no version v{version}")
+        return int(row[0])
+
+    def vector_count(self, version: int) -> int:
+        """How many items have a vector in ``version``."""
+        return self._conn.execute("SELECT count(*) FROM vectors WHERE version=?", (version,)).fetchone()[0]
 
     # --- writing -----------------------------------------------------------------------------
 
-    def upsert_batch(self, rows: list[ItemRow], vectors: np.ndarray) -> list[int]:
-        """Insert or replace ``rows`` with their (B, D) ``vectors`` in one transaction; return their ids.
+    def upsert_batch(self, rows: list[ItemRow], vectors: np.ndarray, *, version: int) -> list[int]:
+        """Insert or replace ``rows`` with their (B, D) ``version`` vectors in one transaction; return their ids.
 
-        A path already present keeps its id, so the FAISS id of a re-embedded file is stable.
+        A path already present keeps its id, so the FAISS id of a re-embedded file is stable. A file whose
+        content changed loses its vectors in every other version (they describe the old pixels): those
+        versions get it back from the indexer's catch-up pass.
         """
         vectors = np.asarray(vectors, dtype=np.float32)
-        dim = self.info["embed_dim"]
+        dim = self._embed_dim(version)
         if vectors.shape != (len(rows), dim):
             raise ValueError(f"vectors of shape {vectors.shape} for {len(rows)} rows of width {dim}")
         ids = []
-        conn = self._transaction()
-        try:
+        with self._transaction() as conn:
+            stale_elsewhere = False
             for row, vector in zip(rows, vectors, strict=True):
-                cursor = conn.execute(
-                    "INSERT INTO items(path, content_hash, size, mtime, label, caption, vector) "
-                    "VALUES(?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET "
-                    "content_hash=excluded.content_hash, size=excluded.size, mtime=excluded.mtime, "
-                    "label=excluded.label, caption=excluded.caption, vector=excluded.vector RETURNING id",
-                    (
-                        row.path,
-                        row.content_hash,
-                        row.size,
-                        row.mtime,
-                        row.label,
-                        row.caption,
-                        vector.tobytes(),
-                    ),
+                old = conn.execute("SELECT content_hash FROM items WHERE path=?", (row.path,)).fetchone()
+                item_id = conn.execute(
+                    "INSERT INTO items(path, content_hash, size, mtime, label, caption) VALUES(?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(path) DO UPDATE SET content_hash=excluded.content_hash, size=excluded.size, "
+                    "mtime=excluded.mtime, label=excluded.label, caption=excluded.caption RETURNING id",
+                    (row.path, row.content_hash, row.size, row.mtime, row.label, row.caption),
+                ).fetchone()[0]
+                if old is not None and old[0] != row.content_hash:
+                    stale_elsewhere |= (
+                        conn.execute("DELETE FROM vectors WHERE item=? AND version!=?", (item_id, version)).rowcount
+                        > 0
+                    )
+                conn.execute(
+                    "INSERT OR REPLACE INTO vectors(version, item, vector) VALUES(?, ?, ?)",
+                    (version, item_id, vector.tobytes()),
                 )
-                ids.append(cursor.fetchone()[0])
+                ids.append(item_id)
             conn.executemany("DELETE FROM ledger WHERE path = ?", [(row.path,) for row in rows])
-            self._bump_generation()
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            if stale_elsewhere:
+                conn.execute("UPDATE versions SET generation=generation+1")
+            else:
+                conn.execute("UPDATE versions SET generation=generation+1 WHERE id=?", (version,))
         return ids
+
+    def put_vectors(self, version: int, ids: list[int], vectors: np.ndarray) -> None:
+        """Store (B, D) ``vectors`` of existing items ``ids`` in ``version`` (a version catching up)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        dim = self._embed_dim(version)
+        if vectors.shape != (len(ids), dim):
+            raise ValueError(f"vectors of shape {vectors.shape} for {len(ids)} items of width {dim}")
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO vectors(version, item, vector) SELECT ?, id, ? FROM items WHERE id=?",
+                [(version, vector.tobytes(), int(i)) for i, vector in zip(ids, vectors, strict=True)],
+            )
+            conn.execute("UPDATE versions SET generation=generation+1 WHERE id=?", (version,))
+
+    def insert_items(self, version: int, rows: list[tuple[int, ItemRow]], vectors: np.ndarray) -> None:
+        """Insert items with the given ids and their ``version`` vectors in one transaction (``vitrina import``)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        dim = self._embed_dim(version)
+        if vectors.shape != (len(rows), dim):
+            raise ValueError(f"vectors of shape {vectors.shape} for {len(rows)} rows of width {dim}")
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT INTO items(id, path, content_hash, size, mtime, label, caption) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                [(i, r.path, r.content_hash, r.size, r.mtime, r.label, r.caption) for i, r in rows],
+            )
+            conn.executemany(
+                "INSERT INTO vectors(version, item, vector) VALUES(?, ?, ?)",
+                [(version, i, v.tobytes()) for (i, _), v in zip(rows, vectors, strict=True)],
+            )
+            conn.execute("UPDATE versions SET generation=generation+1 WHERE id=?", (version,))
 
     def update_metadata(self, updates: list[tuple[str, int, float, str | None, str | None]]) -> None:
         """Refresh (path, size, mtime, label, caption) of files with unchanged content, in one transaction.
 
-        The vectors are untouched, so the generation (and the FAISS file) stays as it is.
+        The vectors are untouched, so the generations (and the ANN files) stay as they are.
         """
         if not updates:
             return
-        conn = self._transaction()
-        try:
+        with self._transaction() as conn:
             conn.executemany(
                 "UPDATE items SET size=?, mtime=?, label=?, caption=? WHERE path=?",
                 [(size, mtime, label, caption, path) for path, size, mtime, label, caption in updates],
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def delete_paths(self, paths: Iterable[str]) -> int:
-        """Remove the items at these relative paths (and their ledger rows); return how many items went."""
+        """Remove the items at these relative paths (their vectors in every version, their ledger rows)."""
         paths = [(p,) for p in paths]
         if not paths:
             return 0
-        conn = self._transaction()
-        try:
+        with self._transaction() as conn:
             before = self.count
-            conn.executemany("DELETE FROM items WHERE path = ?", paths)
+            conn.executemany("DELETE FROM items WHERE path = ?", paths)  # vectors go by ON DELETE CASCADE
             conn.executemany("DELETE FROM ledger WHERE path = ?", paths)
             removed = before - self.count
             if removed:
-                self._bump_generation()
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+                conn.execute("UPDATE versions SET generation=generation+1")
         return removed
 
     def add_ledger(self, path: str, reason: str, detail: str = "") -> None:
@@ -389,10 +517,38 @@ class IndexStore:
 
     # --- reading -----------------------------------------------------------------------------
 
+    @contextmanager
+    def snapshot(self) -> Iterator[IndexStore]:
+        """Reads inside ``with store.snapshot():`` see one consistent state, whatever a writer commits meanwhile."""
+        self._conn.execute("BEGIN")  # deferred: WAL gives this read transaction a fixed snapshot
+        try:
+            yield self
+        finally:
+            self._conn.execute("COMMIT")
+
+    def _embed_dim(self, version: int) -> int:
+        row = self._conn.execute("SELECT embed_dim FROM versions WHERE id=?", (version,)).fetchone()
+        if row is None:
+            raise UserError(f"{self.index_dir}: no version v{version}")
+        return int(row[0])
+
+    def _version_or_active(self, version: int | None) -> int:
+        return self.active_version().id if version is None else version
+
     def file_states(self) -> dict[str, FileState]:
         """Relative path -> what is stored about it (for incremental re-indexing)."""
         rows = self._conn.execute("SELECT path, id, content_hash, size, mtime, label, caption FROM items")
         return {path: FileState(*rest) for path, *rest in rows}
+
+    def missing_items(self, version: int) -> list[tuple[int, str, int, float, str | None, str | None]]:
+        """(id, relative path, size, mtime, label, caption) of the items without a vector in ``version``."""
+        return list(
+            self._conn.execute(
+                "SELECT id, path, size, mtime, label, caption FROM items WHERE id NOT IN "
+                "(SELECT item FROM vectors WHERE version=?) ORDER BY id",
+                (version,),
+            )
+        )
 
     def get(self, item_id: int) -> Hit | None:
         """The item with this id as a ``Hit`` (score 1.0), or None."""
@@ -401,27 +557,52 @@ class IndexStore:
             return None
         return Hit(id=row[0], path=str(self.root / row[1]), score=1.0, label=row[2], caption=row[3])
 
-    def item_vectors(self, ids: list[int]) -> dict[int, np.ndarray]:
-        """Stored (D,) vectors of these item ids; ids not in the index are left out."""
+    def item_vectors(self, ids: list[int], *, version: int | None = None) -> dict[int, np.ndarray]:
+        """Stored (D,) vectors of these item ids in ``version`` (default: the active one); absent ids left out."""
+        version = self._version_or_active(version)
         found: dict[int, np.ndarray] = {}
         for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-            part = list(ids[start : start + 900])
+            part = [int(i) for i in ids[start : start + 900]]
             marks = ",".join("?" * len(part))
-            rows = self._conn.execute(f"SELECT id, vector FROM items WHERE id IN ({marks})", part)
+            rows = self._conn.execute(
+                f"SELECT item, vector FROM vectors WHERE version=? AND item IN ({marks})", [version, *part]
+            )
             found.update((item_id, np.frombuffer(blob, dtype=np.float32)) for item_id, blob in rows)
         return found
 
-    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(N,) int64 ids and (N, D) float32 vectors of every item, ordered by id."""
-        n, dim = self.count, self.info["embed_dim"]
-        ids = np.empty(n, dtype=np.int64)
-        vectors = np.empty((n, dim), dtype=np.float32)
-        i = 0
-        for item_id, blob in self._conn.execute("SELECT id, vector FROM items ORDER BY id"):
-            ids[i] = item_id
-            vectors[i] = np.frombuffer(blob, dtype=np.float32)
-            i += 1
-        return ids[:i], vectors[:i]
+    def iter_vectors(
+        self, *, version: int | None = None, chunk: int = 65536
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids (n,), vectors (n, D)) chunks of ``version``'s vectors, ordered by item id."""
+        version = self._version_or_active(version)
+        dim = self._embed_dim(version)
+        cursor = self._conn.execute("SELECT item, vector FROM vectors WHERE version=? ORDER BY item", (version,))
+        while rows := cursor.fetchmany(chunk):
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+            yield ids, vectors
+
+    def iter_items_with_vectors(
+        self, version: int, *, chunk: int = 65536
+    ) -> Iterator[tuple[list[tuple[int, ItemRow]], np.ndarray]]:
+        """([(id, ItemRow)], (n, D) vectors) chunks of every item that has a ``version`` vector, by id."""
+        dim = self._embed_dim(version)
+        cursor = self._conn.execute(
+            "SELECT i.id, i.path, i.content_hash, i.size, i.mtime, i.label, i.caption, v.vector "
+            "FROM vectors v JOIN items i ON i.id = v.item WHERE v.version=? ORDER BY i.id",
+            (version,),
+        )
+        while rows := cursor.fetchmany(chunk):
+            items = [(r[0], ItemRow(*r[1:7])) for r in rows]
+            yield items, np.frombuffer(b"".join(r[7] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+
+    def all_vectors(self, *, version: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) int64 ids and (N, D) float32 vectors of ``version`` (default: active), ordered by id."""
+        version = self._version_or_active(version)
+        chunks = list(self.iter_vectors(version=version))
+        if not chunks:
+            return np.empty(0, dtype=np.int64), np.empty((0, self._embed_dim(version)), dtype=np.float32)
+        return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
     def items(self) -> list[tuple[int, str, str | None, str | None]]:
         """(id, absolute path, label, caption) of every item, ordered by id."""
@@ -429,94 +610,148 @@ class IndexStore:
         rows = self._conn.execute("SELECT id, path, label, caption FROM items ORDER BY id")
         return [(item_id, str(root / path), label, caption) for item_id, path, label, caption in rows]
 
-    # --- the FAISS view ----------------------------------------------------------------------
+    def item_rows(self) -> list[tuple[int, str, str, int, float, str | None, str | None]]:
+        """(id, relative path, content hash, size, mtime, label, caption) of every item, ordered by id."""
+        return list(
+            self._conn.execute("SELECT id, path, content_hash, size, mtime, label, caption FROM items ORDER BY id")
+        )
 
-    def rebuild_vectors_index(self) -> faiss.Index:
-        """Build the FAISS index from SQLite and write it atomically, stamped with the current generation."""
-        generation = self.generation
-        ids, vectors = self.all_vectors()
-        index = build_faiss_index(vectors, ids, self.info["index_kind"])
+    # --- the ANN view ------------------------------------------------------------------------
+
+    def publish_ann(self, version: int) -> None:
+        """Writer only: build ``version``'s FAISS index from SQLite and publish it at its current generation."""
+        v = self.version(version)
+        ids, vectors = self.all_vectors(version=version)
+        index = build_faiss_index(vectors, ids, v.index_kind)
         del vectors
-        fd, tmp = tempfile.mkstemp(prefix=".vectors-", suffix=".tmp", dir=self.index_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(_HEADER.pack(_MAGIC, generation))
-                faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))  # streamed: no 2nd copy in memory
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.index_dir / FAISS_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self._faiss, self._faiss_generation = index, generation
-        return index
+        ann.publish(self.index_dir, version, v.generation, index, choose_index_kind(len(ids), v.index_kind))
 
-    def _faiss_file_generation(self) -> int | None:
-        """The generation stamped in ``vectors.faiss``, or None when it is missing or not ours."""
-        try:
-            with open(self.index_dir / FAISS_FILE, "rb") as f:
-                magic, generation = _HEADER.unpack(f.read(_HEADER.size))
-        except (OSError, struct.error):
-            return None
-        return generation if magic == _MAGIC else None
+    def is_published_current(self, version: int) -> bool:
+        """Whether ``version``'s published ANN file was built from its current generation."""
+        return ann.published_generation(self.index_dir, version) == self.generation(version)
 
-    def _read_faiss_file(self) -> faiss.Index | None:
-        try:
-            with open(self.index_dir / FAISS_FILE, "rb") as f:
-                f.seek(_HEADER.size)
-                return faiss.read_index(faiss.PyCallbackIOReader(f.read))
-        except (OSError, RuntimeError):
-            return None  # vanished or truncated: rebuild from SQLite
+    def load_view(self, version: int | None = None) -> AnnView:
+        """Reader: the published ANN of ``version`` (default: active); never writes.
 
-    def is_vectors_index_current(self) -> bool:
-        """Whether ``vectors.faiss`` on disk exists and was built from the current generation."""
-        return self._faiss_file_generation() == self.generation
+        With nothing published yet (a first run still going, or killed before it published), an exact
+        index is built in memory from the stored vectors, and left unpublished.
+        """
+        version = self._version_or_active(version)
+        view = ann.load_published(self.index_dir, version)
+        if view is not None:
+            return view
+        generation = self.generation(version)
+        ids, vectors = self.all_vectors(version=version)
+        return AnnView(version, generation, build_faiss_index(vectors, ids, "flat"), published=False)
 
-    def vectors_index(self) -> faiss.Index:
-        """The FAISS index matching SQLite's current generation, loading or rebuilding it as needed."""
-        generation = self.generation
-        if self._faiss is not None and self._faiss_generation == generation:
-            return self._faiss
-        if self._faiss_file_generation() == generation:
-            loaded = self._read_faiss_file()
-            if loaded is not None:
-                self._faiss, self._faiss_generation = loaded, generation
-                return loaded
-        return self.rebuild_vectors_index()
+    @property
+    def view(self) -> AnnView:
+        """The ANN view searches use: loaded on first use, then replaced only by ``set_view``/``refresh_view``."""
+        if self._view is None:
+            self._view = self.load_view()
+        return self._view
 
-    def search(self, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        """Top-``k`` hits by inner product for each of the (Q, D) ``query_vectors``."""
+    def set_view(self, view: AnnView) -> None:
+        """Swap in a view loaded elsewhere (the server's background loader); one reference assignment."""
+        self._view = view
+
+    def view_is_current(self) -> bool:
+        """Whether the view in use is the active version's latest published one (cheap: one query, one small read)."""
+        if self._view is None:
+            return False
+        active = self._active_id()
+        return self._view.version == active and self._view.generation == ann.published_generation(
+            self.index_dir, active
+        )
+
+    def refresh_view(self) -> bool:
+        """Load the active version's newest published ANN on this thread if the view in use is older."""
+        if self.view_is_current():
+            return False
+        self._view = self.load_view()
+        return True
+
+    def search(self, query_vectors: np.ndarray, k: int, *, view: AnnView | None = None) -> list[list[Hit]]:
+        """Top-``k`` hits by inner product for each of the (Q, D) ``query_vectors``, from ``view`` (or ``self.view``).
+
+        Items deleted since the view was published are left out; metadata is read live.
+        """
         query_vectors = np.ascontiguousarray(np.atleast_2d(query_vectors), dtype=np.float32)
-        dim = self.info["embed_dim"]
+        view = view or self.view
+        dim = self._embed_dim(view.version)
         if query_vectors.shape[1] != dim:
             raise UserError(f"query vectors have width {query_vectors.shape[1]}, the index holds width {dim}")
         if k < 1:
             raise UserError(f"k must be at least 1, got {k}")
-        index = self.vectors_index()
-        if index.ntotal == 0:
+        if view.count == 0:
             return [[] for _ in query_vectors]
-        scores, ids = index.search(query_vectors, min(k, index.ntotal))
-        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
-        meta = {}
-        root = self.root
-        for chunk in range(0, len(wanted), 900):  # stay under SQLite's bound-parameter limit
-            part = wanted[chunk : chunk + 900]
-            marks = ",".join("?" * len(part))
-            for item_id, path, label, caption in self._conn.execute(
-                f"SELECT id, path, label, caption FROM items WHERE id IN ({marks})", part
-            ):
-                meta[item_id] = (str(root / path), label, caption)
+        scores, ids = view.search(query_vectors, k)
+        meta = self._metadata(sorted({int(i) for i in ids.ravel() if i >= 0}))
         return [
             [
-                Hit(
-                    id=int(i),
-                    path=meta[int(i)][0],
-                    score=float(s),
-                    label=meta[int(i)][1],
-                    caption=meta[int(i)][2],
-                )
+                Hit(id=int(i), path=meta[int(i)][0], score=float(s), label=meta[int(i)][1], caption=meta[int(i)][2])
                 for s, i in zip(row_scores, row_ids, strict=True)
                 if i >= 0 and int(i) in meta
             ]
             for row_scores, row_ids in zip(scores, ids, strict=True)
         ]
+
+    def _metadata(self, ids: list[int]) -> dict[int, tuple[str, str | None, str | None]]:
+        meta = {}
+        root = self.root
+        for chunk in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
+            part = ids[chunk : chunk + 900]
+            marks = ",".join("?" * len(part))
+            for item_id, path, label, caption in self._conn.execute(
+                f"SELECT id, path, label, caption FROM items WHERE id IN ({marks})", part
+            ):
+                meta[item_id] = (str(root / path), label, caption)
+        return meta
+
+
+class _Transaction:
+    """``with store._transaction() as conn:`` commits on success, rolls back on any exception."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.conn
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        self.conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def _upgrade_format_1(conn: sqlite3.Connection, index_dir: Path, info: dict) -> None:
+    """Move a format-1 index (one model, vectors in ``items``) to format 2 in one transaction: its vectors
+    become version 1, whose weights digest is unknown (such an index accepts no new model without
+    ``--new-version``). The old ``vectors.faiss`` is left for the writer to replace."""
+    identity = json.loads(info["identity"])
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA.split(";"):  # one by one: executescript would commit the transaction
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(
+            "INSERT INTO versions(id, model_ref, identity, digest, embed_dim, index_kind, state, created, generation) "
+            "VALUES(1, ?, ?, NULL, ?, ?, 'ready', ?, 1)",
+            (
+                info.get("model_ref", "unknown"),
+                json.dumps(identity, sort_keys=True),
+                int(identity["embed_dim"]),
+                info.get("index_kind", "auto"),
+                time.time(),
+            ),
+        )
+        conn.execute("INSERT INTO vectors(version, item, vector) SELECT 1, id, vector FROM items")
+        conn.execute("ALTER TABLE items DROP COLUMN vector")
+        conn.execute("DELETE FROM info WHERE key IN ('identity', 'model_ref', 'embed_dim', 'index_kind', 'generation')")
+        conn.executemany(
+            "INSERT OR REPLACE INTO info(key, value) VALUES(?, ?)", [("format", str(FORMAT)), ("active_version", "1")]
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    (index_dir / "vectors.faiss").unlink(missing_ok=True)
+    (index_dir / LOCK_FILE).touch()

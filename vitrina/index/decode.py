@@ -1,0 +1,143 @@
+"""Decoding for the indexer: files -> checked, transformed pixel batches, in threads or processes.
+
+A bad file never raises here: it comes back as a ``Decoded`` with a ``reason`` for the ledger.
+Decoding runs ahead of the model (two batches in a thread pool, or a DataLoader's prefetch), so the
+model waits for pixels as little as the cores allow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vitrina.data.images import BadImageError, load_image
+
+
+@dataclass(frozen=True)
+class Job:
+    """One file to embed."""
+
+    rel: str
+    path: Path
+    size: int
+    mtime: float
+    label: str | None
+    caption: str | None
+    is_new: bool
+    item_id: int | None = None  # set for an item that a version catches up on
+
+
+@dataclass
+class Decoded:
+    """A decoded job: pixels and content hash, or why it could not be decoded."""
+
+    job: Job
+    pixels: torch.Tensor | None
+    content_hash: str = ""
+    reason: str = ""
+    detail: str = ""
+
+
+@dataclass
+class Batch:
+    """Decoded jobs in order, their pixels stripped and stacked: one tensor crosses process boundaries."""
+
+    items: list[Decoded]
+    pixels: torch.Tensor | None  # (G, 3, H, W) for the items without a ``reason``, in order
+
+
+def collate(decoded: list[Decoded]) -> Batch:
+    good = [d.pixels for d in decoded if d.pixels is not None]
+    for d in decoded:
+        d.pixels = None
+    return Batch(decoded, torch.stack(good) if good else None)
+
+
+def content_hash(path: Path) -> str:
+    """blake2b (128-bit) of the file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def decode(job: Job, transform: Callable) -> Decoded:
+    """Decode and transform one file; never raises for a bad file (the ledger gets the reason)."""
+    try:
+        image = load_image(job.path)  # size checks happen before decoding: no decompression bombs
+        pixels = transform(image)
+        return Decoded(job, pixels, content_hash(job.path))
+    except BadImageError as error:
+        return Decoded(job, None, reason=getattr(error, "reason", "unreadable"), detail=str(error))
+    except OSError as error:  # vanished or unreadable between scan and decode
+        return Decoded(job, None, reason="unreadable", detail=str(error))
+
+
+def thread_batches(jobs: list[Job], transform: Callable, batch_size: int, workers: int) -> Iterator[Batch]:
+    """Decode in a thread pool (PIL releases the GIL while decoding), two batches ahead of the model."""
+    chunks = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    if workers <= 0:
+        for chunk in chunks:
+            yield collate([decode(job, transform) for job in chunk])
+        return
+    # One intra-op thread per decoder: a decode thread left at the default would start its own OpenMP
+    # team and fight the model for the cores. Some builds make that setting process-wide, so the
+    # model's own thread count is put back before every batch and at the end.
+    model_threads = torch.get_num_threads()
+    try:
+        yield from _pooled_batches(chunks, transform, workers, model_threads)
+    finally:
+        torch.set_num_threads(model_threads)
+
+
+def _pooled_batches(chunks: list, transform: Callable, workers: int, model_threads: int) -> Iterator[Batch]:
+    with ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="vitrina-decode", initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
+        pending: deque = deque()
+        chunk_iter = iter(chunks)
+        for chunk in chunk_iter:
+            pending.append([pool.submit(decode, job, transform) for job in chunk])
+            if len(pending) >= 2:
+                break
+        while pending:
+            futures = pending.popleft()
+            next_chunk = next(chunk_iter, None)
+            if next_chunk is not None:  # keep the pool busy while the model works on this batch
+                pending.append([pool.submit(decode, job, transform) for job in next_chunk])
+            batch = collate([future.result() for future in futures])
+            torch.set_num_threads(model_threads)
+            yield batch
+
+
+class DecodeDataset(torch.utils.data.Dataset):
+    """Jobs as a map-style dataset for a process-based DataLoader."""
+
+    def __init__(self, jobs: list[Job], transform: Callable) -> None:
+        self.jobs, self.transform = jobs, transform
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> Decoded:
+        return decode(self.jobs[i], self.transform)
+
+
+def process_batches(jobs: list[Job], transform: Callable, batch_size: int, workers: int) -> Iterator[Batch]:
+    """Decode in ``workers`` processes through a torch DataLoader (a batch's pixels come back as one
+    shared-memory tensor, stacked in the worker)."""
+    loader = torch.utils.data.DataLoader(
+        DecodeDataset(jobs, transform),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        prefetch_factor=2 if workers else None,
+    )
+    yield from loader
