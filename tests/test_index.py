@@ -108,9 +108,11 @@ def test_add_then_image_query_finds_itself(collection: Path, tmp_path: Path, enc
     report = index_folder(collection, encoder, tmp_path / "idx", model_ref="clip-tiny", batch_size=5, progress=False)
     assert (report.seen, report.new, report.embedded, report.total) == (24, 24, 24, 24)
     assert report.bad == {} and "24 files seen" in report.summary()
-    with IndexStore.open(tmp_path / "idx", identity=encoder.identity) as store:
-        assert store.is_vectors_index_current()
-        assert store.info["model_ref"] == "clip-tiny" and store.info["embed_dim"] == encoder.embed_dim
+    with IndexStore.open(tmp_path / "idx") as store:
+        version = store.active_version()
+        assert store.is_published_current(version.id) and version.state == "ready" and version.name == "v1"
+        assert version.model_ref == "clip-tiny" and version.embed_dim == encoder.embed_dim
+        assert version.digest == encoder.identity["digest"] and len(version.digest) == 64
         paths = sorted(collection.rglob("*.*"))
         hits = store.search(encode_images(paths, encoder), k=3)
         for path, ranked in zip(paths, hits, strict=True):
@@ -128,7 +130,7 @@ def test_rerun_embeds_only_changed_files(collection: Path, tmp_path: Path, encod
     before = vectors_by_path(index_dir)
     with IndexStore.open(index_dir) as store:
         id_before = {p: i for i, p, _, _ in store.items()}
-        generation = store.generation
+        generation = store.generation(1)
 
     again = index_folder(collection, encoder, index_dir, model_ref="clip-tiny", progress=False)
     assert (again.unchanged, again.embedded, again.new, again.changed) == (24, 0, 0, 0)
@@ -143,7 +145,7 @@ def test_rerun_embeds_only_changed_files(collection: Path, tmp_path: Path, encod
     after = vectors_by_path(index_dir)
     with IndexStore.open(index_dir) as store:
         assert {p: i for i, p, _, _ in store.items()} == id_before  # FAISS ids stay stable
-        assert store.generation == generation + 1
+        assert store.generation(1) == generation + 1
         states = store.file_states()
         assert states[f"blue/{touched.name}"].mtime == touched.stat().st_mtime
         hit = store.search(encode_images([changed], encoder), k=1)[0][0]
@@ -167,12 +169,41 @@ def test_deleted_file_is_dropped(collection: Path, tmp_path: Path, encoder) -> N
     assert len(hits) == 23 and str(gone) not in {h.path for h in hits}
 
 
+class PausingEncoder:
+    """A test stand-in for a slow model: the real tiny encoder that, after ``pause_after`` image batches,
+    says so on stderr and sleeps, so a test can SIGKILL the indexer at a known point."""
+
+    def __init__(self, inner, *, pause_after: int = 0, delay_s: float = 0.0) -> None:
+        self.inner, self.embed_dim = inner, inner.embed_dim
+        self.pause_after, self.delay_s, self.batches = pause_after, delay_s, 0
+
+    @property
+    def identity(self) -> dict:
+        return self.inner.identity
+
+    @property
+    def image_transform(self):
+        return self.inner.image_transform
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.pause_after and self.batches >= self.pause_after:
+            print(f"paused after {self.batches} batches", file=sys.stderr, flush=True)
+            time.sleep(3600)
+        self.batches += 1
+        time.sleep(self.delay_s)
+        return self.inner.encode_image(pixels)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return self.inner.encode_text(texts)
+
+
 _KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_index import make_encoder
+from test_index import PausingEncoder, make_encoder
 from vitrina.index.embed import index_folder
-index_folder({folder!r}, make_encoder(), {out!r}, model_ref="clip-tiny", batch_size=4, progress=False)
+encoder = PausingEncoder(make_encoder(), pause_after=3)
+index_folder({folder!r}, encoder, {out!r}, model_ref="clip-tiny", batch_size=4, progress=False)
 """
 
 
@@ -181,8 +212,7 @@ def test_resume_after_sigkill_keeps_committed_batches(tmp_path: Path, encoder) -
     write_collection(collection, variants=3)  # 36 images = 9 batches of 4
     index_dir = tmp_path / "idx"
     script = _KILL_SCRIPT.format(tests=str(TESTS_DIR), folder=str(collection), out=str(index_dir))
-    env = {**os.environ, PAUSE_ENV: "3"}  # the run sleeps once 3 batches are committed
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
     try:
         line = ""
         while "paused" not in line:
@@ -193,9 +223,14 @@ def test_resume_after_sigkill_keeps_committed_batches(tmp_path: Path, encoder) -
     finally:
         if proc.poll() is None:
             proc.kill()
-    committed = vectors_by_path(index_dir)
-    assert len(committed) == 12
-    assert not (index_dir / FAISS_FILE).exists()  # killed before the FAISS rebuild
+    with IndexStore.open(index_dir) as store:  # killed before the first publish: nothing active yet
+        assert [(v.name, v.state, v.active) for v in store.versions()] == [("v1", "building", False)]
+        ids, vectors = store.all_vectors(version=1)
+        paths = dict((i, p) for i, p, _, _ in store.items())
+        committed = {paths[int(i)]: v for i, v in zip(ids, vectors, strict=True)}
+    assert len(committed) == 12 and not (index_dir / "versions").exists()
+    with pytest.raises(UserError, match="no active version yet"):
+        Searcher(index_dir, encoder)
 
     report = index_folder(collection, encoder, index_dir, model_ref="clip-tiny", batch_size=4, progress=False)
     assert (report.unchanged, report.new, report.embedded, report.total) == (12, 24, 24, 36)
@@ -210,8 +245,8 @@ def test_resume_after_sigkill_keeps_committed_batches(tmp_path: Path, encoder) -
     for path, vector in reference.items():
         np.testing.assert_allclose(resumed[path], vector, atol=1e-5)
     with IndexStore.open(index_dir) as store:
-        assert store.is_vectors_index_current()
-        assert store.vectors_index().ntotal == 36
+        assert store.is_published_current(1) and store.active_version().name == "v1"
+        assert store.view.index.ntotal == 36
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -292,42 +327,54 @@ class _Narrow:
 def test_encoder_of_another_width_is_refused(collection: Path, tmp_path: Path, encoder) -> None:
     index_folder(collection, encoder, tmp_path / "idx", model_ref="clip-tiny", progress=False)
     narrow = _Narrow(encoder)
-    with pytest.raises(UserError, match="embed_dim differ") as error:
+    with pytest.raises(UserError, match=f"{encoder.embed_dim}-d vectors .* the given model is a 16-d"):
         Searcher(tmp_path / "idx", narrow)
-    assert f'"embed_dim": {encoder.embed_dim}' in str(error.value) and '"embed_dim": 16' in str(error.value)
-    with pytest.raises(UserError, match="embed_dim differ"):
+    with pytest.raises(UserError, match="--new-version"):  # another width is another model
         index_folder(collection, narrow, tmp_path / "idx", model_ref="clip-tiny", progress=False)
-    with pytest.raises(UserError, match="kind"):
-        IndexStore.open(tmp_path / "idx", identity={**encoder.identity, "kind": "something-else"})
 
 
-def test_stale_or_missing_faiss_file_is_rebuilt(collection: Path, tmp_path: Path, encoder) -> None:
+def test_readers_use_the_published_ann_and_never_write(collection: Path, tmp_path: Path, encoder) -> None:
     index_dir = tmp_path / "idx"
     index_folder(collection, encoder, index_dir, model_ref="clip-tiny", progress=False)
-    old_faiss = (index_dir / FAISS_FILE).read_bytes()
+    published = index_dir / "versions" / "1"
+    old_pointer, old_files = (published / "ann.json").read_bytes(), sorted(published.glob("*.faiss"))
+    old_faiss = {p.name: p.read_bytes() for p in old_files}
     gone = image_path(collection, "red", "bar-0")
     query = encode_images([gone], encoder)
     gone.unlink()
     index_folder(collection, encoder, index_dir, model_ref="clip-tiny", progress=False)
+    assert sorted(p.name for p in published.glob("*.faiss")) == ["ann-g2.faiss"]  # the older file was cleaned up
 
-    (index_dir / FAISS_FILE).write_bytes(old_faiss)  # a FAISS file from an older generation
+    # An older published generation (a writer that has not published yet): the reader searches it as it is,
+    # leaving out items deleted since, and writes nothing.
+    for name, data in old_faiss.items():
+        (published / name).write_bytes(data)
+    (published / "ann.json").write_bytes(old_pointer)
+    snapshot = {p: p.read_bytes() for p in sorted(index_dir.rglob("*")) if p.is_file()}
     with IndexStore.open(index_dir) as store:
-        assert not store.is_vectors_index_current()
+        assert not store.is_published_current(1)
         hits = store.search(query, k=30)[0]
+        assert store.view.generation == 1 and store.view.count == 24
         assert len(hits) == 23 and str(gone) not in {h.path for h in hits}
-        assert store.is_vectors_index_current()  # rewritten on disk
-
-    (index_dir / FAISS_FILE).unlink()  # missing
+    assert {p: p.read_bytes() for p in sorted(index_dir.rglob("*")) if p.is_file()} == snapshot
+    # Nothing published (a first run killed before it published), or a damaged file: an exact view is
+    # built in memory, and still nothing is written.
+    for damage in ("missing", "corrupt"):
+        if damage == "missing":
+            (published / "ann.json").unlink()
+        else:
+            (published / "ann.json").write_bytes(old_pointer)
+            (published / "ann-g1.faiss").write_bytes(b"garbage")
+        snapshot = {p: p.read_bytes() for p in sorted(index_dir.rglob("*")) if p.is_file()}
+        with IndexStore.open(index_dir) as store:
+            assert len(store.search(query, k=5)[0]) == 5 and not store.view.published and store.view.count == 23
+        assert {p: p.read_bytes() for p in sorted(index_dir.rglob("*")) if p.is_file()} == snapshot
+    # The writer publishes again on its next run, with nothing to embed.
+    report = index_folder(collection, encoder, index_dir, model_ref="clip-tiny", progress=False)
+    assert report.embedded == 0
     with IndexStore.open(index_dir) as store:
-        assert len(store.search(query, k=5)[0]) == 5
-        generation = store.generation
-    assert (index_dir / FAISS_FILE).exists()
-    # Right generation stamp, corrupt body: rebuilt rather than trusted.
-    (index_dir / FAISS_FILE).write_bytes(struct.pack("<8sQ", b"VITRFAIS", generation) + b"garbage")
-    with IndexStore.open(index_dir) as store:
-        assert len(store.search(query, k=5)[0]) == 5
-    assert (index_dir / FAISS_FILE).stat().st_size > 100
-    assert not list(index_dir.glob(".vectors-*"))  # no temp files left behind
+        assert store.is_published_current(1) and store.view.published and store.view.count == 23
+    assert not list(index_dir.rglob("*.tmp"))  # no temp files left behind
 
 
 def test_empty_folder_gives_empty_index(tmp_path: Path, encoder) -> None:
@@ -355,7 +402,7 @@ def test_index_kinds_and_decoders_agree(collection: Path, tmp_path: Path, encode
     for path in a:
         np.testing.assert_allclose(a[path], b[path], atol=1e-6)
     with IndexStore.open(tmp_path / "hnsw") as store:
-        inner = faiss.downcast_index(faiss.downcast_index(store.vectors_index()).index)
+        inner = faiss.downcast_index(faiss.downcast_index(store.view.index).index)
         assert isinstance(inner, faiss.IndexHNSWFlat)
         query = np.stack([a[p] for p in sorted(a)])
         assert [hits[0].path for hits in store.search(query, k=1)] == sorted(a)
@@ -366,7 +413,7 @@ def test_index_kinds_and_decoders_agree(collection: Path, tmp_path: Path, encode
         )
         assert report.embedded == 0
         with IndexStore.open(tmp_path / "hnsw") as store:
-            assert isinstance(faiss.downcast_index(faiss.downcast_index(store.vectors_index()).index), cls)
+            assert isinstance(faiss.downcast_index(faiss.downcast_index(store.view.index).index), cls)
             assert [hits[0].path for hits in store.search(query, k=1)] == sorted(a)
 
 
@@ -394,16 +441,16 @@ def test_opening_a_missing_or_corrupt_index_is_a_user_error(tmp_path: Path) -> N
 
 
 def test_a_failed_batch_is_rolled_back_whole(tmp_path: Path, encoder) -> None:
-    store = IndexStore.create(tmp_path / "idx", identity=encoder.identity, model_ref="clip-tiny", root=tmp_path)
-    with store:
+    with IndexStore.create(tmp_path / "idx", root=tmp_path) as store:
+        v = store.add_version(identity=encoder.identity, model_ref="clip-tiny", index_kind="auto", preprocess={}).id
         rows = [ItemRow("a.png", "h1", 1, 1.0), ItemRow("b.png", None, 1, 1.0)]  # NOT NULL fails on row 2
         vectors = np.full((2, encoder.embed_dim), encoder.embed_dim**-0.5, dtype=np.float32)
         with pytest.raises(sqlite3.IntegrityError):
-            store.upsert_batch(rows, vectors)
-        assert store.count == 0 and store.generation == 0
+            store.upsert_batch(rows, vectors, version=v)
+        assert store.count == 0 and store.generation(v) == 0 and store.vector_count(v) == 0
         with pytest.raises(ValueError, match="shape"):
-            store.upsert_batch(rows[:1], vectors)
-        assert store.upsert_batch(rows[:1], vectors[:1]) == [1] and store.generation == 1
+            store.upsert_batch(rows[:1], vectors, version=v)
+        assert store.upsert_batch(rows[:1], vectors[:1], version=v) == [1] and store.generation(v) == 1
     conn = sqlite3.connect(tmp_path / "idx" / "meta.sqlite")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()

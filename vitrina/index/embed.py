@@ -141,7 +141,7 @@ def _target_version(
     """
     identity = encoder.identity
     match = store.find_version(identity.get("digest"))
-    if match is not None:
+    if match is not None and all(match.identity.get(k) == identity.get(k) for k in ("kind", "embed_dim")):
         return match, None
     legacy = next((v for v in store.versions() if _same_model_family(v, identity)), None)
     if legacy is not None:
