@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench._report import record  # noqa: E402
+from vitrina.errors import UserError  # noqa: E402
 from vitrina.index.store import IndexStore, choose_index_kind  # noqa: E402
 
 BENCHMARK = "serve_load"
@@ -44,8 +45,11 @@ FALLBACK_IMAGES = 300
 def trained_index() -> Path | None:
     """The first index under ``runs/`` whose model is a checkpoint folder that still exists."""
     for meta in sorted((REPO / "runs").glob("**/meta.sqlite")):
-        with IndexStore.open(meta.parent) as store:
-            ref, count = store.info.get("model_ref"), store.count
+        try:
+            with IndexStore.open(meta.parent) as store:
+                ref, count = store.active_version().model_ref, store.count
+        except UserError:  # an older format, or no active version yet
+            continue
         if ref and Path(ref).is_dir() and count:
             return meta.parent
     return None
@@ -150,10 +154,10 @@ def main() -> int:
             index_dir, model = tiny_index(Path(tmp)), "clip-tiny (untrained)"
         else:
             with IndexStore.open(index_dir) as store:
-                model = Path(store.info["model_ref"]).name
+                model = Path(store.active_version().model_ref).name
         with IndexStore.open(index_dir) as store:
             count = store.count
-            kind = choose_index_kind(count, store.info["index_kind"])
+            kind = choose_index_kind(count, store.active_version().index_kind)
         queries = index_queries(index_dir)
 
         with socket.socket() as probe:  # a port the OS says is free; serve() re-checks it

@@ -53,14 +53,22 @@ def choose_index_kind(n: int, kind: str = "auto") -> str:
     return "flat" if n < FLAT_MAX else "pq"
 
 
-def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, kind: str = "auto") -> faiss.Index:
+def build_faiss_index(
+    vectors: np.ndarray, ids: np.ndarray, kind: str = "auto", *, trained: faiss.Index | None = None
+) -> faiss.Index:
     """Build an inner-product FAISS index over (N, D) unit ``vectors`` with the given int64 ``ids``.
 
     Always an ``IndexIDMap2`` around the searchable part, so FAISS ids are item ids whatever the kind.
+    ``trained``: an empty, trained index of the same kind and width (``trained_part``) to fill instead
+    of training again: the writer re-publishes a growing index without re-running k-means each time.
     """
     n, dim = vectors.shape
     kind = choose_index_kind(n, kind)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if trained is not None and n and kind in ("pq", "ivf") and trained.d == dim:
+        index = faiss.IndexIDMap2(faiss.clone_index(trained))
+        index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+        return index
     if kind == "flat" or n == 0:
         inner: faiss.Index = faiss.IndexFlatIP(dim)
     elif kind == "pq":
@@ -90,6 +98,22 @@ def build_faiss_index(vectors: np.ndarray, ids: np.ndarray, kind: str = "auto") 
     if n:
         index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
     return index
+
+
+def trained_part(index: faiss.Index) -> faiss.Index | None:
+    """An empty copy of a trained PQ/IVF index built by ``build_faiss_index`` (None for flat and HNSW)."""
+    inner = faiss.downcast_index(faiss.downcast_index(index).index)
+    if isinstance(inner, faiss.IndexRefineFlat):
+        base = faiss.clone_index(faiss.downcast_index(inner.base_index))
+        base.reset()
+        empty = faiss.IndexRefineFlat(base)
+        empty.k_factor = inner.k_factor
+        return empty
+    if isinstance(inner, faiss.IndexIVF):
+        empty = faiss.clone_index(inner)
+        empty.reset()
+        return empty
+    return None
 
 
 @dataclass(frozen=True)

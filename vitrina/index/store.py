@@ -47,6 +47,7 @@ from vitrina.index.lock import LOCK_FILE
 META_FILE = "meta.sqlite"
 FORMAT = 2  # 1: one model, vectors in ``items`` and one ``vectors.faiss`` (upgraded by ``open_for_writing``)
 BUILDING, READY = "building", "ready"
+RETRAIN_GROWTH = 2  # a writer re-trains a version's PQ/IVF quantizer once the version doubled since the last training
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items(
@@ -176,6 +177,7 @@ class IndexStore:
         self.index_dir = index_dir
         self._conn = conn
         self._view: AnnView | None = None
+        self._trained: dict[int, tuple[str, int, object]] = {}  # version -> (kind, trained at n, empty trained index)
 
     # --- opening -----------------------------------------------------------------------------
 
@@ -619,12 +621,21 @@ class IndexStore:
     # --- the ANN view ------------------------------------------------------------------------
 
     def publish_ann(self, version: int) -> None:
-        """Writer only: build ``version``'s FAISS index from SQLite and publish it at its current generation."""
+        """Writer only: build ``version``'s FAISS index from SQLite and publish it at its current generation.
+
+        A PQ or IVF quantizer trained by an earlier publish of this writer is reused until the version
+        has doubled in size (k-means on 100k vectors takes seconds; adding to a trained index does not).
+        """
         v = self.version(version)
         ids, vectors = self.all_vectors(version=version)
-        index = build_faiss_index(vectors, ids, v.index_kind)
+        kind = choose_index_kind(len(ids), v.index_kind)
+        cached = self._trained.get(version)
+        reuse = cached is not None and cached[0] == kind and len(ids) <= RETRAIN_GROWTH * cached[1]
+        index = build_faiss_index(vectors, ids, kind, trained=cached[2] if reuse else None)
         del vectors
-        ann.publish(self.index_dir, version, v.generation, index, choose_index_kind(len(ids), v.index_kind))
+        if not reuse and (part := ann.trained_part(index)) is not None:
+            self._trained[version] = (kind, len(ids), part)
+        ann.publish(self.index_dir, version, v.generation, index, kind)
 
     def is_published_current(self, version: int) -> bool:
         """Whether ``version``'s published ANN file was built from its current generation."""
