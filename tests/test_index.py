@@ -454,3 +454,19 @@ def test_a_failed_batch_is_rolled_back_whole(tmp_path: Path, encoder) -> None:
     conn = sqlite3.connect(tmp_path / "idx" / "meta.sqlite")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
+
+
+def test_per_batch_normalisation_equals_the_per_image_transform(tmp_path: Path) -> None:
+    from vitrina.data.transforms import eval_transform
+    from vitrina.index.decode import Job, collate, decode
+
+    transform = eval_transform(32, (0.48, 0.45, 0.40), (0.27, 0.26, 0.28))
+    jobs = []
+    for i, (w, h) in enumerate([(48, 48), (97, 40), (33, 120), (200, 150)]):
+        path = tmp_path / f"{i}.png"
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        jobs.append(Job(path.name, path, 0, 0.0, None, None, True))
+    whole = torch.stack([decode(job, transform).pixels for job in jobs])
+    split = collate([decode(job, transform.to_uint8) for job in jobs], transform.normalize).pixels
+    assert split.dtype == torch.float32 and torch.equal(whole, split)

@@ -7,6 +7,7 @@ model waits for pixels as little as the cores allow.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -52,11 +53,24 @@ class Batch:
     pixels: torch.Tensor | None  # (G, 3, H, W) for the items without a ``reason``, in order
 
 
-def collate(decoded: list[Decoded]) -> Batch:
+def collate(decoded: list[Decoded], normalize: Callable | None = None) -> Batch:
+    """Stack the good items' pixels into one tensor (normalising a uint8 batch in one operation)."""
     good = [d.pixels for d in decoded if d.pixels is not None]
     for d in decoded:
         d.pixels = None
-    return Batch(decoded, torch.stack(good) if good else None)
+    pixels = torch.stack(good) if good else None
+    if pixels is not None and pixels.dtype == torch.uint8 and normalize is not None:
+        pixels = normalize(pixels)
+    return Batch(decoded, pixels)
+
+
+def _split(transform: Callable) -> tuple[Callable, Callable | None]:
+    """(per-image step, per-batch step): a transform with ``to_uint8``/``normalize`` (``EvalTransform``) does
+    its geometry per image and its arithmetic per batch; any other transform does it all per image."""
+    to_uint8, normalize = getattr(transform, "to_uint8", None), getattr(transform, "normalize", None)
+    if callable(to_uint8) and callable(normalize):
+        return to_uint8, normalize
+    return transform, None
 
 
 def content_hash(path: Path) -> str:
@@ -68,10 +82,12 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def decode(job: Job, transform: Callable) -> Decoded:
+def decode(job: Job, transform: Callable, draft_size: int | None = None) -> Decoded:
     """Decode and transform one file; never raises for a bad file (the ledger gets the reason)."""
     try:
-        image = load_image(job.path)  # size checks happen before decoding: no decompression bombs
+        # Size checks happen before decoding (no decompression bombs); a JPEG is decoded at 1/2, 1/4 or
+        # 1/8 scale when that still covers the tower's input (DCT scaling: most of the decode saved).
+        image = load_image(job.path, draft_size=draft_size)
         pixels = transform(image)
         return Decoded(job, pixels, content_hash(job.path))
     except BadImageError as error:
@@ -84,8 +100,10 @@ def thread_batches(jobs: list[Job], transform: Callable, batch_size: int, worker
     """Decode in a thread pool (PIL releases the GIL while decoding), two batches ahead of the model."""
     chunks = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     if workers <= 0:
+        per_image, normalize = _split(transform)
+        draft = getattr(transform, "size", None)
         for chunk in chunks:
-            yield collate([decode(job, transform) for job in chunk])
+            yield collate([decode(job, per_image, draft) for job in chunk], normalize)
         return
     # One intra-op thread per decoder: a decode thread left at the default would start its own OpenMP
     # team and fight the model for the cores. Some builds make that setting process-wide, so the
@@ -98,21 +116,23 @@ def thread_batches(jobs: list[Job], transform: Callable, batch_size: int, worker
 
 
 def _pooled_batches(chunks: list, transform: Callable, workers: int, model_threads: int) -> Iterator[Batch]:
+    per_image, normalize = _split(transform)
+    draft = getattr(transform, "size", None)
     with ThreadPoolExecutor(
         max_workers=workers, thread_name_prefix="vitrina-decode", initializer=torch.set_num_threads, initargs=(1,)
     ) as pool:
         pending: deque = deque()
         chunk_iter = iter(chunks)
         for chunk in chunk_iter:
-            pending.append([pool.submit(decode, job, transform) for job in chunk])
+            pending.append([pool.submit(decode, job, per_image, draft) for job in chunk])
             if len(pending) >= 2:
                 break
         while pending:
             futures = pending.popleft()
             next_chunk = next(chunk_iter, None)
             if next_chunk is not None:  # keep the pool busy while the model works on this batch
-                pending.append([pool.submit(decode, job, transform) for job in next_chunk])
-            batch = collate([future.result() for future in futures])
+                pending.append([pool.submit(decode, job, per_image, draft) for job in next_chunk])
+            batch = collate([future.result() for future in futures], normalize)
             torch.set_num_threads(model_threads)
             yield batch
 
@@ -120,24 +140,25 @@ def _pooled_batches(chunks: list, transform: Callable, workers: int, model_threa
 class DecodeDataset(torch.utils.data.Dataset):
     """Jobs as a map-style dataset for a process-based DataLoader."""
 
-    def __init__(self, jobs: list[Job], transform: Callable) -> None:
-        self.jobs, self.transform = jobs, transform
+    def __init__(self, jobs: list[Job], transform: Callable, draft_size: int | None) -> None:
+        self.jobs, self.transform, self.draft_size = jobs, transform, draft_size
 
     def __len__(self) -> int:
         return len(self.jobs)
 
     def __getitem__(self, i: int) -> Decoded:
-        return decode(self.jobs[i], self.transform)
+        return decode(self.jobs[i], self.transform, self.draft_size)
 
 
 def process_batches(jobs: list[Job], transform: Callable, batch_size: int, workers: int) -> Iterator[Batch]:
     """Decode in ``workers`` processes through a torch DataLoader (a batch's pixels come back as one
     shared-memory tensor, stacked in the worker)."""
+    per_image, normalize = _split(transform)
     loader = torch.utils.data.DataLoader(
-        DecodeDataset(jobs, transform),
+        DecodeDataset(jobs, per_image, getattr(transform, "size", None)),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, normalize=normalize),
         prefetch_factor=2 if workers else None,
     )
     yield from loader
