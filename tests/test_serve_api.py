@@ -24,11 +24,10 @@ from test_index import image_path, make_encoder, write_collection
 from vitrina.errors import UserError
 from vitrina.index.embed import index_folder
 from vitrina.index.store import IndexStore
-from vitrina.search import classify
+from vitrina.search import Term, classify, collapse_near_duplicates, parse_query
 from vitrina.serve import serve
 from vitrina.serve.app import create_app
 from vitrina.serve.media import MAX_UPLOAD_BYTES, ThumbCache
-from vitrina.serve.query import Term, collapse_near_duplicates, parse_query
 
 # --- fixtures -------------------------------------------------------------------------------
 
@@ -469,7 +468,7 @@ def test_an_index_of_another_width_is_refused_at_start(index_dir: Path) -> None:
         embed_dim = 32
         identity = {"kind": "vitrina-clip", "embed_dim": 32, "name": "other"}
 
-    with pytest.raises(UserError, match="embed_dim"):
+    with pytest.raises(UserError, match="64-d vectors .* the given model is a 32-d"):
         create_app(index_dir, encoder=Wide())
 
 

@@ -297,16 +297,32 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from vitrina.search import Searcher
+    from vitrina.search import MAX_ABS_WEIGHT, Query, Searcher, Term, parse_query
 
-    searcher = Searcher(Path(args.index), model_ref=args.model)
-    if args.image:
-        hits = searcher.search_image(Path(args.image), k=args.k)
-    elif args.query:
-        hits = searcher.search_text(args.query, k=args.k)
-    else:
-        raise UserError("give a text query or --image PATH")
-    _print_hits(hits, args.json)
+    if args.query is None and args.image is None:
+        raise UserError('give a text query or --image PATH, e.g. vitrina search INDEX "a beach" --not people')
+    if args.k < 1:
+        raise UserError(f"-k {args.k}: must be at least 1")
+    if not abs(args.image_weight) <= MAX_ABS_WEIGHT:
+        raise UserError(f"--image-weight {args.image_weight}: must be within ±{MAX_ABS_WEIGHT:g}")
+    # The query language of the API (see vitrina.search); with an image, the text may only push away.
+    terms = parse_query(args.query or "", require_positive=args.image is None)
+    terms += [Term(" ".join(text.split()), -1.0) for text in args.negatives if text.strip()]
+    images = [(Path(args.image), args.image_weight)] if args.image is not None else []
+    query = Query(terms=terms, images=images, k=args.k, collapse=args.collapse)
+    with Searcher(Path(args.index), model_ref=args.model) as searcher:
+        results = searcher.run(query)
+        folded = {d: searcher.store.get(d) for ranked in results.hits for d in ranked.duplicates}
+    if results.cancelled:
+        print("vitrina: the terms cancel each other out; nothing to rank by (change their weights)", file=sys.stderr)
+    if args.json:
+        print(json.dumps([{**r.hit.to_json(), "duplicates": r.duplicates} for r in results.hits], indent=2))
+        return
+    _print_hits([r.hit for r in results.hits], False)
+    for rank, ranked in enumerate(results.hits, 1):
+        if ranked.duplicates:
+            paths = [folded[d].path if folded[d] is not None else f"id {d}" for d in ranked.duplicates]
+            print(f"  #{rank} also stands for {len(paths)} near-duplicate(s): {', '.join(paths)}")
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
@@ -562,12 +578,22 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("--model", default=None, help="the model's reference here; checked against the digest")
     import_.set_defaults(handler=cmd_import)
 
-    search = sub.add_parser("search", help="search an index by text or by example image")
+    search = sub.add_parser(
+        "search",
+        help="search an index by text, by example image, or both",
+        description='Query syntax: plain words form one phrase; -word or -"a phrase" pushes away; '
+        'word^0.5 or "a phrase"^2 weighs (within ±10); e.g. beach -people "red umbrella"^0.5',
+    )
     search.add_argument("index")
-    search.add_argument("query", nargs="?", default=None)
-    search.add_argument("--image", default=None, help="search by this image instead of text")
+    search.add_argument("query", nargs="?", default=None, help="text query (see the syntax above)")
+    search.add_argument(
+        "--not", dest="negatives", action="append", default=[], metavar="TEXT", help="push away from TEXT (repeatable)"
+    )
+    search.add_argument("--image", default=None, help="search by this image (mixed with the text, if any)")
+    search.add_argument("--image-weight", type=float, default=1.0, help="weight of --image against the text terms")
+    search.add_argument("--collapse", action="store_true", help="show near-duplicate images as one hit")
     search.add_argument("-k", type=int, default=10)
-    search.add_argument("--json", action="store_true", help="print hits as JSON")
+    search.add_argument("--json", action="store_true", help="print hits as JSON (with their folded duplicates' ids)")
     search.add_argument("--model", default=None, help="override the model stored in the index (same kind/width)")
     search.set_defaults(handler=cmd_search)
 

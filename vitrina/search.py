@@ -1,9 +1,35 @@
-"""Search an index by text, by example image or by vector; zero-shot classify images by label names."""
+"""Search an index, and zero-shot classify images by label names.
+
+One query engine for the CLI and the HTTP API: a ``Query`` holds weighted text terms, example images
+(files, PIL images, indexed items by id, or raw vectors) and how many hits to return; ``Searcher.run``
+encodes it, searches, and folds near-duplicates when asked.
+
+The text query language (``parse_query``)::
+
+    beach at sunset -people "red umbrella"^0.5 -"dark clouds"^0.3
+
+* plain words form one phrase together (``beach at sunset``), encoded as one text;
+* ``"a quoted phrase"`` is a term of its own;
+* a leading ``-`` makes a word or quoted phrase negative (default weight ``-1``);
+* a trailing ``^w`` sets the weight of a word or quoted phrase, ``|w| <= 10`` (``-x^0.3`` is ``x`` at ``-0.3``);
+* terms are separated by spaces, tabs or newlines; at most 16 marked (quoted, negative or weighted) terms;
+* a text-only query needs a positive term (words without a leading ``-``).
+
+``QUERY_PATTERN`` (text-only) and ``TERMS_PATTERN`` (text mixed with an image: no positive term needed)
+are those rules as regular expressions, valid in Python and in the ECMA dialect of JSON Schema: the API
+publishes them in its schema, and ``parse_query`` accepts exactly the strings they match.
+
+The query vector is ``sum_i w_i * e_i`` over the unit embeddings ``e_i`` of the terms and example
+images, so an item's rank follows ``sum_i w_i * cos(item, e_i)``: ``beach -people`` ranks by
+"beach-ness minus people-ness". The reported score is the cosine with the normalised sum; terms that
+cancel each other out (``cat -cat``) match nothing, and the search says so.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +45,156 @@ from vitrina.index.ann import published_generation as ann_generation
 from vitrina.index.encoders import check_encoder, encoder_for
 from vitrina.index.store import Hit, IndexStore, Version
 
-__all__ = ["Hit", "Searcher", "classify", "encode_images"]
+__all__ = [
+    "MAX_ABS_WEIGHT",
+    "MAX_TERMS",
+    "QUERY_PATTERN",
+    "TERMS_PATTERN",
+    "Hit",
+    "Query",
+    "RankedHit",
+    "Results",
+    "Searcher",
+    "Served",
+    "Term",
+    "UnknownItemError",
+    "classify",
+    "collapse_near_duplicates",
+    "combine",
+    "encode_images",
+    "parse_query",
+]
 
 ImageLike = str | os.PathLike | Image.Image
+
+NEGATIVE_WEIGHT = -1.0
+MAX_TERMS = 16  # marked terms (quoted, negative or weighted) in one query; the plain words make one more
+MAX_ABS_WEIGHT = 10.0  # spelt out again in _MAGNITUDE below
+DUPLICATE_COSINE = 0.95  # image vectors this close are shown as one result when collapsing
+COLLAPSE_POOL = 3  # when collapsing, rank k * 3 candidates so k distinct ones usually remain
+
+# --- the query language as regular expressions -----------------------------------------------
+# ASCII classes only, and no Python-only syntax: the same strings are ECMA patterns in the API schema.
+_W = r"[ \t\n\r]"  # a separator
+_WORD = r'[^ \t\n\r"^-][^ \t\n\r"^]*'  # a bare word: no separator, quote or caret; no leading "-"
+_PHRASE = r'"[^"]*"'
+_MAGNITUDE = r"(?:10(?:\.0+)?|[0-9](?:\.[0-9]+)?|\.[0-9]+)"  # 0 ... 10
+_NUM = rf"[+-]?{_MAGNITUDE}"
+_NON_POSITIVE_NUM = rf"(?:-{_MAGNITUDE}|\+?(?:0(?:\.0+)?|\.0+))"
+_TOKEN = rf"-?(?:{_PHRASE}|{_WORD})(?:\^{_NUM})?"
+_MARKED = rf"(?:-(?:{_PHRASE}|{_WORD})(?:\^{_NUM})?|{_PHRASE}(?:\^{_NUM})?|{_WORD}\^{_NUM})"
+# A token that adds nothing positive: negative, a blank phrase, or a weight <= 0.
+_NON_POSITIVE = (
+    rf'(?:-(?:{_PHRASE}|{_WORD})(?:\^{_NUM})?|"{_W}*"(?:\^{_NUM})?|(?:{_PHRASE}|{_WORD})\^{_NON_POSITIVE_NUM})'
+)
+_SOME_TOKENS = rf"{_W}*{_TOKEN}(?:{_W}+{_TOKEN})*{_W}*"
+_NOT_TOO_MANY = rf"(?!{_W}*(?:(?:{_WORD}{_W}+)*{_MARKED}{_W}+){{{MAX_TERMS}}}(?:{_WORD}{_W}+)*{_MARKED})"
+_SOME_POSITIVE = rf"(?!{_W}*(?:{_NON_POSITIVE}(?:{_W}+{_NON_POSITIVE})*)?{_W}*$)"
+
+# A query needs a token anyway (a positive one), spelt out so that generators reach long queries.
+TERMS_PATTERN = rf"^{_NOT_TOO_MANY}(?:{_SOME_TOKENS}|{_W}*)$"
+QUERY_PATTERN = rf"^{_SOME_POSITIVE}{_NOT_TOO_MANY}{_SOME_TOKENS}$"
+
+_TERMS_RE = re.compile(TERMS_PATTERN)
+_QUERY_RE = re.compile(QUERY_PATTERN)
+_PARTS_RE = re.compile(rf'(?P<neg>-)?(?:"(?P<phrase>[^"]*)"|(?P<word>{_WORD}))(?:\^(?P<weight>{_NUM}))?')
+_PIECE_RE = re.compile(r'-?"[^"]*"?[^ \t\n\r"]*|[^ \t\n\r]+')  # what a reader would call one term
+
+
+@dataclass(frozen=True)
+class Term:
+    """One text of a query and its weight (negative: push results away from it)."""
+
+    text: str
+    weight: float
+
+
+def _clean(text: str) -> str:
+    """Separators collapsed to one space, none at the ends."""
+    return " ".join(part for part in re.split(f"{_W}+", text) if part)
+
+
+def parse_query(query: str, *, require_positive: bool = True) -> list[Term]:
+    """Split ``query`` into weighted terms (see the module docstring); plain words join into one phrase.
+
+    Accepts exactly the strings ``QUERY_PATTERN`` matches (``TERMS_PATTERN`` without
+    ``require_positive``); anything else is a ``UserError`` that says what is wrong.
+    """
+    if not (_QUERY_RE if require_positive else _TERMS_RE).fullmatch(query):
+        raise UserError(_why_not(query, require_positive))
+    plain: list[str] = []
+    terms: list[Term] = []
+    for match in _PARTS_RE.finditer(query):
+        text = _clean(match["phrase"] if match["phrase"] is not None else match["word"])
+        negative = match["neg"] is not None
+        if not negative and match["phrase"] is None and match["weight"] is None:
+            plain.append(text)  # part of the main phrase
+            continue
+        magnitude = float(match["weight"]) if match["weight"] is not None else 1.0
+        weight = NEGATIVE_WEIGHT * abs(magnitude) if negative else magnitude
+        if text and weight != 0:
+            terms.append(Term(text, weight))
+    if plain:
+        terms.insert(0, Term(" ".join(plain), 1.0))
+    return terms
+
+
+def _why_not(query: str, require_positive: bool) -> str:
+    """A one-line reason why ``query`` is not a well-formed query."""
+    if query.count('"') % 2:
+        return 'query: a quote (") is not closed'
+    marked, positive = 0, False
+    for piece in _PIECE_RE.finditer(query):
+        token = piece.group()
+        if not re.fullmatch(_TOKEN, token):
+            if "^" in token:
+                return f"query: cannot read {token!r}; write a weight as term^0.5, between -10 and 10"
+            return f"query: cannot read {token!r}; separate terms by spaces; a leading '-' negates a term"
+        marked += bool(re.fullmatch(_MARKED, token))
+        positive = positive or not re.fullmatch(_NON_POSITIVE, token)
+    if marked > MAX_TERMS:
+        return f"query: {marked} quoted, negative or weighted terms; at most {MAX_TERMS} are allowed"
+    if require_positive and not positive:
+        return "query: needs at least one positive term (words without a leading '-')"
+    return "query: cannot read it; see the query syntax"  # not reached while the patterns and the reader agree
+
+
+# --- vectors ------------------------------------------------------------------------------------
+
+
+def combine(parts: list[tuple[np.ndarray, float]]) -> np.ndarray | None:
+    """``sum w * v`` over (unit vector (D,), weight) pairs, normalised; None if the terms cancel out."""
+    if not parts:
+        raise UserError("query: nothing to search by; give a text, an image, or both")
+    total = np.zeros_like(np.asarray(parts[0][0], dtype=np.float32))  # (D,)
+    for vector, weight in parts:
+        total += np.float32(weight) * np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(total))
+    if not np.isfinite(norm) or norm < 1e-6:
+        return None
+    return total / norm
+
+
+def collapse_near_duplicates(vectors: np.ndarray, k: int, threshold: float) -> list[tuple[int, list[int]]]:
+    """Greedy de-duplication of a ranked list of (N, D) unit ``vectors``.
+
+    Walks the ranking best first; an item whose cosine with an already kept item is ``>= threshold``
+    joins that item's group instead of being kept. Returns up to ``k`` (kept row, [duplicate rows])
+    pairs in rank order; items past the ``k``-th kept one only ever join groups.
+    """
+    kept: list[int] = []
+    groups: dict[int, list[int]] = {}
+    for row in range(len(vectors)):
+        if kept:
+            similarity = vectors[kept] @ vectors[row]  # (len(kept),)
+            best = int(np.argmax(similarity))
+            if similarity[best] >= threshold:
+                groups[kept[best]].append(row)
+                continue
+        if len(kept) < k:
+            kept.append(row)
+            groups[row] = []
+    return [(row, groups[row]) for row in kept]
 
 
 def encode_images(images: list[ImageLike], encoder: Encoder) -> np.ndarray:
@@ -31,6 +204,56 @@ def encode_images(images: list[ImageLike], encoder: Encoder) -> np.ndarray:
         return np.empty((0, encoder.embed_dim), dtype=np.float32)
     pixels = torch.stack([encoder.image_transform(img) for img in pils])  # (B, 3, H, W)
     return encoder.encode_image(pixels).detach().cpu().numpy().astype(np.float32)
+
+
+# --- queries ------------------------------------------------------------------------------------
+
+
+class UnknownItemError(UserError):
+    """A query names an indexed item by an id the index does not hold."""
+
+    def __init__(self, item_id: int) -> None:
+        super().__init__(f"image_id {item_id} is not in the index")
+        self.item_id = item_id
+
+
+@dataclass
+class Query:
+    """What to search by: weighted text terms and example images, mixed into one vector.
+
+    ``images`` are files or PIL images (encoded here), ``item_ids`` indexed items (their stored
+    vectors), ``vectors`` raw (D,) vectors of any scale; each comes with its weight. ``collapse``
+    shows near-duplicate images as one hit, the others listed as its duplicates.
+    """
+
+    terms: list[Term] = field(default_factory=list)
+    images: list[tuple[ImageLike, float]] = field(default_factory=list)
+    item_ids: list[tuple[int, float]] = field(default_factory=list)
+    vectors: list[tuple[np.ndarray, float]] = field(default_factory=list)
+    k: int = 10
+    collapse: bool = False
+
+    @property
+    def has_examples(self) -> bool:
+        """Whether anything besides text is searched by."""
+        return bool(self.images or self.item_ids or self.vectors)
+
+
+@dataclass(frozen=True)
+class RankedHit:
+    """One result and the ids of the near-duplicates folded into it (empty unless collapsing)."""
+
+    hit: Hit
+    duplicates: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Results:
+    """The ranked hits of a query, the size of the index searched, and whether the terms cancelled out."""
+
+    hits: list[RankedHit]
+    count: int
+    cancelled: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +323,11 @@ class Searcher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def warm_up(self) -> None:
+        """Run the text tower and one search, so the first query does not pay for either."""
+        served = self.served
+        self.store.search(_text_vectors(served.encoder, ["warm-up"]), 1, view=served.view)
+
     def search_vector(self, vector: np.ndarray, k: int = 10, *, served: Served | None = None) -> list[Hit]:
         """Top-``k`` hits for one (D,) query vector (normalised here, so any scale is fine).
 
@@ -107,23 +335,77 @@ class Searcher:
         swap between encoding and searching cannot pair a vector with another version's view.
         """
         served = served or self.served
-        vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)  # (1, D)
-        norm = float(np.linalg.norm(vector))
-        if not np.isfinite(norm) or norm == 0:
-            raise UserError("query vector is zero or not finite; cannot search with it")
-        return self.store.search(vector / norm, k, view=served.view)[0]
+        return self.store.search(_unit(vector)[None, :], k, view=served.view)[0]
 
     def search_text(self, query: str, k: int = 10) -> list[Hit]:
-        """Top-``k`` images for a text query."""
+        """Top-``k`` images for a text, taken as one phrase (``run`` reads the query language)."""
         if not query.strip():
             raise UserError("the text query is empty; type what the picture should show")
         served = self.served
-        return self.search_vector(served.encoder.encode_text([query])[0].detach().cpu().numpy(), k, served=served)
+        return self.search_vector(_text_vectors(served.encoder, [query])[0], k, served=served)
 
     def search_image(self, image: ImageLike, k: int = 10) -> list[Hit]:
         """Top-``k`` images most like ``image`` (a path or a PIL image)."""
         served = self.served
         return self.search_vector(encode_images([image], served.encoder)[0], k, served=served)
+
+    def query_vector(self, query: Query, *, served: Served | None = None) -> np.ndarray | None:
+        """The unit (D,) vector ``query`` searches by, or None when its parts cancel each other out."""
+        served = served or self.served
+        parts: list[tuple[np.ndarray, float]] = []
+        if query.terms:
+            vectors = _text_vectors(served.encoder, [t.text for t in query.terms])  # (T, D)
+            parts += [(v, t.weight) for v, t in zip(vectors, query.terms, strict=True)]
+        if query.item_ids:
+            ids = [item_id for item_id, _ in query.item_ids]
+            stored = self.store.item_vectors(ids, version=served.version.id)
+            for item_id, weight in query.item_ids:
+                if item_id not in stored:
+                    raise UnknownItemError(item_id)
+                parts.append((stored[item_id], weight))
+        if query.images:
+            encoded = encode_images([image for image, _ in query.images], served.encoder)  # (I, D)
+            parts += [(v, w) for v, (_, w) in zip(encoded, query.images, strict=True)]
+        parts += [(_unit(vector), weight) for vector, weight in query.vectors]
+        return combine(parts)
+
+    def run(self, query: Query) -> Results:
+        """Encode ``query``, search, and fold near-duplicates if it asks to -> ranked hits.
+
+        The whole query runs against one ``Served`` state, whatever ``refresh`` swaps in meanwhile.
+        """
+        if query.k < 1:
+            raise UserError(f"k must be at least 1, got {query.k}")
+        served = self.served
+        vector = self.query_vector(query, served=served)
+        count = self.store.count
+        if vector is None:
+            return Results([], count, cancelled=True)
+        if not query.collapse:
+            hits = self.store.search(vector[None, :], query.k, view=served.view)[0]
+            return Results([RankedHit(hit) for hit in hits], count)
+        pool = self.store.search(vector[None, :], query.k * COLLAPSE_POOL, view=served.view)[0]
+        stored = self.store.item_vectors([hit.id for hit in pool], version=served.version.id)
+        pool = [hit for hit in pool if hit.id in stored]  # deleted between the two reads
+        if not pool:
+            return Results([], count)
+        vectors = np.stack([stored[hit.id] for hit in pool])  # (N, D)
+        groups = collapse_near_duplicates(vectors, query.k, DUPLICATE_COSINE)
+        return Results([RankedHit(pool[row], [pool[d].id for d in dups]) for row, dups in groups], count)
+
+
+def _text_vectors(encoder: Encoder, texts: list[str]) -> np.ndarray:
+    """(T, D) unit vectors of ``texts``, encoded in one batch."""
+    return encoder.encode_text(texts).detach().cpu().numpy().astype(np.float32)
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    """``vector`` as float32 (D,) of length 1; a zero or non-finite one is a ``UserError``."""
+    vector = np.asarray(vector, dtype=np.float32).reshape(-1)  # (D,)
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm == 0:
+        raise UserError("query vector is zero or not finite; cannot search with it")
+    return vector / norm
 
 
 def classify(

@@ -5,6 +5,10 @@ index it searches (see ``workers.py``); a second worker holds a metadata-only co
 thumbnail and info look-ups, so those never wait behind a search. Every error is a JSON object
 ``{"error": "one line"}`` with a 4xx status; a 500 means a bug.
 
+Queries run through ``vitrina.search`` (``Query``, ``Searcher.run``), the engine ``vitrina search``
+uses too; this module only maps routes to it, validates, and enforces the limits. What each route
+documents in the OpenAPI schema (statuses, limits, patterns) is kept true by ``contract.py``.
+
 Routes: ``/`` (the page), ``/static/*``, ``/api/search`` (GET text, POST JSON text/image id/both),
 ``/api/search/image`` (multipart upload), ``/api/images/{id}``, ``/api/thumbs/{id}``,
 ``/api/classify``, ``/api/info``, ``/healthz``, ``/metrics``; the OpenAPI schema at ``/openapi.json``.
@@ -19,12 +23,11 @@ import tempfile
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -38,10 +41,29 @@ from vitrina.data.images import BadImageError, load_image
 from vitrina.encoder import Encoder
 from vitrina.errors import UserError
 from vitrina.index.store import Hit, IndexStore, choose_index_kind
-from vitrina.search import Searcher, classify, encode_images
+from vitrina.search import (
+    MAX_ABS_WEIGHT,
+    QUERY_PATTERN,
+    TERMS_PATTERN,
+    Results,
+    Searcher,
+    UnknownItemError,
+    classify,
+    parse_query,
+)
+from vitrina.search import Query as SearchQuery
+from vitrina.serve.contract import (
+    LABELS_PATTERN,
+    MAX_ID,
+    MAX_LABELS,
+    MAX_LABELS_CHARS,
+    allowed_methods,
+    errors,
+    parse_labels,
+    refine_openapi,
+)
 from vitrina.serve.media import MAX_UPLOAD_BYTES, ThumbCache, UploadError, decode_upload, indexed_file, media_type
 from vitrina.serve.metrics import Metrics, MetricsMiddleware
-from vitrina.serve.query import MAX_ABS_WEIGHT, Term, collapse_near_duplicates, combine, parse_query, text_parts
 from vitrina.serve.workers import Worker
 
 log = logging.getLogger("vitrina.serve")
@@ -50,10 +72,6 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_QUERY_CHARS = 1000
 MAX_K = 1000
 DEFAULT_K = 24
-MAX_LABELS = 64
-MAX_LABELS_CHARS = 4000
-DUPLICATE_COSINE = 0.95  # image vectors this close are shown as one result when collapsing
-COLLAPSE_POOL = 3  # when collapsing, rank k * 3 candidates so k distinct ones usually remain
 WEAK_SCORE = 0.15  # a text query whose best cosine is below this "matches nothing well"
 MULTIPART_SLACK = 64 * 2**10  # boundaries and part headers around an upload of MAX_UPLOAD_BYTES
 NOSNIFF = {"X-Content-Type-Options": "nosniff"}  # an indexed "x.png" holding HTML stays an image
@@ -62,6 +80,7 @@ PAGE_HEADERS = {
     **NOSNIFF,
 }
 IMAGE_HEADERS = {"Cache-Control": "private, max-age=3600", **NOSNIFF}
+ItemId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="id of an indexed image")]
 
 
 class ApiError(Exception):
@@ -75,78 +94,39 @@ class ApiError(Exception):
 class SearchBody(BaseModel):
     """``POST /api/search``: a text query, an indexed image by id, or both mixed."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["image_id"], "properties": {"image_id": {"type": "integer"}}},
+                {"required": ["q"], "properties": {"q": {"type": "string", "pattern": QUERY_PATTERN}}},
+            ]
+        },
+    )
 
-    q: str | None = Field(None, max_length=MAX_QUERY_CHARS, description="text query (see the query syntax)")
-    image_id: int | None = Field(None, ge=0, description="id of an indexed image to search by")
+    q: str | None = Field(
+        None,
+        max_length=MAX_QUERY_CHARS,
+        description="text query (see the query syntax); without image_id it needs a positive term",
+        json_schema_extra={"pattern": TERMS_PATTERN},
+    )
+    image_id: int | None = Field(None, ge=0, le=MAX_ID, description="id of an indexed image to search by")
     image_weight: float = Field(1.0, ge=-MAX_ABS_WEIGHT, le=MAX_ABS_WEIGHT, description="weight of the image")
     k: int = Field(DEFAULT_K, ge=1, le=MAX_K)
     collapse: bool = Field(False, description="show near-duplicate images as one result")
 
 
-@dataclass
-class _Query:
-    """A parsed query, ready for the search worker."""
-
-    terms: list[Term] = field(default_factory=list)
-    image_id: int | None = None
-    image: Image.Image | None = None
-    image_weight: float = 1.0
-    k: int = DEFAULT_K
-    collapse: bool = False
-
-
-def _item_vectors(store: IndexStore, ids: list[int]) -> dict[int, np.ndarray]:
-    """Stored (D,) vectors of these ids. Reads the store's SQLite table: belongs in ``IndexStore``."""
-    found: dict[int, np.ndarray] = {}
-    for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-        part = ids[start : start + 900]
-        marks = ",".join("?" * len(part))
-        rows = store._conn.execute(f"SELECT id, vector FROM items WHERE id IN ({marks})", part)
-        found.update((item_id, np.frombuffer(blob, dtype=np.float32)) for item_id, blob in rows)
-    return found
-
-
-def _run_query(searcher: Searcher, query: _Query) -> tuple[list[tuple[Hit, list[int]]], int]:
-    """On the search worker: encode the query, search, collapse if asked -> ([(hit, duplicate ids)], count)."""
-    parts = text_parts(query.terms, searcher.encoder) if query.terms else []
-    if query.image_id is not None:
-        vector = _item_vectors(searcher.store, [query.image_id]).get(query.image_id)
-        if vector is None:
-            raise ApiError(404, f"image_id {query.image_id} is not in the index")
-        parts.append((vector, query.image_weight))
-    if query.image is not None:
-        parts.append((encode_images([query.image], searcher.encoder)[0], query.image_weight))
-    vector = combine(parts)
-    count = searcher.store.count
-    if not query.collapse:
-        return [(hit, []) for hit in searcher.search_vector(vector, query.k)], count
-    pool = searcher.search_vector(vector, query.k * COLLAPSE_POOL)
-    stored = _item_vectors(searcher.store, [hit.id for hit in pool])
-    pool = [hit for hit in pool if hit.id in stored]  # deleted between the two reads
-    if not pool:
-        return [], count
-    vectors = np.stack([stored[hit.id] for hit in pool])  # (N, D)
-    groups = collapse_near_duplicates(vectors, query.k, DUPLICATE_COSINE)
-    return [(pool[row], [pool[d].id for d in dups]) for row, dups in groups], count
-
-
-def _warm_up(searcher: Searcher) -> None:
-    """Load the FAISS file and run the text tower once, so the first user does not pay for it."""
-    searcher.store.vectors_index()
-    searcher.encoder.encode_text(["warm-up"])
-
-
 def _index_info(store: IndexStore) -> dict:
-    """On the metadata worker: what ``/api/info`` reports about the index."""
-    info, count = store.info, store.count
+    """On the metadata worker: what ``/api/info`` reports about the index (its active version)."""
+    version, count = store.active_version(), store.count
     reasons = Counter(reason for _, reason, _ in store.ledger())
     return {
         "count": count,
-        "embed_dim": info["embed_dim"],
-        "index_kind": choose_index_kind(count, info["index_kind"]),
-        "index_kind_setting": info["index_kind"],
-        "collection": Path(info["root"]).name,
+        "version": version.name,
+        "embed_dim": version.embed_dim,
+        "index_kind": choose_index_kind(count, version.index_kind),
+        "index_kind_setting": version.index_kind,
+        "collection": store.root.name,
         "ledger": {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},
     }
 
@@ -237,8 +217,8 @@ def create_app(
     )
     meta: Worker[IndexStore] = Worker("vitrina-meta", lambda: IndexStore.open(index_dir), close=IndexStore.close)
     searcher_encoder = searcher_worker.call(lambda s: s.encoder)
-    searcher_worker.call(_warm_up)
-    stored_ref = meta.call(lambda s: s.info.get("model_ref"))
+    searcher_worker.call(Searcher.warm_up)
+    stored_ref = meta.call(lambda s: s.active_version().model_ref)
     root = meta.call(lambda s: s.root)
     thumbs = ThumbCache(_thumb_folder(index_dir, thumb_dir))
     model_info = _model_info(searcher_encoder, model_ref or stored_ref)
@@ -260,6 +240,7 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: also times 413s
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _add_error_handlers(app)
+    refine_openapi(app, one_of={("/api/classify", "post"): ["file", "image_id"]})
 
     def hit_json(hit: Hit, duplicates: list[int]) -> dict:
         try:
@@ -277,18 +258,18 @@ def create_app(
             "duplicates": duplicates,
         }
 
-    async def answer(query: _Query, echo: dict) -> dict:
+    async def answer(query: SearchQuery, echo: dict) -> dict:
         start = time.perf_counter()
-        results, count = await searcher_worker.run(_run_query, query)
-        best = results[0][0].score if results else None
-        text_only = query.image_id is None and query.image is None
+        results: Results = await searcher_worker.run(Searcher.run, query)
+        best = results.hits[0].hit.score if results.hits else None
         return {
             "query": echo,
             "terms": [{"text": t.text, "weight": t.weight} for t in query.terms],
             "k": query.k,
-            "count": count,
-            "hits": [hit_json(hit, dups) for hit, dups in results],
-            "weak": bool(text_only and results and best < weak_score),
+            "count": results.count,
+            "hits": [hit_json(ranked.hit, ranked.duplicates) for ranked in results.hits],
+            "weak": results.cancelled or bool(not query.has_examples and results.hits and best < weak_score),
+            "note": "the terms cancel each other out: nothing to rank by" if results.cancelled else None,
             "took_ms": round(1000 * (time.perf_counter() - start), 2),
         }
 
@@ -299,6 +280,13 @@ def create_app(
             raise ApiError(404, f"image {item_id} is not in the index")
         return path
 
+    async def indexed_image(item_id: int) -> Image.Image:
+        path = await indexed_path(item_id)
+        try:
+            return await run_in_threadpool(load_image, path)
+        except BadImageError as error:
+            raise ApiError(404, f"image {item_id} can no longer be read ({error.reason})") from None
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
@@ -308,7 +296,12 @@ def create_app(
         """Liveness: the index answers."""
         return {"status": "ok", "count": await meta.run(lambda s: s.count)}
 
-    @app.get("/metrics", tags=["ops"], response_class=Response)
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def metrics_text() -> Response:
         """Prometheus text format: requests, latency histogram, errors, index size."""
         metrics.items.set(await meta.run(lambda s: s.count))
@@ -320,45 +313,81 @@ def create_app(
         """Model, vector width, item count, index kind and ledger counts."""
         return {"model": model_info, **await meta.run(_index_info)}
 
-    @app.get("/api/search", tags=["search"])
+    @app.get("/api/search", tags=["search"], responses=errors(422))
     async def search_get(
-        q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS, description="text query")],
+        q: Annotated[
+            str,
+            Query(
+                max_length=MAX_QUERY_CHARS,
+                description="text query: needs a positive term (see the query syntax)",
+                json_schema_extra={"pattern": QUERY_PATTERN},
+            ),
+        ],
         k: Annotated[int, Query(ge=1, le=MAX_K)] = DEFAULT_K,
         collapse: Annotated[bool, Query(description="show near-duplicate images as one result")] = False,
     ) -> dict:
-        """Text query. Words form one phrase; ``-word`` / ``-"a phrase"`` push away; ``word^0.5`` weighs."""
-        return await answer(_Query(terms=parse_query(q), k=k, collapse=collapse), {"q": q})
+        """Text query. Words form one phrase; ``-word`` / ``-"a phrase"`` push away; ``word^0.5`` weighs.
 
-    @app.post("/api/search", tags=["search"])
+        Terms are separated by spaces; at most 16 quoted, negative or weighted terms, weights within ±10.
+        """
+        if not q:  # the pattern rules it out too; no minLength beside it, which makes generators slow
+            raise ApiError(422, "q: give a text query")
+        return await answer(SearchQuery(terms=parse_query(q), k=k, collapse=collapse), {"q": q})
+
+    @app.post("/api/search", tags=["search"], responses=errors(400, 404, 413, 422))
     async def search_post(body: SearchBody) -> dict:
-        """A text query, an indexed image by id, or both mixed (``image_weight`` scales the image)."""
-        if body.image_id is None and not (body.q and body.q.strip()):
-            raise ApiError(422, "give q (a text query), image_id (an indexed image), or both")
-        terms = parse_query(body.q) if body.q and body.q.strip() else []
-        query = _Query(terms, body.image_id, None, body.image_weight, body.k, body.collapse)
+        """A text query, an indexed image by id, or both mixed (``image_weight`` scales the image).
+
+        With an image, the text may be blank or only push away (``-people``).
+        """
+        if body.image_id is None:
+            if body.q is None:
+                raise ApiError(422, "give q (a text query), image_id (an indexed image), or both")
+            query = SearchQuery(terms=parse_query(body.q), k=body.k, collapse=body.collapse)
+        else:
+            terms = parse_query(body.q or "", require_positive=False)
+            item_ids = [(body.image_id, body.image_weight)]
+            query = SearchQuery(terms=terms, item_ids=item_ids, k=body.k, collapse=body.collapse)
         return await answer(query, body.model_dump(exclude_defaults=True))
 
-    @app.post("/api/search/image", tags=["search"])
+    @app.post("/api/search/image", tags=["search"], responses=errors(400, 413, 415, 422))
     async def search_image(
         file: Annotated[UploadFile, File(description="PNG, JPEG, GIF, BMP, WebP or TIFF; ≤ 20 MB, ≤ 50 MP")],
-        q: Annotated[str | None, Form(max_length=MAX_QUERY_CHARS, description="optional text mixed in")] = None,
+        q: Annotated[
+            str | None,
+            Form(
+                max_length=MAX_QUERY_CHARS,
+                description="optional text mixed in (see the query syntax)",
+                json_schema_extra={"pattern": TERMS_PATTERN},
+            ),
+        ] = None,
         k: Annotated[int, Query(ge=1, le=MAX_K)] = DEFAULT_K,
         collapse: Annotated[bool, Query()] = False,
     ) -> dict:
         """Search by an uploaded example image (optionally mixed with a text query)."""
         image = await _read_upload(file)
-        terms = parse_query(q) if q and q.strip() else []
+        terms = parse_query(q or "", require_positive=False)
         echo = {"image": file.filename or "upload", **({"q": q} if q else {})}
-        return await answer(_Query(terms, None, image, 1.0, k, collapse), echo)
+        return await answer(SearchQuery(terms=terms, images=[(image, 1.0)], k=k, collapse=collapse), echo)
 
-    @app.get("/api/images/{item_id:int}", tags=["images"], response_class=FileResponse)
-    async def image_file(item_id: int) -> FileResponse:
+    @app.get(
+        "/api/images/{item_id:int}",
+        tags=["images"],
+        response_class=FileResponse,
+        responses={200: {"content": {"image/*": {}}}, **errors(404, 422)},
+    )
+    async def image_file(item_id: ItemId) -> FileResponse:
         """The original file of an indexed image, by id."""
         path = await indexed_path(item_id)
         return FileResponse(path, media_type=media_type(path), headers=IMAGE_HEADERS)
 
-    @app.get("/api/thumbs/{item_id:int}", tags=["images"], response_class=FileResponse)
-    async def thumb_file(item_id: int) -> FileResponse:
+    @app.get(
+        "/api/thumbs/{item_id:int}",
+        tags=["images"],
+        response_class=FileResponse,
+        responses={200: {"content": {"image/jpeg": {}}}, **errors(404, 422)},
+    )
+    async def thumb_file(item_id: ItemId) -> FileResponse:
         """A JPEG thumbnail of an indexed image (made once, then served from the disk cache)."""
         path = await indexed_path(item_id)
         try:
@@ -367,40 +396,43 @@ def create_app(
             raise ApiError(404, f"image {item_id} can no longer be read ({error.reason})") from None
         return FileResponse(thumb, media_type="image/jpeg", headers=IMAGE_HEADERS)
 
-    @app.get("/api/explain/{item_id:int}", tags=["images"], response_class=Response)
-    async def explain_image(item_id: int) -> Response:
+    @app.get(
+        "/api/explain/{item_id:int}",
+        tags=["images"],
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}, **errors(404, 409, 422)},
+    )
+    async def explain_image(item_id: ItemId) -> Response:
         """PNG: an indexed image under the image tower's attention-rollout map (ViT image towers only)."""
         if not model_info["explain"]:
             raise ApiError(409, "this model's image tower is not a ViT: it has no attention map to show")
-        path = await indexed_path(item_id)
-        try:
-            image = await run_in_threadpool(load_image, path)
-        except BadImageError as error:
-            raise ApiError(404, f"image {item_id} can no longer be read ({error.reason})") from None
+        image = await indexed_image(item_id)
         png = await searcher_worker.run(lambda s: _heatmap_png(s.encoder, image))
         return Response(png, media_type="image/png", headers=IMAGE_HEADERS)
 
-    @app.post("/api/classify", tags=["search"])
+    @app.post("/api/classify", tags=["search"], responses=errors(400, 404, 413, 415, 422))
     async def classify_image(
-        labels: Annotated[str, Form(max_length=MAX_LABELS_CHARS, description="comma-separated class names")],
+        labels: Annotated[
+            str,
+            Form(
+                max_length=MAX_LABELS_CHARS,
+                description=f"2 to {MAX_LABELS} comma-separated class names",
+                json_schema_extra={"pattern": LABELS_PATTERN},
+            ),
+        ],
         file: Annotated[UploadFile | None, File(description="the image to classify (or give image_id)")] = None,
-        image_id: Annotated[int | None, Form(ge=0)] = None,
-        top: Annotated[int | None, Form(ge=1)] = None,
+        image_id: Annotated[int | None, Form(ge=0, le=MAX_ID, description="an indexed image (or give file)")] = None,
+        top: Annotated[int | None, Form(ge=1, le=MAX_LABELS, description="keep the best top labels")] = None,
     ) -> dict:
         """Zero-shot classification of one image against the given labels (prompt ensembles)."""
-        names = list(dict.fromkeys(x.strip() for x in labels.split(",") if x.strip()))
-        if not 2 <= len(names) <= MAX_LABELS:
-            raise ApiError(422, f"labels: give 2 to {MAX_LABELS} distinct comma-separated names, got {len(names)}")
+        names = parse_labels(labels)
+        if names is None:
+            raise ApiError(422, f"labels: give 2 to {MAX_LABELS} comma-separated names")
         if (file is None) == (image_id is None):
             raise ApiError(422, "give either file (an upload) or image_id (an indexed image), not both")
-        if file is not None:
-            image = await _read_upload(file)
-        else:
-            path = await indexed_path(image_id)
-            try:
-                image = await run_in_threadpool(load_image, path)
-            except BadImageError as error:
-                raise ApiError(404, f"image {image_id} can no longer be read ({error.reason})") from None
+        image = await _read_upload(file) if file is not None else await indexed_image(image_id)
+        if len(names) == 1:  # "cat, cat": one class, certain
+            return {"labels": [{"label": names[0], "probability": 1.0}]}
         ranked = await searcher_worker.run(lambda s: classify([image], names, s.encoder, top=top)[0])
         return {"labels": [{"label": label, "probability": round(p, 6)} for label, p in ranked]}
 
@@ -455,6 +487,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def upload_error(_: Request, exc: UploadError) -> JSONResponse:
         return error(exc.status, exc.message)
 
+    @app.exception_handler(UnknownItemError)
+    async def unknown_item(_: Request, exc: UnknownItemError) -> JSONResponse:
+        return error(404, str(exc))
+
     @app.exception_handler(UserError)
     async def user_error(_: Request, exc: UserError) -> JSONResponse:
         return error(422, str(exc))
@@ -472,4 +508,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         message = "no such page or item" if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # the first route of the path answers: name the methods of all of them
+            headers["Allow"] = allowed_methods(app, request.scope)
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=headers or None)
