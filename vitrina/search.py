@@ -310,6 +310,7 @@ class Searcher:
         encoder = served.encoder
         if version.id != served.version.id and version.digest != served.version.digest:
             encoder = encoder_for(version, self.index_dir)  # the new version's own model (an override named the old)
+            _text_vectors(encoder, ["warm-up"])  # the first query after the swap does not pay for it
         self.served = Served(version, encoder, store.load_view(version.id))
         return True
 

@@ -62,6 +62,7 @@ from vitrina.serve.contract import (
     parse_labels,
     refine_openapi,
 )
+from vitrina.serve.live import POLL_S, Reloader
 from vitrina.serve.media import MAX_UPLOAD_BYTES, ThumbCache, UploadError, decode_upload, indexed_file, media_type
 from vitrina.serve.metrics import Metrics, MetricsMiddleware
 from vitrina.serve.workers import Worker
@@ -205,6 +206,7 @@ def create_app(
     model_ref: str | None = None,
     thumb_dir: Path | None = None,
     weak_score: float = WEAK_SCORE,
+    reload_s: float = POLL_S,
 ) -> FastAPI:
     """A FastAPI app serving the index in ``index_dir``; the model is loaded now and kept warm.
 
@@ -216,17 +218,26 @@ def create_app(
         "vitrina-search", lambda: Searcher(index_dir, encoder, model_ref=model_ref), close=Searcher.close
     )
     meta: Worker[IndexStore] = Worker("vitrina-meta", lambda: IndexStore.open(index_dir), close=IndexStore.close)
-    searcher_encoder = searcher_worker.call(lambda s: s.encoder)
+    searcher: Searcher = searcher_worker.call(lambda s: s)
     searcher_worker.call(Searcher.warm_up)
-    stored_ref = meta.call(lambda s: s.active_version().model_ref)
     root = meta.call(lambda s: s.root)
     thumbs = ThumbCache(_thumb_folder(index_dir, thumb_dir))
-    model_info = _model_info(searcher_encoder, model_ref or stored_ref)
     metrics = Metrics()
+    reloader = Reloader(searcher, index_dir, interval_s=reload_s) if reload_s > 0 else None
+
+    first = searcher.served
+
+    def model_info() -> dict:
+        """The model of the version being served now (it changes when another version is activated)."""
+        served = searcher.served
+        ref = model_ref if model_ref and served.encoder is first.encoder else served.version.model_ref
+        return _model_info(served.encoder, ref)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
+        if reloader is not None:
+            reloader.stop()
         searcher_worker.shutdown()
         meta.shutdown()
 
@@ -310,8 +321,17 @@ def create_app(
 
     @app.get("/api/info", tags=["index"])
     async def info() -> dict:
-        """Model, vector width, item count, index kind and ledger counts."""
-        return {"model": model_info, **await meta.run(_index_info)}
+        """The version being served (name, model, weights digest, ANN generation and size), item count,
+        index kind and ledger counts."""
+        served = searcher.served
+        return {
+            "model": model_info(),
+            **await meta.run(_index_info),
+            "version": served.version.name,
+            "generation": served.view.generation,
+            "served_vectors": served.view.count,
+            "swaps": reloader.swaps if reloader is not None else 0,
+        }
 
     @app.get("/api/search", tags=["search"], responses=errors(422))
     async def search_get(
@@ -404,7 +424,7 @@ def create_app(
     )
     async def explain_image(item_id: ItemId) -> Response:
         """PNG: an indexed image under the image tower's attention-rollout map (ViT image towers only)."""
-        if not model_info["explain"]:
+        if not model_info()["explain"]:
             raise ApiError(409, "this model's image tower is not a ViT: it has no attention map to show")
         image = await indexed_image(item_id)
         png = await searcher_worker.run(lambda s: _heatmap_png(s.encoder, image))
