@@ -27,11 +27,13 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, durable: bool = True) -> Path:
     """Call ``write(tmp_path)`` to fill a temporary file beside ``path``, then publish it as ``path``.
 
     ``write`` gets a path (for writers such as safetensors' ``save_file`` or ``faiss.write_index``);
-    the temporary file is removed if it raises. Returns ``path``.
+    the temporary file is removed if it raises. ``durable=False`` skips the two fsyncs: still all or
+    nothing for readers and after a kill, but not after a power loss (for files that are cheap to
+    make again, written by the thousand: exported data sets, thumbnails). Returns ``path``.
     """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -39,21 +41,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> Path:
     """Publish ``data`` as the whole content of ``path`` (see ``atomic_write``)."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), durable=durable)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> Path:
     """Publish ``text`` (UTF-8) as the whole content of ``path`` (see ``atomic_write``)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"), durable=durable)

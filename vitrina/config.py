@@ -221,10 +221,9 @@ def from_json(cls: type[T], text: str, *, where: str = "config") -> T:
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:
     """Write a dataclass as JSON; the file is replaced atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(to_json(obj))
-    os.replace(tmp, path)
+    from vitrina.atomic import atomic_write_text
+
+    atomic_write_text(path, to_json(obj))
 
 
 def load_json(cls: type[T], path: str | os.PathLike) -> T:

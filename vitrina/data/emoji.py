@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitrina.atomic import atomic_write, atomic_write_text
 from vitrina.data.paths import data_root
 from vitrina.data.prompts import article
 from vitrina.errors import UserError
@@ -155,13 +156,9 @@ def export_emoji(style: str, out: str | os.PathLike, *, root: str | os.PathLike 
         target = out / rel
         if not target.is_file() or target.stat().st_size != item.path.stat().st_size:
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.partial")
-            shutil.copyfile(item.path, partial)
-            os.replace(partial, target)
+            atomic_write(target, lambda tmp, source=item.path: shutil.copyfile(source, tmp), durable=False)
         label = " ".join(item.category.lower().replace("&", "and").split())
         records.append({"image": rel, "caption": emoji_caption(item), "label": label})
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / ".captions.jsonl.partial"
-    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(partial, out / "captions.jsonl")
+    atomic_write_text(out / "captions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return len(items)

@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from vitrina.atomic import atomic_write
 from vitrina.errors import UserError
 
 IMAGES_MAGIC = 2051
@@ -105,7 +106,6 @@ def export_fashion_mnist(
         target = out / class_folder(int(labels[i])) / f"{i:05d}.png"
         if target.exists():
             continue
-        partial = target.with_name(f".{target.name}.partial")
-        Image.fromarray(images[i], "L").save(partial, format="PNG")
-        os.replace(partial, target)
+        picture = Image.fromarray(images[i], "L")
+        atomic_write(target, lambda tmp, picture=picture: picture.save(tmp, format="PNG"), durable=False)
     return count

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from vitrina.atomic import atomic_write
 from vitrina.data.images import IMAGE_SUFFIXES, BadImageError, load_image
 
 MAX_UPLOAD_BYTES = 20 * 2**20
@@ -111,12 +112,5 @@ class ThumbCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         for old in self.folder.glob(f"{item_id}-*.jpg"):  # an older version of this item
             old.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".thumb-", suffix=".tmp", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                image.save(f, format="JPEG", quality=85)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(target, lambda tmp: image.save(tmp, format="JPEG", quality=85), durable=False)
         return target

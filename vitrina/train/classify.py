@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitrina.atomic import atomic_write
 from vitrina.checkpoint import CONFIG, WEIGHTS, load_model, save_model
 from vitrina.config import TrainConfig, to_dict
 from vitrina.errors import UserError
@@ -138,10 +139,8 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path, title
                     color = "white" if shares[i, j] > 0.5 else "black"
                     ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7, color=color)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def checkpoint_extra(data: ClassificationData, preprocess: Preprocess, **more: Any) -> dict[str, Any]:

@@ -71,6 +71,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from vitrina.atomic import atomic_write_text
 from vitrina.config import TrainConfig, to_dict
 from vitrina.errors import UserError
 
@@ -418,9 +419,7 @@ class _MetricsLog:
                     continue  # a line cut by the kill
                 if record.get("step", 0) <= keep_up_to_step:
                     kept.append(line)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a")  # noqa: SIM115 - closed by close(), spans the whole run
 
     def write(self, record: dict[str, Any]) -> None:
