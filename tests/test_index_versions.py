@@ -332,3 +332,53 @@ def test_an_inconsistent_export_is_refused_by_name(models, collection, tmp_path)
     with pytest.raises(UserError, match="not an empty folder"):
         import_index(export, tmp_path / "imported")
     assert (tmp_path / "imported" / "keep.txt").read_text() == "mine"
+
+
+_FORMAT_1_SCHEMA = """
+CREATE TABLE items(id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, content_hash TEXT NOT NULL,
+    size INTEGER NOT NULL, mtime REAL NOT NULL, label TEXT, caption TEXT, vector BLOB NOT NULL);
+CREATE TABLE ledger(path TEXT PRIMARY KEY, reason TEXT NOT NULL, detail TEXT, seen_at REAL NOT NULL);
+CREATE TABLE info(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def test_an_index_of_the_previous_format_is_upgraded_without_re_embedding(collection: Path, tmp_path: Path) -> None:
+    import sqlite3
+
+    encoder = load_encoder("clip-tiny")
+    current = tmp_path / "current"
+    index_folder(collection, encoder, current, model_ref="clip-tiny", progress=False)
+    old = tmp_path / "old"  # the same content, as the first round of vitrina stored it
+    old.mkdir()
+    conn = sqlite3.connect(old / "meta.sqlite")
+    conn.executescript(_FORMAT_1_SCHEMA)
+    with IndexStore.open(current) as store:
+        rows = [r for chunk, _ in store.iter_items_with_vectors(1) for r in chunk]
+        vectors = store.all_vectors(version=1)[1]
+    values = [(i, r.path, r.content_hash, r.size, r.mtime, r.label, r.caption) for i, r in rows]
+    conn.executemany(
+        "INSERT INTO items VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+        [(*row, v.tobytes()) for row, v in zip(values, vectors, strict=True)],
+    )
+    identity = {k: v for k, v in encoder.identity.items() if k != "digest"}  # no digest then
+    info = {
+        "identity": json.dumps(identity),
+        "model_ref": "clip-tiny",
+        "embed_dim": "64",
+        "index_kind": "auto",
+        "root": str(collection.resolve()),
+        "generation": "1",
+    }
+    conn.executemany("INSERT INTO info VALUES(?, ?)", list(info.items()))
+    conn.commit()
+    conn.close()
+
+    with pytest.raises(UserError, match="older vitrina"):
+        IndexStore.open(old)
+    report = index_folder(collection, encoder, old, model_ref="clip-tiny", progress=False)
+    assert (report.embedded, report.unchanged, report.version) == (0, 24, "v1")
+    with IndexStore.open(old) as store:
+        version = store.active_version()
+        assert version.digest == encoder.identity["digest"]  # adopted from the model it was built with
+        assert store.is_published_current(1) and store.view.count == 24
+        np.testing.assert_array_equal(store.all_vectors()[1], vectors)

@@ -345,7 +345,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
 def cmd_eval_retrieval(args: argparse.Namespace) -> None:
     from vitrina.eval.retrieval import evaluate_index, format_table
 
-    results = evaluate_index(Path(args.index), model_ref=args.model)
+    results = evaluate_index(Path(args.index), model_ref=args.model, version=args.version)
     print(format_table(results))
     out = Path(args.json_out) if args.json_out else Path(args.index) / "eval.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -616,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval = evaluate.add_parser("retrieval", help="R@K, mAP and zero-shot accuracy of an index")
     retrieval.add_argument("index")
     retrieval.add_argument("--model", default=None)
+    retrieval.add_argument("--version", default=None, help="a version of the index (default: the active one)")
     retrieval.add_argument("--json-out", default=None, help="default: INDEX/eval.json")
     retrieval.set_defaults(handler=cmd_eval_retrieval)
 
