@@ -49,9 +49,11 @@ from vitrina.search import (
     Searcher,
     UnknownItemError,
     classify,
+    encode_images,
     parse_query,
 )
 from vitrina.search import Query as SearchQuery
+from vitrina.serve.batching import HEAVY_SLOTS, WINDOW_MS, Busy, HeavyLane, MicroBatcher
 from vitrina.serve.contract import (
     LABELS_PATTERN,
     MAX_ID,
@@ -207,6 +209,8 @@ def create_app(
     thumb_dir: Path | None = None,
     weak_score: float = WEAK_SCORE,
     reload_s: float = POLL_S,
+    batch_window_ms: float = WINDOW_MS,
+    heavy_slots: int = HEAVY_SLOTS,
 ) -> FastAPI:
     """A FastAPI app serving the index in ``index_dir``; the model is loaded now and kept warm.
 
@@ -220,6 +224,8 @@ def create_app(
     meta: Worker[IndexStore] = Worker("vitrina-meta", lambda: IndexStore.open(index_dir), close=IndexStore.close)
     searcher: Searcher = searcher_worker.call(lambda s: s)
     searcher_worker.call(Searcher.warm_up)
+    batcher = MicroBatcher(searcher_worker, window_ms=batch_window_ms)
+    heavy = HeavyLane(Worker("vitrina-heavy", lambda: searcher), slots=heavy_slots)
     root = meta.call(lambda s: s.root)
     thumbs = ThumbCache(_thumb_folder(index_dir, thumb_dir))
     metrics = Metrics()
@@ -238,6 +244,8 @@ def create_app(
         yield
         if reloader is not None:
             reloader.stop()
+        batcher.stop()
+        heavy.worker.shutdown()
         searcher_worker.shutdown()
         meta.shutdown()
 
@@ -271,7 +279,7 @@ def create_app(
 
     async def answer(query: SearchQuery, echo: dict) -> dict:
         start = time.perf_counter()
-        results: Results = await searcher_worker.run(Searcher.run, query)
+        results: Results = await batcher.submit(query)
         best = results.hits[0].hit.score if results.hits else None
         return {
             "query": echo,
@@ -370,7 +378,7 @@ def create_app(
             query = SearchQuery(terms=terms, item_ids=item_ids, k=body.k, collapse=body.collapse)
         return await answer(query, body.model_dump(exclude_defaults=True))
 
-    @app.post("/api/search/image", tags=["search"], responses=errors(400, 413, 415, 422))
+    @app.post("/api/search/image", tags=["search"], responses=errors(400, 413, 415, 422, 503))
     async def search_image(
         file: Annotated[UploadFile, File(description="PNG, JPEG, GIF, BMP, WebP or TIFF; ≤ 20 MB, ≤ 50 MP")],
         q: Annotated[
@@ -388,7 +396,9 @@ def create_app(
         image = await _read_upload(file)
         terms = parse_query(q or "", require_positive=False)
         echo = {"image": file.filename or "upload", **({"q": q} if q else {})}
-        return await answer(SearchQuery(terms=terms, images=[(image, 1.0)], k=k, collapse=collapse), echo)
+        # The image tower runs in the heavy lane; the search itself joins the next batch of searches.
+        vector = await heavy.run(lambda s: encode_images([image], s.served.encoder)[0])
+        return await answer(SearchQuery(terms=terms, vectors=[(vector, 1.0)], k=k, collapse=collapse), echo)
 
     @app.get(
         "/api/images/{item_id:int}",
@@ -420,17 +430,17 @@ def create_app(
         "/api/explain/{item_id:int}",
         tags=["images"],
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}}, **errors(404, 409, 422)},
+        responses={200: {"content": {"image/png": {}}}, **errors(404, 409, 422, 503)},
     )
     async def explain_image(item_id: ItemId) -> Response:
         """PNG: an indexed image under the image tower's attention-rollout map (ViT image towers only)."""
         if not model_info()["explain"]:
             raise ApiError(409, "this model's image tower is not a ViT: it has no attention map to show")
         image = await indexed_image(item_id)
-        png = await searcher_worker.run(lambda s: _heatmap_png(s.encoder, image))
+        png = await heavy.run(lambda s: _heatmap_png(s.encoder, image))
         return Response(png, media_type="image/png", headers=IMAGE_HEADERS)
 
-    @app.post("/api/classify", tags=["search"], responses=errors(400, 404, 413, 415, 422))
+    @app.post("/api/classify", tags=["search"], responses=errors(400, 404, 413, 415, 422, 503))
     async def classify_image(
         labels: Annotated[
             str,
@@ -453,7 +463,7 @@ def create_app(
         image = await _read_upload(file) if file is not None else await indexed_image(image_id)
         if len(names) == 1:  # "cat, cat": one class, certain
             return {"labels": [{"label": names[0], "probability": 1.0}]}
-        ranked = await searcher_worker.run(lambda s: classify([image], names, s.encoder, top=top)[0])
+        ranked = await heavy.run(lambda s: classify([image], names, s.encoder, top=top)[0])
         return {"labels": [{"label": label, "probability": round(p, 6)} for label, p in ranked]}
 
     return app
@@ -506,6 +516,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UploadError)
     async def upload_error(_: Request, exc: UploadError) -> JSONResponse:
         return error(exc.status, exc.message)
+
+    @app.exception_handler(Busy)
+    async def busy(_: Request, exc: Busy) -> JSONResponse:
+        message = "too many uploads, classifications or attention maps at once; retry in a second"
+        return JSONResponse({"error": message}, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(UnknownItemError)
     async def unknown_item(_: Request, exc: UnknownItemError) -> JSONResponse:

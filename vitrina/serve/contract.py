@@ -39,6 +39,7 @@ _DESCRIPTIONS = {
     413: "The request body or the image is too large",
     415: "The upload is not an image of a supported type",
     422: "A parameter breaks the schema or the query syntax",
+    503: "Too many uploads, classifications or attention maps at once: retry after the Retry-After seconds",
 }
 
 
