@@ -1,0 +1,69 @@
+"""Inference precision: bf16 autocast and int8 dynamic quantization stay close to fp32, keep the model's
+identity, leave the caller's float model alone, and are recorded per index version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_index import image_path, make_encoder, write_collection
+
+from vitrina.errors import UserError
+from vitrina.index.embed import index_folder
+from vitrina.index.store import IndexStore
+from vitrina.models.precision import PrecisionEncoder, with_precision
+from vitrina.search import Searcher, encode_images
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("precision") / "photos"
+    write_collection(root)
+    return root
+
+
+@pytest.mark.parametrize(("precision", "min_cosine"), [("bf16", 0.98), ("int8", 0.98)])
+def test_reduced_precision_stays_close_to_fp32(collection: Path, precision: str, min_cosine: float) -> None:
+    fp32 = make_encoder()
+    fast = with_precision(fp32, precision)
+    assert isinstance(fast, PrecisionEncoder) and fast.identity == fp32.identity  # same weights, same digest
+    paths = sorted(collection.rglob("*.*"))
+    reference, reduced = encode_images(paths, fp32), encode_images(paths, fast)
+    np.testing.assert_allclose(np.linalg.norm(reduced, axis=1), 1.0, atol=1e-5)
+    assert (reference * reduced).sum(axis=1).min() > min_cosine
+    texts = ["a red circle", "a blue square on a green background", "x"]
+    cosines = (fp32.encode_text(texts) * fast.encode_text(texts)).sum(dim=1)
+    assert cosines.min().item() > min_cosine
+    # The caller's encoder keeps its float Linear layers.
+    assert all(type(m) is torch.nn.Linear for m in fp32.model.modules() if "Linear" in type(m).__name__)
+    if precision == "int8":
+        quantized = [m for m in fast.model.modules() if "quantized" in type(m).__module__]
+        assert quantized, "no Linear layer was quantized"
+
+
+def test_fp32_is_the_encoder_itself_and_unknown_precisions_are_refused() -> None:
+    encoder = make_encoder()
+    assert with_precision(encoder, "fp32") is encoder
+    with pytest.raises(UserError, match="fp16.*fp32, bf16, int8"):
+        with_precision(encoder, "fp16")
+
+
+def test_the_index_records_the_precision_and_answers_fp32_queries(tmp_path: Path) -> None:
+    fp32 = make_encoder()
+    collection = tmp_path / "photos"
+    write_collection(collection)
+    index_dir = tmp_path / "idx"
+    index_folder(collection, with_precision(fp32, "int8"), index_dir, model_ref="clip-tiny", precision="int8")
+    with IndexStore.open(index_dir) as store:
+        assert store.active_version().precision == "int8"
+    new = tmp_path / "photos-more"
+    write_collection(new, variants=1)
+    image_path(new, "red", "circle-0").rename(collection / "red" / "extra.png")
+    index_folder(collection, fp32, index_dir, model_ref="clip-tiny", progress=False)  # a later run at fp32
+    with IndexStore.open(index_dir) as store:
+        assert store.active_version().precision == "fp32+int8"
+    with Searcher(index_dir, fp32) as searcher:  # queries at another precision still work
+        query = image_path(collection, "green", "square-1")
+        assert searcher.search_image(query, k=1)[0].path == str(query)
