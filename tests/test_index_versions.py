@@ -87,8 +87,10 @@ def test_other_weights_are_refused_and_the_folder_is_unchanged(models, collectio
     assert "--new-version" in capsys.readouterr().err
     assert folder_state(index_dir2) == before
     # Searching with the stored reference, whose weights changed, is refused too; an explicit --model is trusted.
-    assert cli(["search", str(index_dir2), "a red circle"]) == 2
+    assert cli(["search", str(index_dir2), "a red circle", "--runtime", "torch"]) == 2
     assert "now holds other weights" in capsys.readouterr().err
+    # The towers exported when the version was built hold the weights it was built with: they still answer.
+    assert cli(["search", str(index_dir2), "a red circle", "--runtime", "onnx"]) == 0
 
 
 def test_new_version_is_built_beside_the_active_one_and_kept_up_to_date(models, collection, tmp_path) -> None:

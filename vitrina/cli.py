@@ -34,6 +34,18 @@ def _print_hits(hits, as_json: bool) -> None:
     Console().print(table)
 
 
+# Commands that must not pay for importing torch: a search runs the index's exported towers (vitrina.runtime)
+# and imports torch only when it falls back to it; listing versions needs none.
+LIGHT_COMMANDS = ("search", "versions")
+
+
+def _use_all_cores() -> None:
+    """PyTorch on every core of this machine (the commands that run models)."""
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
 # the names of vitrina.ssl.METHODS, spelt out so that `vitrina --help` needs no torch import
 SSL_METHODS = (
     "rotation", "jigsaw", "relative-position", "inpainting", "colorization", "simclr", "deepcluster", "mae",
@@ -239,6 +251,7 @@ def cmd_versions(args: argparse.Namespace) -> None:
     if args.compare:
         from vitrina.eval.retrieval import compare_versions, format_comparison
 
+        _use_all_cores()
         comparison = compare_versions(index_dir, *args.compare)
         print(json.dumps(comparison, indent=2) if args.json else format_comparison(comparison))
         return
@@ -248,11 +261,17 @@ def cmd_versions(args: argparse.Namespace) -> None:
                 print(f"active: {store.activate(args.activate).describe()}")
             if args.drop:
                 print(f"dropped: {store.drop(args.drop).describe()}")
+    from vitrina.index.ann import version_dir
+    from vitrina.runtime.towers import towers_dir, towers_summary
+
     with IndexStore.open(index_dir) as store:
         versions, count = store.versions(), store.count
-        rows = [(v, store.vector_count(v.id)) for v in versions]
+        rows = [
+            (v, store.vector_count(v.id), towers_summary(towers_dir(version_dir(index_dir, v.id)), v.digest))
+            for v in versions
+        ]
     if args.json:
-        print(json.dumps([{**v.to_json(), "items": n} for v, n in rows], indent=2))
+        print(json.dumps([{**v.to_json(), "items": n, "towers": towers} for v, n, towers in rows], indent=2))
         return
     print(_versions_table(index_dir, rows, count))
 
@@ -267,12 +286,14 @@ def _versions_table(index_dir: Path, rows: list, count: int) -> str:
     from vitrina.digest import short
 
     table = Table(title=f"{index_dir}  ({count} items)")
-    for column in ("version", "model", "digest", "items", "state", "active", "kind", "created"):
+    for column in ("version", "model", "digest", "items", "state", "active", "kind", "towers", "created"):
         table.add_column(column)
-    for v, n in rows:
+    for v, n, towers in rows:  # towers: the exported query towers a search can run without torch
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created))
         active = "*" if v.active else ""
-        table.add_row(v.name, v.model_name, short(v.digest), f"{n}/{count}", v.state, active, v.index_kind, created)
+        table.add_row(
+            v.name, v.model_name, short(v.digest), f"{n}/{count}", v.state, active, v.index_kind, towers, created
+        )
     buffer = io.StringIO()
     Console(file=buffer, width=120, force_terminal=False).print(table)
     return buffer.getvalue().rstrip()
@@ -310,7 +331,9 @@ def cmd_search(args: argparse.Namespace) -> None:
     terms += [Term(" ".join(text.split()), -1.0) for text in args.negatives if text.strip()]
     images = [(Path(args.image), args.image_weight)] if args.image is not None else []
     query = Query(terms=terms, images=images, k=args.k, collapse=args.collapse)
-    with Searcher(Path(args.index), model_ref=args.model) as searcher:
+    with Searcher(Path(args.index), model_ref=args.model, runtime=args.runtime) as searcher:
+        if "torch" in sys.modules:  # the PyTorch path (asked for, or no usable towers)
+            _use_all_cores()
         results = searcher.run(query)
         folded = {d: searcher.store.get(d) for ranked in results.hits for d in ranked.duplicates}
     if results.cancelled:
@@ -595,6 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--json", action="store_true", help="print hits as JSON (with their folded duplicates' ids)")
     search.add_argument("--model", default=None, help="override the model stored in the index (same kind/width)")
+    search.add_argument(
+        "--runtime",
+        default="auto",
+        choices=["auto", "onnx", "torch"],
+        help="auto: the index's exported ONNX towers where usable, else PyTorch (as --model always is); "
+        "onnx: only the towers; torch: only PyTorch",
+    )
     search.set_defaults(handler=cmd_search)
 
     serve = sub.add_parser("serve", help="HTTP API and web page over an index (127.0.0.1:8000 by default)")
@@ -674,9 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        import torch
-
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        if args.command not in LIGHT_COMMANDS:
+            _use_all_cores()
         args.handler(args)
     except UserError as error:
         print(f"vitrina: error: {error}", file=sys.stderr)

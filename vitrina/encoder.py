@@ -13,10 +13,11 @@ a pretrained Hugging Face / open_clip model), an encoder answers:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
-from PIL import Image
+if TYPE_CHECKING:  # the query path imports this module without torch (see vitrina.runtime)
+    import torch
+    from PIL import Image
 
 
 @runtime_checkable

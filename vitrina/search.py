@@ -33,16 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from vitrina.data.images import load_image
 from vitrina.encoder import Encoder
 from vitrina.errors import UserError
-from vitrina.eval.zeroshot import class_embeddings, class_probabilities, logit_scale_of
 from vitrina.index.ann import AnnView
 from vitrina.index.ann import published_generation as ann_generation
-from vitrina.index.encoders import check_encoder, encoder_for
+from vitrina.index.encoders import check_encoder, query_encoder
 from vitrina.index.store import Hit, IndexStore, Version
 
 __all__ = [
@@ -202,8 +200,25 @@ def encode_images(images: list[ImageLike], encoder: Encoder) -> np.ndarray:
     pils = [img.convert("RGB") if isinstance(img, Image.Image) else load_image(img) for img in images]
     if not pils:
         return np.empty((0, encoder.embed_dim), dtype=np.float32)
-    pixels = torch.stack([encoder.image_transform(img) for img in pils])  # (B, 3, H, W)
-    return encoder.encode_image(pixels).detach().cpu().numpy().astype(np.float32)
+    pixels = _stack([encoder.image_transform(img) for img in pils])  # (B, 3, H, W)
+    return _numpy(encoder.encode_image(pixels))
+
+
+def _stack(pixels: list):
+    """Stack per-image pixels as the encoder made them: torch tensors with torch, numpy arrays with numpy
+    (the exported towers' encoder: a query then never imports torch)."""
+    if hasattr(pixels[0], "detach"):
+        import torch
+
+        return torch.stack(pixels)
+    return np.stack(pixels)
+
+
+def _numpy(vectors) -> np.ndarray:
+    """(B, D) vectors from any encoder (a torch tensor or a numpy array) as float32 numpy."""
+    if hasattr(vectors, "detach"):
+        vectors = vectors.detach().cpu().numpy()
+    return np.asarray(vectors, dtype=np.float32)
 
 
 # --- queries ------------------------------------------------------------------------------------
@@ -270,19 +285,29 @@ class Searcher:
 
     Without ``encoder``, the model is loaded from ``model_ref`` or, failing that, from the reference
     the active version stored; it must be the weights the version was built with (``vitrina.index.encoders``).
+    ``runtime``: ``torch`` loads that model; ``auto`` runs the version's exported ONNX towers where they are
+    usable (no torch import), ``onnx`` only those (``vitrina.index.encoders.query_encoder``).
     ``refresh()`` (the server calls it on a background thread) loads a newer published ANN file or a
     newly activated version and swaps it in with one reference assignment: a query in flight keeps
     the state it started with, and no query waits for the load.
     """
 
-    def __init__(self, index_dir: Path, encoder: Encoder | None = None, *, model_ref: str | None = None) -> None:
+    def __init__(
+        self,
+        index_dir: Path,
+        encoder: Encoder | None = None,
+        *,
+        model_ref: str | None = None,
+        runtime: str = "torch",
+    ) -> None:
         self.index_dir = Path(index_dir)
         self.store = IndexStore.open(self.index_dir)
         self._model_ref = model_ref
+        self._runtime = runtime
         try:
             version = self.store.active_version()
             if encoder is None:
-                encoder = encoder_for(version, self.index_dir, model_ref=model_ref)
+                encoder = query_encoder(version, self.index_dir, model_ref=model_ref, runtime=runtime)
             else:
                 check_encoder(encoder, version, self.index_dir, chosen=True)
             self.served = Served(version, encoder, self.store.load_view(version.id))
@@ -309,7 +334,8 @@ class Searcher:
             return False
         encoder = served.encoder
         if version.id != served.version.id and version.digest != served.version.digest:
-            encoder = encoder_for(version, self.index_dir)  # the new version's own model (an override named the old)
+            # the new version's own model (an override named the old)
+            encoder = query_encoder(version, self.index_dir, runtime=self._runtime)
             _text_vectors(encoder, ["warm-up"])  # the first query after the swap does not pay for it
         self.served = Served(version, encoder, store.load_view(version.id))
         return True
@@ -397,7 +423,7 @@ class Searcher:
 
 def _text_vectors(encoder: Encoder, texts: list[str]) -> np.ndarray:
     """(T, D) unit vectors of ``texts``, encoded in one batch."""
-    return encoder.encode_text(texts).detach().cpu().numpy().astype(np.float32)
+    return _numpy(encoder.encode_text(texts))
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
@@ -416,6 +442,8 @@ def classify(
 
     Labels become prompt-ensemble vectors; probabilities are a softmax over scaled cosine similarity.
     """
+    from vitrina.eval.zeroshot import class_embeddings, class_probabilities, logit_scale_of
+
     if len(labels) < 2:
         raise UserError("zero-shot classification needs at least two labels")
     class_vectors = class_embeddings(labels, encoder)  # (C, D)

@@ -4,7 +4,8 @@ Per version, ``versions/<N>/`` holds:
 
 * ``ann-g<G>.faiss``: a plain FAISS file of the version's vectors as of generation ``G`` (FAISS ids
   are item ids);
-* ``ann.json``: the pointer ``{"generation": G, "file": "ann-g<G>.faiss", "kind": ..., "count": n}``.
+* ``ann.json``: the pointer ``{"generation": G, "file": "ann-g<G>.faiss", "kind": ..., "count": n}``;
+* ``towers/``: the version's query towers for the light runtime (``vitrina.runtime.towers``).
 
 Publishing writes the FAISS file under its new name, then swaps the pointer (both atomically, see
 ``vitrina.atomic``), then deletes older files. A reader reads the pointer, then the file it names;
@@ -15,6 +16,7 @@ sees a half-written file and never writes anything; only the indexer builds.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,11 +195,14 @@ def load_published(index_dir: Path, version: int, *, attempts: int = 3) -> AnnVi
 
 
 def drop_files(index_dir: Path, version: int) -> None:
-    """Writer only: remove a dropped version's ANN folder."""
+    """Writer only: remove a dropped version's folder (ANN files, exported query towers)."""
     folder = version_dir(index_dir, version)
     if not folder.is_dir():
         return
     (folder / POINTER).unlink(missing_ok=True)  # readers stop finding it first
     for path in folder.iterdir():
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     folder.rmdir()

@@ -12,7 +12,9 @@ One run, under the index's writer lock:
 4. catch every other version up: each embeds the items it has no vector for (a new version: all of
    them; an older one: the files that just arrived), so no version falls behind;
 5. publish each changed version's ANN file (also every ``publish_every_s`` during a long primary
-   pass, so a running server sees new items), mark a complete new version ready and activate it.
+   pass, so a running server sees new items), mark a complete new version ready and activate it;
+6. export the query towers (``vitrina.models.export``) of every version that has none, or has towers of
+   other weights, so a search runs without torch; once per version, timed apart from the embedding.
 
 Files that cannot be decoded go into the ledger.
 """
@@ -61,6 +63,8 @@ class IndexReport:
     activated: bool = False  # this run made ``version`` the active one
     ready: bool = True  # ``version`` has a vector for every item
     by_version: dict[str, int] = field(default_factory=dict)  # images embedded per version
+    towers: dict[str, str] = field(default_factory=dict)  # version -> what exporting its query towers did
+    towers_seconds: float = 0.0  # spent exporting towers (not in ``seconds``: a one-off per version)
 
     @property
     def images_per_s(self) -> float:
@@ -78,6 +82,8 @@ class IndexReport:
         )
         if len(self.by_version) > 1:
             line += " [" + ", ".join(f"{v}: {n}" for v, n in sorted(self.by_version.items())) + "]"
+        for version, what in sorted(self.towers.items()):
+            line += f"\nquery towers of {version}: {what}"
         return f"{line}\n{self.message}" if self.message else line
 
 
@@ -184,6 +190,7 @@ def index_folder(
     activate: bool = True,
     load_encoder: EncoderLoader = _default_loader,
     publish_every_s: float = PUBLISH_EVERY_S,
+    export_towers: bool = True,
 ) -> IndexReport:
     """Embed the images under ``folder`` into ``index_dir`` (created, or brought up to date in every version).
 
@@ -192,7 +199,8 @@ def index_folder(
     ``new_version`` builds a version for it beside the others, activated when complete unless
     ``activate`` is False. The other versions' models are loaded with ``load_encoder(model_ref)`` when
     they have files to catch up on. ``index_kind`` None keeps the version's stored choice. ``decoder``
-    picks a thread pool or a process-based DataLoader of ``workers`` decoders.
+    picks a thread pool or a process-based DataLoader of ``workers`` decoders. ``export_towers``: export
+    the query towers of versions that lack them (``report.towers``, timed in ``report.towers_seconds``).
     """
     start = time.perf_counter()
     folder, index_dir = Path(folder), Path(index_dir)
@@ -236,7 +244,10 @@ def index_folder(
             run.finish(activate=activate and new_version)
             if not entries:
                 report.message = f"{folder}: no images found (looked for image files, also in sub-folders); empty index"
-    report.seconds = time.perf_counter() - start
+            report.seconds = time.perf_counter() - start
+            if export_towers:
+                run.export_towers()
+                report.towers_seconds = time.perf_counter() - start - report.seconds
     return report
 
 
@@ -401,6 +412,27 @@ class _Run:
             store.activate(target.id)
             report.activated = True
         report.total = store.count
+
+    def export_towers(self) -> None:
+        """Export the query towers of every version without current ones (none, or of other weights).
+
+        A tower that cannot be exported, or whose outputs differ from PyTorch's, is recorded as such and
+        its queries use PyTorch; a version whose model cannot be loaded keeps no towers. Neither fails the run.
+        """
+        from vitrina.index.ann import version_dir
+        from vitrina.models.export import export_towers, towers_current
+        from vitrina.runtime.towers import towers_dir
+
+        for version in self.store.versions():
+            folder = towers_dir(version_dir(self.store.index_dir, version.id))
+            if version.digest is None or towers_current(folder, version.digest):
+                continue
+            try:
+                encoder = self.encoder_of(version)
+            except UserError as error:
+                self.report.towers[version.name] = f"not exported: its model cannot be loaded ({error})"
+                continue
+            self.report.towers[version.name] = export_towers(encoder, folder).summary()
 
 
 class _Publisher:

@@ -5,6 +5,11 @@ query must be encoded by the same weights, or its scores mean nothing: a checkpo
 place under the same folder is refused; a model the user names explicitly (``--model``) is trusted
 with a warning, since querying an index with, say, a distilled student that kept its teacher's text
 tower is a legitimate choice.
+
+The runtime (``query_encoder``): ``torch`` loads the model; ``onnx`` runs the towers the writer exported
+for the version (``vitrina.runtime``: no torch, no transformers), checked against the same weights when
+they were exported; ``auto`` runs the exported towers where they are usable and loads the model only
+for a tower that is not (none exported yet, a rejected export, a model that cannot be exported).
 """
 
 from __future__ import annotations
@@ -50,3 +55,48 @@ def encoder_for(version: Version, index_dir: Path, *, model_ref: str | None = No
 
     encoder = load_encoder(model_ref or version.model_ref)
     return check_encoder(encoder, version, index_dir, chosen=model_ref is not None)
+
+
+RUNTIMES = ("auto", "onnx", "torch")
+
+
+def query_encoder(
+    version: Version, index_dir: Path, *, model_ref: str | None = None, runtime: str = "torch"
+) -> Encoder:
+    """The encoder that answers queries for ``version`` with ``runtime`` (see the module docstring).
+
+    A model the user names (``model_ref``) always runs in PyTorch: the exported towers are the version's own.
+    """
+    if runtime not in RUNTIMES:
+        raise UserError(f"--runtime {runtime!r} is unknown; use one of {', '.join(RUNTIMES)}")
+    if model_ref is not None and runtime == "onnx":
+        raise UserError("--runtime onnx runs the index's own exported towers; drop --model, or use --runtime torch")
+    if runtime == "torch" or model_ref is not None:
+        return encoder_for(version, index_dir, model_ref=model_ref)
+    from vitrina.index.ann import version_dir
+    from vitrina.runtime import OnnxQueryEncoder, TowersUnavailable
+    from vitrina.runtime.towers import towers_dir
+
+    def refuse(reason: str, *, exported: bool) -> UserError:
+        how = "use --runtime auto or torch"
+        if not exported:
+            how += f", or export its towers: `vitrina index FOLDER --model {version.model_ref} --out {index_dir}`"
+        return UserError(f"{index_dir}: {version.name} cannot answer this query without PyTorch ({reason}); {how}")
+
+    def torch_encoder() -> Encoder:
+        return encoder_for(version, index_dir)
+
+    def refused() -> Encoder:
+        raise refuse("; ".join(r for r in (towers.why_not("text"), towers.why_not("image")) if r), exported=True)
+
+    try:
+        towers = OnnxQueryEncoder.load(
+            towers_dir(version_dir(index_dir, version.id)),
+            digest=version.digest,
+            fallback=refused if runtime == "onnx" else torch_encoder,
+        )
+    except TowersUnavailable as error:
+        if runtime == "onnx":
+            raise refuse(error.reason, exported=False) from None
+        return torch_encoder()
+    return towers

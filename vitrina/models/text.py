@@ -193,10 +193,15 @@ class TextTransformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids and mask (1 = real token; EOT is the last real one) -> (B, width)."""
         eot = self.eos_positions(input_ids, attention_mask)  # (B,)
-        # The mask is causal, so padding after EOT never reaches it: drop the all-padding tail.
-        length = int(eot.max()) + 1
-        if length > self.config.context_length:
-            raise ValueError(f"{length} tokens exceed the text context length {self.config.context_length}")
+        if torch.onnx.is_in_onnx_export():
+            # An exported graph must not bake in one batch's length: it runs on the columns it is given
+            # (the query runtime trims the padding itself, vitrina.runtime.tokenizer).
+            length = input_ids.shape[1]
+        else:
+            # The mask is causal, so padding after EOT never reaches it: drop the all-padding tail.
+            length = int(eot.max()) + 1
+            if length > self.config.context_length:
+                raise ValueError(f"{length} tokens exceed the text context length {self.config.context_length}")
         x = self.token_embedding(input_ids[:, :length]) + self.positional_embedding[:length]  # (B, L, C)
         for block in self.blocks:
             x = block(x, is_causal=True)
