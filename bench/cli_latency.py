@@ -167,7 +167,7 @@ def main() -> None:
         ref = make_model(name, work)
         index_dir = work / f"index-{name}"
         index_s, export_s, towers = build_index(ref, pictures, index_dir)
-        print(f"{name}: indexed {args.images} images in {index_s:.1f} s; towers exported in {export_s:.1f} s ({towers})")
+        print(f"{name}: indexed {args.images} images in {index_s:.1f} s; towers: {towers}")
         for kind, query in (("text", [TEXT_QUERY]), ("image", ["--image", str(query_image)])):
             onnx_s, onnx_times, onnx_hits = measure(index_dir, query, "onnx", args.runs)
             torch_s, torch_times, torch_hits = measure(index_dir, query, "torch", args.runs)
