@@ -347,3 +347,20 @@ def test_cli_runtimes_agree_and_a_rejected_tower_falls_back(tmp_path: Path) -> N
     )
     assert done.returncode == 2 and "text tower rejected: max abs diff 3.00e-04" in done.stderr
     assert "use --runtime auto or torch" in done.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_towers_of_a_run_at_lower_precision_are_the_float32_reference(precision: str, tmp_path: Path) -> None:
+    from vitrina.models.precision import with_precision
+
+    collection, index_dir = tmp_path / "photos", tmp_path / "ix"
+    write_pictures(collection, n=4)
+    reference = tiny_encoder()  # what load_encoder("clip-tiny") loads again for an int8 run
+    report = index_folder(
+        collection, with_precision(tiny_encoder(), precision), index_dir, model_ref="clip-tiny", progress=False
+    )
+    manifest = read_manifest(towers_dir(version_dir(index_dir, 1)))
+    assert report.towers["v1"].startswith("text ok") and manifest["digest"] == reference.identity["digest"]
+    assert manifest["text"]["max_abs_diff"] <= TOLERANCE and manifest["image"]["max_abs_diff"] <= TOLERANCE
+    runtime = OnnxQueryEncoder.load(towers_dir(version_dir(index_dir, 1)), digest=reference.identity["digest"])
+    np.testing.assert_allclose(runtime.encode_text(TEXTS[:6]), numpy_of(reference.encode_text(TEXTS[:6])), atol=1e-4)

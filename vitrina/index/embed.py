@@ -428,11 +428,24 @@ class _Run:
             if version.digest is None or towers_current(folder, version.digest):
                 continue
             try:
-                encoder = self.encoder_of(version)
+                encoder = self._reference_encoder(version, self.encoder_of(version))
             except UserError as error:
                 self.report.towers[version.name] = f"not exported: its model cannot be loaded ({error})"
                 continue
             self.report.towers[version.name] = export_towers(encoder, folder).summary()
+
+    def _reference_encoder(self, version: Version, encoder: Encoder) -> Encoder:
+        """The float32 encoder of ``version``: towers are exported (and checked) at the reference precision,
+        not at a run's bf16 or int8 arithmetic (``vitrina.models.precision``), which queries may not share."""
+        if getattr(encoder, "precision", "fp32") == "fp32":
+            return encoder
+        inner = getattr(encoder, "inner", None)
+        if encoder.precision == "bf16" and inner is not None:
+            return inner  # bf16 is autocast around the float32 model
+        loaded = self.load_encoder(version.model_ref)  # int8 replaced the model's layers: load it again
+        if loaded.identity.get("digest") != version.digest:
+            raise UserError(f"{version.model_ref} now holds other weights than {version.name} was built with")
+        return loaded
 
 
 class _Publisher:
