@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,7 @@ MAX_TERMS = 16  # marked terms (quoted, negative or weighted) in one query; the 
 MAX_ABS_WEIGHT = 10.0  # spelt out again in _MAGNITUDE below
 DUPLICATE_COSINE = 0.95  # image vectors this close are shown as one result when collapsing
 COLLAPSE_POOL = 3  # when collapsing, rank k * 3 candidates so k distinct ones usually remain
+TEXT_CACHE_SIZE = 4096  # query embeddings kept per searcher (a 512-d vector is 2 KiB: 8 MiB at most)
 
 # --- the query language as regular expressions -----------------------------------------------
 # ASCII classes only, and no Python-only syntax: the same strings are ECMA patterns in the API schema.
@@ -299,9 +301,11 @@ class Searcher:
         *,
         model_ref: str | None = None,
         runtime: str = "torch",
+        text_cache_size: int = TEXT_CACHE_SIZE,
     ) -> None:
         self.index_dir = Path(index_dir)
         self.store = IndexStore.open(self.index_dir)
+        self.text_cache = LRUCache(text_cache_size)  # (model digest, text) -> unit vector
         self._model_ref = model_ref
         self._runtime = runtime
         try:
@@ -376,13 +380,38 @@ class Searcher:
         served = self.served
         return self.search_vector(encode_images([image], served.encoder)[0], k, served=served)
 
-    def query_vector(self, query: Query, *, served: Served | None = None) -> np.ndarray | None:
-        """The unit (D,) vector ``query`` searches by, or None when its parts cancel each other out."""
+    def text_vectors(self, texts: list[str], *, served: Served | None = None) -> dict[str, np.ndarray]:
+        """Unit vectors of ``texts`` by text: cached ones from the LRU cache (keyed by the model's digest,
+        so a swapped-in model never gets another's vectors), the rest encoded in one batch."""
+        served = served or self.served
+        digest = served.encoder.identity.get("digest") or id(served.encoder)
+        found: dict[str, np.ndarray] = {}
+        missing: list[str] = []
+        for text in dict.fromkeys(texts):
+            cached = self.text_cache.get((digest, text))
+            if cached is None:
+                missing.append(text)
+            else:
+                found[text] = cached
+        if missing:
+            for text, vector in zip(missing, _text_vectors(served.encoder, missing), strict=True):
+                found[text] = vector
+                self.text_cache.put((digest, text), vector)
+        return found
+
+    def query_vector(
+        self, query: Query, *, served: Served | None = None, texts: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray | None:
+        """The unit (D,) vector ``query`` searches by, or None when its parts cancel each other out.
+
+        ``texts``: the vectors of its terms, when a batch encoded them already.
+        """
         served = served or self.served
         parts: list[tuple[np.ndarray, float]] = []
         if query.terms:
-            vectors = _text_vectors(served.encoder, [t.text for t in query.terms])  # (T, D)
-            parts += [(v, t.weight) for v, t in zip(vectors, query.terms, strict=True)]
+            if texts is None:
+                texts = self.text_vectors([t.text for t in query.terms], served=served)
+            parts += [(texts[t.text], t.weight) for t in query.terms]
         if query.item_ids:
             ids = [item_id for item_id, _ in query.item_ids]
             stored = self.store.item_vectors(ids, version=served.version.id)
@@ -401,17 +430,46 @@ class Searcher:
 
         The whole query runs against one ``Served`` state, whatever ``refresh`` swaps in meanwhile.
         """
-        if query.k < 1:
-            raise UserError(f"k must be at least 1, got {query.k}")
+        result = self.run_batch([query])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def run_batch(self, queries: list[Query]) -> list[Results | Exception]:
+        """Several queries as one: every text term of all of them encoded in one batch (through the cache),
+        one ANN search for all their vectors, then each query's own k and collapse.
+
+        A query that cannot run (an unknown image id, k < 1) gets its ``UserError`` in its place; the
+        others are answered. All run against one ``Served`` state.
+        """
         served = self.served
-        vector = self.query_vector(query, served=served)
         count = self.store.count
-        if vector is None:
-            return Results([], count, cancelled=True)
+        texts = self.text_vectors([t.text for q in queries for t in q.terms], served=served)
+        out: list[Results | Exception | None] = [None] * len(queries)
+        wanted: list[tuple[int, np.ndarray, int]] = []  # (position, vector, how many hits to fetch)
+        for i, query in enumerate(queries):
+            try:
+                if query.k < 1:
+                    raise UserError(f"k must be at least 1, got {query.k}")
+                vector = self.query_vector(query, served=served, texts=texts)
+            except UserError as error:
+                out[i] = error
+                continue
+            if vector is None:
+                out[i] = Results([], count, cancelled=True)
+            else:
+                wanted.append((i, vector, query.k * (COLLAPSE_POOL if query.collapse else 1)))
+        if wanted:
+            vectors = np.stack([vector for _, vector, _ in wanted])  # (Q, D)
+            ranked = self.store.search(vectors, max(k for _, _, k in wanted), view=served.view)
+            for (i, _, k), hits in zip(wanted, ranked, strict=True):
+                out[i] = self._finish(queries[i], hits[:k], served, count)
+        return out  # type: ignore[return-value]
+
+    def _finish(self, query: Query, pool: list[Hit], served: Served, count: int) -> Results:
+        """The ranked hits of one query from its candidates: as they are, or with near-duplicates folded."""
         if not query.collapse:
-            hits = self.store.search(vector[None, :], query.k, view=served.view)[0]
-            return Results([RankedHit(hit) for hit in hits], count)
-        pool = self.store.search(vector[None, :], query.k * COLLAPSE_POOL, view=served.view)[0]
+            return Results([RankedHit(hit) for hit in pool], count)
         stored = self.store.item_vectors([hit.id for hit in pool], version=served.version.id)
         pool = [hit for hit in pool if hit.id in stored]  # deleted between the two reads
         if not pool:
@@ -419,6 +477,37 @@ class Searcher:
         vectors = np.stack([stored[hit.id] for hit in pool])  # (N, D)
         groups = collapse_near_duplicates(vectors, query.k, DUPLICATE_COSINE)
         return Results([RankedHit(pool[row], [pool[d].id for d in dups]) for row, dups in groups], count)
+
+
+class LRUCache:
+    """A bounded mapping that forgets the least recently used entry first (query embeddings)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._data: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        """The value of ``key`` (marked as just used), or None."""
+        value = self._data.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key, value) -> None:
+        """Store ``value``; past ``maxsize`` entries the oldest goes."""
+        if self.maxsize <= 0:
+            return
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.maxsize:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
 
 
 def _text_vectors(encoder: Encoder, texts: list[str]) -> np.ndarray:

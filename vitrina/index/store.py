@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS versions(
     preprocess TEXT NOT NULL DEFAULT '{}',
     state TEXT NOT NULL CHECK(state IN ('building', 'ready')),
     created REAL NOT NULL,
-    generation INTEGER NOT NULL DEFAULT 0
+    generation INTEGER NOT NULL DEFAULT 0,
+    precision TEXT NOT NULL DEFAULT 'fp32'
 );
 CREATE TABLE IF NOT EXISTS vectors(
     version INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
@@ -142,6 +143,7 @@ class Version:
     created: float
     generation: int
     active: bool
+    precision: str = "fp32"  # the arithmetic its vectors were embedded with ("fp32+int8" if runs mixed them)
 
     @property
     def name(self) -> str:
@@ -240,6 +242,9 @@ class IndexStore:
                 info = dict(conn.execute("SELECT key, value FROM info"))
                 if "format" not in info and "identity" in info:
                     _upgrade_format_1(conn, index_dir, info)
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(versions)")}
+                if columns and "precision" not in columns:  # a format-2 index from before the column
+                    conn.execute("ALTER TABLE versions ADD COLUMN precision TEXT NOT NULL DEFAULT 'fp32'")
                 conn.close()
             except sqlite3.DatabaseError as error:
                 raise UserError(f"{index_dir / META_FILE}: not a readable index database ({error})") from None
@@ -288,14 +293,26 @@ class IndexStore:
     def versions(self) -> list[Version]:
         """Every version, oldest first."""
         active = self._active_id()
+        precision = "precision" if self._has_precision_column() else "'fp32'"  # an index from before the column
         rows = self._conn.execute(
-            "SELECT id, model_ref, identity, digest, embed_dim, index_kind, preprocess, state, created, generation "
-            "FROM versions ORDER BY id"
+            "SELECT id, model_ref, identity, digest, embed_dim, index_kind, preprocess, state, created, generation, "
+            f"{precision} FROM versions ORDER BY id"
         )
         return [
-            Version(i, ref, json.loads(ident), dig, dim, kind, json.loads(pre), state, created, gen, i == active)
-            for i, ref, ident, dig, dim, kind, pre, state, created, gen in rows
+            Version(i, ref, json.loads(ident), dig, dim, kind, json.loads(pre), state, created, gen, i == active, prec)
+            for i, ref, ident, dig, dim, kind, pre, state, created, gen, prec in rows
         ]
+
+    def _has_precision_column(self) -> bool:
+        return any(row[1] == "precision" for row in self._conn.execute("PRAGMA table_info(versions)"))
+
+    def note_precision(self, version: int, precision: str) -> None:
+        """Record that ``version`` got vectors embedded at ``precision`` (joined to the others it has)."""
+        current = self.version(version).precision
+        used = "+".join(sorted(set(current.split("+")) | {precision}))
+        if used != current:
+            with self._transaction() as conn:
+                conn.execute("UPDATE versions SET precision=? WHERE id=?", (used, version))
 
     def _active_id(self) -> int | None:
         row = self._conn.execute("SELECT value FROM info WHERE key='active_version'").fetchone()
@@ -326,13 +343,15 @@ class IndexStore:
             return None
         return next((v for v in self.versions() if v.digest == digest), None)
 
-    def add_version(self, *, identity: dict, model_ref: str, index_kind: str, preprocess: dict) -> Version:
+    def add_version(
+        self, *, identity: dict, model_ref: str, index_kind: str, preprocess: dict, precision: str = "fp32"
+    ) -> Version:
         """A new, empty version in state ``building`` (not active) for vectors of ``identity``."""
         choose_index_kind(0, index_kind)  # validate early
         with self._transaction() as conn:
             cursor = conn.execute(
-                "INSERT INTO versions(model_ref, identity, digest, embed_dim, index_kind, preprocess, state, created) "
-                "VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO versions(model_ref, identity, digest, embed_dim, index_kind, preprocess, state, created, "
+                "precision) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     model_ref,
                     json.dumps(identity, sort_keys=True),
@@ -342,6 +361,7 @@ class IndexStore:
                     json.dumps(preprocess, sort_keys=True),
                     BUILDING,
                     time.time(),
+                    precision,
                 ),
             )
             number = cursor.lastrowid
