@@ -193,12 +193,15 @@ def cmd_index(args: argparse.Namespace) -> None:
         raise UserError("--no-activate and --activate-if-better contradict each other; give one")
     if (args.no_activate or args.activate_if_better) and not args.new_version:
         raise UserError("--no-activate and --activate-if-better apply to --new-version; add it")
-    encoder = load_encoder(args.model)
+    from vitrina.models.precision import with_precision
+
+    encoder = with_precision(load_encoder(args.model), args.precision)
     report = index_folder(
         folder,
         encoder,
         Path(args.out),
         model_ref=args.model,
+        precision=args.precision,
         batch_size=args.batch_size,
         workers=args.workers,
         index_kind=args.index_kind,
@@ -571,6 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="embed with a model the index was not built with, beside the active version (which keeps serving)",
     )
     index.add_argument("--no-activate", action="store_true", help="--new-version: leave the new version inactive")
+    index.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "int8"],
+        help="image tower arithmetic: bf16 autocast or int8 Linear layers (faster, see BENCHMARKS.md precision)",
+    )
     index.add_argument(
         "--activate-if-better",
         action="store_true",

@@ -191,6 +191,7 @@ def index_folder(
     load_encoder: EncoderLoader = _default_loader,
     publish_every_s: float = PUBLISH_EVERY_S,
     export_towers: bool = True,
+    precision: str = "fp32",
 ) -> IndexReport:
     """Embed the images under ``folder`` into ``index_dir`` (created, or brought up to date in every version).
 
@@ -228,6 +229,7 @@ def index_folder(
         store = IndexStore.create(index_dir, root=root) if fresh else IndexStore.open_for_writing(index_dir)
         with store:
             run = _Run(store, encoder, model_ref=model_ref, report=report, load_encoder=load_encoder)
+            run.precision = precision  # what ``encoder`` computes in (it is already wrapped for it)
             run.choose_version(root, new_version=new_version, index_kind=index_kind)  # may refuse: nothing written
             entries = scan_collection(root)
             if fraction is not None:
@@ -260,6 +262,7 @@ class _Run:
         self.store, self.encoder, self.model_ref, self.report = store, encoder, model_ref, report
         self.load_encoder = load_encoder
         self.target: Version | None = None
+        self.precision = "fp32"
         self._encoders: dict[int, Encoder] = {}
 
     def choose_version(self, root: Path, *, new_version: bool, index_kind: str | None) -> None:
@@ -280,6 +283,7 @@ class _Run:
                 model_ref=self.model_ref,
                 index_kind=index_kind or inherited,
                 preprocess=preprocess_of(self.encoder),
+                precision=self.precision,
             )
         elif index_kind is not None and index_kind != target.index_kind:
             store.set_index_kind(target.id, index_kind)
@@ -396,6 +400,8 @@ class _Run:
                 bar.update(len(batch.items))
                 bar.set_postfix(bad=sum(bad.values()))
         report.bad = dict(bad)
+        if report.by_version.get(version.name):
+            store.note_precision(version.id, self.precision if version.id == self.target.id else "fp32")
 
     def finish(self, *, activate: bool) -> None:
         """Publish every version whose ANN is behind; mark a complete target ready; activate it if asked."""
