@@ -3,6 +3,7 @@ identity, leave the caller's float model alone, and are recorded per index versi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +68,27 @@ def test_the_index_records_the_precision_and_answers_fp32_queries(tmp_path: Path
     with Searcher(index_dir, fp32) as searcher:  # queries at another precision still work
         query = image_path(collection, "green", "square-1")
         assert searcher.search_image(query, k=1)[0].path == str(query)
+
+
+def test_search_and_serve_run_queries_at_the_asked_precision(tmp_path: Path, capsys) -> None:
+    from fastapi.testclient import TestClient
+
+    from vitrina.cli import main as cli
+    from vitrina.serve.app import create_app
+
+    collection = tmp_path / "photos"
+    write_collection(collection)
+    index_dir = tmp_path / "idx"
+    index_folder(collection, make_encoder(), index_dir, model_ref="clip-tiny", progress=False)
+    with Searcher(index_dir, runtime="torch", precision="int8") as searcher:
+        assert isinstance(searcher.encoder, PrecisionEncoder) and searcher.encoder.precision == "int8"
+        fp32 = Searcher(index_dir, runtime="torch").search_text("a red circle", k=24)
+        int8 = searcher.search_text("a red circle", k=24)
+        assert {h.id for h in int8} == {h.id for h in fp32}  # the whole ranking: same items, near-same order
+    capsys.readouterr()
+    assert cli(["search", str(index_dir), "a red circle", "--precision", "int8", "--json", "-k", "3"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 3
+    assert cli(["search", str(index_dir), "a red circle", "--precision", "int8", "--runtime", "onnx"]) == 2
+    assert "--runtime auto or torch" in capsys.readouterr().err
+    with TestClient(create_app(index_dir, precision="bf16")) as client:
+        assert len(client.get("/api/search", params={"q": "a red circle", "k": 5}).json()["hits"]) == 5

@@ -334,7 +334,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     terms += [Term(" ".join(text.split()), -1.0) for text in args.negatives if text.strip()]
     images = [(Path(args.image), args.image_weight)] if args.image is not None else []
     query = Query(terms=terms, images=images, k=args.k, collapse=args.collapse)
-    with Searcher(Path(args.index), model_ref=args.model, runtime=args.runtime) as searcher:
+    with Searcher(Path(args.index), model_ref=args.model, runtime=args.runtime, precision=args.precision) as searcher:
         if "torch" in sys.modules:  # the PyTorch path (asked for, or no usable towers)
             _use_all_cores()
         results = searcher.run(query)
@@ -474,7 +474,7 @@ def cmd_data_export(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from vitrina.serve import serve
 
-    serve(Path(args.index), host=args.host, port=args.port, model_ref=args.model)
+    serve(Path(args.index), host=args.host, port=args.port, model_ref=args.model, precision=args.precision)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -634,6 +634,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: the index's exported ONNX towers where usable, else PyTorch (as --model always is); "
         "onnx: only the towers; torch: only PyTorch",
     )
+    search.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "int8"],
+        help="PyTorch towers at bf16 autocast or int8 Linear layers (faster; see BENCHMARKS.md precision)",
+    )
     search.set_defaults(handler=cmd_search)
 
     serve = sub.add_parser("serve", help="HTTP API and web page over an index (127.0.0.1:8000 by default)")
@@ -641,6 +647,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback exposes the index")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model", default=None, help="override the model stored in the index (same kind/width)")
+    serve.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "int8"],
+        help="PyTorch towers at bf16 autocast or int8 Linear layers (faster; see BENCHMARKS.md precision)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     classify = sub.add_parser("classify", help="zero-shot classification with prompt ensembles")

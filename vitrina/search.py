@@ -301,6 +301,7 @@ class Searcher:
         *,
         model_ref: str | None = None,
         runtime: str = "torch",
+        precision: str = "fp32",
         text_cache_size: int = TEXT_CACHE_SIZE,
     ) -> None:
         self.index_dir = Path(index_dir)
@@ -308,10 +309,13 @@ class Searcher:
         self.text_cache = LRUCache(text_cache_size)  # (model digest, text) -> unit vector
         self._model_ref = model_ref
         self._runtime = runtime
+        self._precision = precision
         try:
             version = self.store.active_version()
             if encoder is None:
-                encoder = query_encoder(version, self.index_dir, model_ref=model_ref, runtime=runtime)
+                encoder = query_encoder(
+                    version, self.index_dir, model_ref=model_ref, runtime=runtime, precision=precision
+                )
             else:
                 check_encoder(encoder, version, self.index_dir, chosen=True)
             self.served = Served(version, encoder, self.store.load_view(version.id))
@@ -339,7 +343,7 @@ class Searcher:
         encoder = served.encoder
         if version.id != served.version.id and version.digest != served.version.digest:
             # the new version's own model (an override named the old)
-            encoder = query_encoder(version, self.index_dir, runtime=self._runtime)
+            encoder = query_encoder(version, self.index_dir, runtime=self._runtime, precision=self._precision)
             _text_vectors(encoder, ["warm-up"])  # the first query after the swap does not pay for it
         self.served = Served(version, encoder, store.load_view(version.id))
         return True

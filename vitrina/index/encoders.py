@@ -61,14 +61,27 @@ RUNTIMES = ("auto", "onnx", "torch")
 
 
 def query_encoder(
-    version: Version, index_dir: Path, *, model_ref: str | None = None, runtime: str = "torch"
+    version: Version,
+    index_dir: Path,
+    *,
+    model_ref: str | None = None,
+    runtime: str = "torch",
+    precision: str = "fp32",
 ) -> Encoder:
     """The encoder that answers queries for ``version`` with ``runtime`` (see the module docstring).
 
     A model the user names (``model_ref``) always runs in PyTorch: the exported towers are the version's own.
+    ``precision`` bf16 or int8 runs the PyTorch towers at that precision (``vitrina.models.precision``).
     """
     if runtime not in RUNTIMES:
         raise UserError(f"--runtime {runtime!r} is unknown; use one of {', '.join(RUNTIMES)}")
+    if precision != "fp32":
+        from vitrina.models.precision import check_precision, with_precision
+
+        check_precision(precision)
+        if runtime == "onnx":
+            raise UserError(f"--precision {precision} runs the PyTorch towers; use --runtime auto or torch")
+        return with_precision(encoder_for(version, index_dir, model_ref=model_ref), precision)
     if model_ref is not None and runtime == "onnx":
         raise UserError("--runtime onnx runs the index's own exported towers; drop --model, or use --runtime torch")
     if runtime == "torch" or model_ref is not None:

@@ -211,6 +211,7 @@ def create_app(
     reload_s: float = POLL_S,
     batch_window_ms: float = WINDOW_MS,
     heavy_slots: int = HEAVY_SLOTS,
+    precision: str = "fp32",
 ) -> FastAPI:
     """A FastAPI app serving the index in ``index_dir``; the model is loaded now and kept warm.
 
@@ -219,7 +220,9 @@ def create_app(
     """
     index_dir = Path(index_dir)
     searcher_worker: Worker[Searcher] = Worker(
-        "vitrina-search", lambda: Searcher(index_dir, encoder, model_ref=model_ref), close=Searcher.close
+        "vitrina-search",
+        lambda: Searcher(index_dir, encoder, model_ref=model_ref, precision=precision),
+        close=Searcher.close,
     )
     meta: Worker[IndexStore] = Worker("vitrina-meta", lambda: IndexStore.open(index_dir), close=IndexStore.close)
     searcher: Searcher = searcher_worker.call(lambda s: s)
