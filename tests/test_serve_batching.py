@@ -122,3 +122,17 @@ def test_a_full_heavy_lane_answers_503_with_retry_after(index_dir: Path) -> None
             upload = client.post("/api/search/image", files={"file": (path.name, f, "image/png")})
         assert upload.status_code == 503
         assert client.get("/api/search", params={"q": "a red circle"}).status_code == 200  # searches go on
+
+
+def test_the_server_embeds_query_texts_with_the_exported_text_tower(index_dir: Path) -> None:
+    from vitrina.runtime import OnnxQueryEncoder
+
+    with Searcher(index_dir, fast_texts=True) as fast, Searcher(index_dir) as plain:
+        assert isinstance(fast.served.text_encoder, OnnxQueryEncoder) and plain.served.text_encoder is None
+        assert fast.encoder.identity == plain.encoder.identity  # the PyTorch model still answers the rest
+        for text in TEXTS:
+            a, b = fast.run(Query(terms=parse_query(text), k=8)), plain.run(Query(terms=parse_query(text), k=8))
+            assert [r.hit.id for r in a.hits] == [r.hit.id for r in b.hits]
+            np.testing.assert_allclose([r.hit.score for r in a.hits], [r.hit.score for r in b.hits], atol=1e-5)
+    with TestClient(create_app(index_dir)) as client:  # what `vitrina serve` runs
+        assert client.get("/api/search", params={"q": "a red circle"}).status_code == 200

@@ -221,7 +221,7 @@ def create_app(
     index_dir = Path(index_dir)
     searcher_worker: Worker[Searcher] = Worker(
         "vitrina-search",
-        lambda: Searcher(index_dir, encoder, model_ref=model_ref, precision=precision),
+        lambda: Searcher(index_dir, encoder, model_ref=model_ref, precision=precision, fast_texts=encoder is None),
         close=Searcher.close,
     )
     meta: Worker[IndexStore] = Worker("vitrina-meta", lambda: IndexStore.open(index_dir), close=IndexStore.close)
