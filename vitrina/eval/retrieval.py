@@ -84,7 +84,7 @@ def _recalls_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     return {f"R@{k}": float(np.mean(ranks < k)) for k in KS}
 
 
-def _caption_recalls(
+def caption_recalls(
     image_vectors: np.ndarray, captions: list[str], encoder: Encoder, chunk: int = 1024
 ) -> dict[str, dict]:
     """Text->image and image->text R@K; identical caption strings count as the same target."""
@@ -168,7 +168,7 @@ def evaluate_index(
         results["labels"] = _label_metrics(vectors[labelled], [items[i][1] for i in labelled], encoder)
     captioned = [i for i, (_, _, caption) in enumerate(items) if caption]
     if captioned:
-        results["captions"] = _caption_recalls(vectors[captioned], [items[i][2] for i in captioned], encoder)
+        results["captions"] = caption_recalls(vectors[captioned], [items[i][2] for i in captioned], encoder)
     return results
 
 
