@@ -10,6 +10,10 @@ The index: ``--index``, else the first index under ``runs/`` built by a trained 
 tiny index of generated pictures embedded with the untrained ``clip-tiny`` preset (the row name
 says which). Queries are the index's own labels and captions. Any error fails the run (exit 1).
 
+Each client count is run twice: with every query text made unique (a number appended: the server's
+query-embedding cache never answers, every query runs the text tower: the honest throughput) and with
+the texts repeating (cache hits: what a page reloading popular queries sees). The rows say which.
+
 Usage: ``.venv/bin/python bench/serve_load.py [--index DIR] [--clients 1 8] [--seconds 20]``.
 """
 
@@ -91,8 +95,14 @@ def run_server(index_dir: str, port: int) -> None:
     serve(Path(index_dir), port=port)
 
 
-def load(port: int, queries: list[str], clients: int, seconds: float) -> tuple[list[float], int, float]:
-    """``clients`` threads querying until ``seconds`` pass -> (latencies in s, error count, elapsed s)."""
+def load(
+    port: int, queries: list[str], clients: int, seconds: float, *, unique: bool = False
+) -> tuple[list[float], int, float]:
+    """``clients`` threads querying until ``seconds`` pass -> (latencies in s, error count, elapsed s).
+
+    ``unique``: every request's text is new (a number appended), so the server's query-embedding cache
+    never answers: every query runs the text tower.
+    """
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
     start = time.perf_counter()
@@ -102,7 +112,8 @@ def load(port: int, queries: list[str], clients: int, seconds: float) -> tuple[l
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         i = c
         while time.perf_counter() < deadline:
-            path = "/api/search?" + urllib.parse.urlencode({"q": queries[i % len(queries)], "k": K})
+            text = queries[i % len(queries)] + (f" {i}" if unique else "")
+            path = "/api/search?" + urllib.parse.urlencode({"q": text, "k": K})
             sent = time.perf_counter()
             try:
                 connection.request("GET", path)
@@ -157,7 +168,7 @@ def main() -> int:
                 model = Path(store.active_version().model_ref).name
         with IndexStore.open(index_dir) as store:
             count = store.count
-            kind = choose_index_kind(count, store.active_version().index_kind)
+            index_kind = choose_index_kind(count, store.active_version().index_kind)
         queries = index_queries(index_dir)
 
         with socket.socket() as probe:  # a port the OS says is free; serve() re-checks it
@@ -170,8 +181,8 @@ def main() -> int:
         try:
             wait_healthy(base_url, server)
             load(port, queries, 1, WARMUP_S)  # first requests pay one-off costs
-            for clients in args.clients:
-                latencies, errors, elapsed = load(port, queries, clients, args.seconds)
+            for clients, unique in [(c, u) for c in args.clients for u in (True, False)]:
+                latencies, errors, elapsed = load(port, queries, clients, args.seconds, unique=unique)
                 ms = np.asarray(latencies) * 1e3
                 row = {
                     "clients": clients,
@@ -183,11 +194,16 @@ def main() -> int:
                     "errors": errors,
                     "items": count,
                 }
+                kind = "unique queries (no cache)" if unique else "repeated queries (cache hits)"
                 print(
-                    f"{clients:>3} clients: {row['qps']:.1f} req/s, p50 {row['p50_ms']:.1f} ms, "
+                    f"{clients:>3} clients, {kind}: {row['qps']:.1f} req/s, p50 {row['p50_ms']:.1f} ms, "
                     f"p99 {row['p99_ms']:.1f} ms, {errors} errors over {len(latencies)} requests"
                 )
-                record(BENCHMARK, f"{model} · {kind} · {count} items · GET /api/search k={K} · {clients} clients", row)
+                record(
+                    BENCHMARK,
+                    f"{model} · {index_kind} · {count} items · GET /api/search k={K} · {clients} clients · {kind}",
+                    row,
+                )
                 failed = failed or errors > 0
         finally:
             server.terminate()
