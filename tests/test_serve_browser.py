@@ -220,3 +220,26 @@ def test_the_live_server_refuses_traversal(base_url: str, raw_path: str) -> None
     body = response.read()
     connection.close()
     assert response.status == 404 and b"root:" not in body and json.loads(body)["error"]
+
+
+def test_the_search_lives_in_the_url(base_url: str, browser) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    driver.get(base_url + "/?q=a+green+square&k=5&collapse=1")
+    wait_for(driver, lambda d: len(cards(d)) >= 1, "results of the query in the URL")
+    assert driver.find_element(By.ID, "q").get_attribute("value") == "a green square"
+    assert driver.find_element(By.ID, "collapse").is_selected()
+    expected = api(base_url, "/api/search", q="a green square", k=5, collapse="true")["hits"]
+    assert [c["id"] for c in cards(driver)] == [h["id"] for h in expected]
+    # Typing another query rewrites the address (no new history entry), so a reload shows the same.
+    box = driver.find_element(By.ID, "q")
+    box.clear()
+    box.send_keys("a blue bar")
+    wait_for(driver, lambda d: "q=a+blue+bar" in d.current_url, "the URL follows the query")
+    driver.refresh()
+    wait_for(driver, lambda d: d.find_element(By.ID, "q").get_attribute("value") == "a blue bar", "restored query")
+    wait_for(driver, lambda d: len(cards(d)) == 5, "5 results after the reload")
+    # Searching by a result puts its id in the address.
+    driver.find_element(By.CSS_SELECTOR, "#results li.card button").click()
+    wait_for(driver, lambda d: "image=" in d.current_url and "q=" not in d.current_url, "the example id in the URL")

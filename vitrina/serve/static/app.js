@@ -45,9 +45,37 @@ async function request(url, init) {
   return body;
 }
 
+// The search lives in the address bar (?q=…&k=…&collapse=1&image=ID), so it can be shared and reloaded.
+// An uploaded file cannot be put in a URL: while one is searched by, the address keeps the text only.
+function saveToUrl(q, k, collapse) {
+  const params = new URLSearchParams();
+  if (q) params.set("q", q);
+  if (state.exampleId !== null && !state.upload) params.set("image", state.exampleId);
+  if (k !== 24) params.set("k", k);
+  if (collapse) params.set("collapse", "1");
+  const search = params.toString();
+  const url = location.pathname + (search ? `?${search}` : "");
+  if (url !== location.pathname + location.search) history.replaceState(null, "", url);
+}
+
+function loadFromUrl() {
+  const params = new URLSearchParams(location.search);
+  $("q").value = params.get("q") || "";
+  const k = parseInt(params.get("k"), 10);
+  if (k >= 1 && k <= 1000) $("k").value = k;
+  $("collapse").checked = params.get("collapse") === "1";
+  const image = parseInt(params.get("image"), 10);
+  if (image >= 0) {
+    state.exampleId = image;
+    showExample(`/api/thumbs/${image}`, `image ${image}`);
+  }
+  if ($("q").value || state.exampleId !== null) run();
+}
+
 async function run() {
   const q = $("q").value.trim();
   const { k, collapse } = options();
+  saveToUrl(q, k, collapse);
   let url;
   let init;
   if (state.upload) {
@@ -208,7 +236,7 @@ async function loadInfo() {
     const model = info.model.ref || info.model.name;
     state.explain = Boolean(info.model.explain);
     $("info").textContent =
-      `${info.count} images in “${info.collection}” · model ${model} (${info.embed_dim}-d)` +
+      `${info.count} images in “${info.collection}” · model ${model} (${info.embed_dim}-d, ${info.version})` +
       ` · ${info.index_kind} index` + (info.ledger.total ? ` · ${info.ledger.total} files skipped` : "");
     if (info.model.untrained) {
       $("info").append(badge("warning", " · untrained preset: results are random"));
@@ -252,3 +280,4 @@ function wire() {
 
 wire();
 loadInfo();
+loadFromUrl();
