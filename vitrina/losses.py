@@ -5,8 +5,13 @@ Conventions: embeddings are L2-normalised (B, D) tensors; a loss returns a scala
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+# (b, D) rows of this process -> the global batch (N, D) and the index of this process's first row in it
+FeatureGather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 
 # --- contrastive image-text (CLIP) -----------------------------------------------------------
 
@@ -16,7 +21,13 @@ def clip_logits(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: to
     return logit_scale * image_emb @ text_emb.T
 
 
-def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    gather: FeatureGather | None = None,
+) -> torch.Tensor:
     """Symmetric contrastive loss of CLIP (Radford et al., 2021, Figure 3).
 
     The paper's pseudocode::
@@ -30,10 +41,41 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     i.e. the mean of image->text and text->image cross-entropy where the i-th image and i-th text
     are the positive pair and every other item of the batch is a negative. ``logit_scale`` is the
     already exponentiated temperature ``exp(t)``, as ``CLIP.forward`` returns it.
+
+    With ``gather`` (data-parallel training: ``vitrina.train.distributed.gather_with_grad``) the
+    negatives are the global batch of every process, and the loss is this process's rows of the
+    global loss (``clip_loss_rows``); the mean over processes is the loss of the global batch.
     """
     if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
         shapes = f"{tuple(image_emb.shape)}, {tuple(text_emb.shape)}"
         raise ValueError(f"expected two (B, D) tensors of one shape, got {shapes}")
+    if gather is not None:
+        images, offset = gather(image_emb)  # (N, D)
+        texts, _ = gather(text_emb)  # (N, D)
+        return clip_loss_rows(image_emb, text_emb, images, texts, logit_scale, offset=offset)
     logits = clip_logits(image_emb, text_emb, logit_scale)  # (B, B): rows images, columns texts
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def clip_loss_rows(
+    image_rows: torch.Tensor,
+    text_rows: torch.Tensor,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    offset: int,
+) -> torch.Tensor:
+    """Rows ``offset .. offset + b`` of the symmetric CLIP loss of a global batch of N pairs.
+
+    ``image_rows``/``text_rows`` (b, D) are the pairs ``offset + i`` of ``images``/``texts`` (N, D),
+    and carry the gradient of this process's share. Image row i is scored against all N texts
+    and text row i against all N images (as open_clip's ``ClipLoss(local_loss=True)``); the
+    positive of both is column ``offset + i``. The mean over b rows of each direction, averaged:
+    the mean of this over a partition of the N rows into equal shares is ``clip_loss(images, texts)``.
+    """
+    logits_per_image = clip_logits(image_rows, texts, logit_scale)  # (b, N)
+    logits_per_text = clip_logits(text_rows, images, logit_scale)  # (b, N)
+    labels = offset + torch.arange(image_rows.shape[0], device=image_rows.device)  # (b,)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2

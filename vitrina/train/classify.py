@@ -9,6 +9,9 @@
 4. At the end the best model is evaluated on the test split: ``OUT/results.json`` (accuracy,
    per-class accuracy, confusion matrix) and ``OUT/confusion.png``.
 
+Under ``torchrun`` the loop trains data-parallel (``--batch-size`` is the global batch); rank 0
+keeps ``OUT/best``, runs the test and writes the results, which every rank returns.
+
 A checkpoint's ``config.json`` carries ``label2id`` / ``id2label`` and the ``preprocess`` (image
 size, mean, std) its inputs need, so it can be used without the data it was trained on.
 """
@@ -33,6 +36,7 @@ from vitrina.checkpoint import CONFIG, WEIGHTS, load_model, save_model
 from vitrina.config import TrainConfig, to_dict
 from vitrina.errors import UserError
 from vitrina.models.registry import build_from_config, kind_of, preset_config
+from vitrina.train import distributed
 from vitrina.train.classify_data import (
     BatchAugment,
     ClassificationData,
@@ -323,17 +327,19 @@ def fit_classifier(
         progress=progress,
     )
     best_dir = out_dir / BEST
-    best, _ = load_model(best_dir)
-    results = test_report(best, data, preprocess, out_dir, batch_size=settings.eval_batch_size)
-    results.update(
-        best_epoch=summary.best["epoch"] if summary.best else None,
-        best_val_acc=summary.best["value"] if summary.best else None,
-        train_minutes=summary.total_minutes,
-        epochs_done=summary.epochs_done,
-        stopped_early=summary.stopped_early,
-    )
-    (out_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
-    return ClassifyOutcome(summary, results, best_dir)
+    results = None
+    if distributed.is_main():  # under torchrun rank 0 tests and writes; the others receive its results
+        best, _ = load_model(best_dir)
+        results = test_report(best, data, preprocess, out_dir, batch_size=settings.eval_batch_size)
+        results.update(
+            best_epoch=summary.best["epoch"] if summary.best else None,
+            best_val_acc=summary.best["value"] if summary.best else None,
+            train_minutes=summary.total_minutes,
+            epochs_done=summary.epochs_done,
+            stopped_early=summary.stopped_early,
+        )
+        (out_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    return ClassifyOutcome(summary, distributed.broadcast_json(results), best_dir)
 
 
 def train_classifier(

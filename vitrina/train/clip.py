@@ -8,6 +8,10 @@
    locked its features never change, so they are computed once for every distinct caption (under
    ``inference_mode``, in batches) and looked up per step; only the projection above them trains.
 4. After each epoch: validation loss and text->image R@1/R@5 on a fixed validation subset.
+5. Under ``torchrun`` each process embeds its share of the global batch, gathers every share's
+   embeddings (with their gradients: ``distributed.gather_with_grad``) and takes the loss of its
+   own rows against the global batch, so N processes compute what one process with the global
+   batch computes.
 
 Every epoch's checkpoint folder is a complete model that ``vitrina.checkpoint.load_encoder`` opens.
 """
@@ -31,9 +35,10 @@ from vitrina.config import TrainConfig, to_dict
 from vitrina.data.datasets import Caption, ImageCaptionDataset, ImageSource
 from vitrina.data.transforms import eval_transform, train_transform
 from vitrina.errors import UserError
-from vitrina.losses import clip_loss
+from vitrina.losses import FeatureGather, clip_loss, clip_loss_rows
 from vitrina.models.clip import CLIP
 from vitrina.models.text import SPECIAL_TOKENS, train_bpe
+from vitrina.train import distributed
 from vitrina.train.loop import CheckpointInfo, StepOutput, TrainSummary, find_checkpoint, train
 
 Pair = tuple[ImageSource, Caption]
@@ -127,18 +132,30 @@ def make_embedder(model: CLIP, cache: TextFeatureCache | None) -> Callable[[list
     return lambda captions: torch.nn.functional.normalize(model.project_text(cache(captions)), dim=-1)
 
 
-def clip_step(model: CLIP, batch: tuple[torch.Tensor, list[str]], embed_text) -> StepOutput:
-    """One contrastive step: (B, 3, H, W) pixels and B captions -> ``clip_loss`` and the temperature."""
+def clip_step(
+    model: CLIP, batch: tuple[torch.Tensor, list[str]], embed_text, gather: FeatureGather | None = None
+) -> StepOutput:
+    """One contrastive step: (B, 3, H, W) pixels and B captions -> ``clip_loss`` and the temperature.
+
+    With ``gather`` (several processes) B is this process's share of the global batch: the
+    negatives and the in-batch R@1 are over the global batch, the loss is this share's rows.
+    """
     pixels, captions = batch
     image_emb = model.encode_image(pixels)  # (B, D)
     text_emb = embed_text(list(captions))  # (B, D)
     scale = model.scale()
+    if gather is None:
+        loss, images, offset = clip_loss(image_emb, text_emb, scale), image_emb, 0
+    else:
+        images, offset = gather(image_emb)  # (N, D), the global batch
+        texts, _ = gather(text_emb)  # (N, D)
+        loss = clip_loss_rows(image_emb, text_emb, images, texts, scale, offset=offset)
     with torch.no_grad():
         scale_value = float(scale.detach())
         # in-batch text->image top-1: a cheap progress signal beside the loss
-        batch_r1 = (text_emb @ image_emb.T).argmax(dim=1).eq(torch.arange(len(captions))).float().mean()
+        batch_r1 = (text_emb @ images.T).argmax(dim=1).eq(torch.arange(len(captions)) + offset).float().mean()
     metrics = {"logit_scale": scale_value, "t2i_batch_r1": float(batch_r1)}
-    return StepOutput(clip_loss(image_emb, text_emb, scale), len(captions), metrics)
+    return StepOutput(loss, len(captions), metrics)
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -242,6 +259,8 @@ def train_clip(
     """
     settings = settings or ClipTrainSettings()
     vocab = tokenizer_vocab_size or settings.tokenizer_vocab_size
+    # under torchrun: the global batch is the negatives of every process's rows
+    gather = distributed.gather_with_grad if distributed.setup() else None
     out_dir = Path(out_dir)
     if not pairs:
         raise UserError("no image-caption pairs to train on: check the data spec")
@@ -277,7 +296,7 @@ def train_clip(
 
     return train(
         model=model,
-        step_fn=lambda model, batch: clip_step(model, batch, embed_text),
+        step_fn=lambda model, batch: clip_step(model, batch, embed_text, gather),
         train_data=dataset,
         out_dir=out_dir,
         config=train_config,

@@ -47,6 +47,17 @@ metric, the last evaluation and the config. Nothing is pickled.
 Resume: when ``out_dir`` holds a checkpoint whose run identity (the ``TrainConfig`` fields that
 decide the numbers, the data size, and the caller's ``run_identity``) equals this run's, training
 continues from it. A different identity, or ``resume=False``, is a ``UserError``.
+
+Several processes (``torchrun``, see ``vitrina.train.distributed``)
+-------------------------------------------------------------------
+``batch_size`` is the global batch; each of N ranks takes its block of every global batch and the
+model runs under ``DistributedDataParallel``. Position, schedule and checkpoint are those of one
+process (``batch`` counts global batches; ``epoch_samples`` is the position in global samples),
+so a checkpoint resumes with any N that divides the batch. Rank 0 takes the folder lock, logs,
+evaluates (the others receive its results) and writes every checkpoint; the others wait for it.
+The RNG state saved is rank 0's; on a start or resume rank r > 0 reseeds from ``(seed, step, r)``,
+so the ranks draw different augmentations and dropout masks. Those draws depend on N; with
+deterministic steps everything else agrees with one process to float summation order.
 """
 
 from __future__ import annotations
@@ -74,6 +85,7 @@ from tqdm.auto import tqdm
 from vitrina.atomic import atomic_write_text
 from vitrina.config import TrainConfig, to_dict
 from vitrina.errors import UserError
+from vitrina.train import distributed
 
 CHECKPOINTS = "checkpoints"
 CURRENT = "current"
@@ -430,6 +442,16 @@ class _MetricsLog:
         self.file.close()
 
 
+class _NoLog:
+    """The log of a rank other than 0: rank 0 writes the one log."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class _Window:
     """Running sums between two log lines: item-weighted loss and metrics, throughput."""
 
@@ -547,20 +569,31 @@ class _Run:
         self.window = _Window()
         self.start = time.perf_counter()
         self.cap_s = config.max_minutes * 60 if config.max_minutes is not None else math.inf
+        self.rank, self.world, self.main = distributed.rank(), distributed.world_size(), distributed.is_main()
+        self.forward: nn.Module | None = None  # the DDP-wrapped step, with several processes
 
     def restore(self, checkpoint: Path | None) -> None:
         """Seed a fresh run, or take every state from ``checkpoint``."""
         if checkpoint is None:
             seed_everything(self.config.seed)
+            self._reseed_rank()
             return
         meta = _load_train_state(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         if meta.get("param_names") != self.param_names:
             raise UserError(f"{checkpoint}: the optimizer's parameters differ from this model's; use a new folder")
-        self.epoch, self.batch, self.step = meta["epoch"], meta["batch"], meta["global_step"]
+        self.epoch, self.step = meta["epoch"], meta["global_step"]
+        # the position in global samples: the same global batches with any number of processes
+        self.batch = meta.get("epoch_samples", meta["batch"] * self.config.batch_size) // self.config.batch_size
+        self._reseed_rank()
         self.elapsed_before = meta["elapsed_s"]
         self.best, self.last_eval = meta.get("best"), meta.get("last_eval", {})
         self.last_train = meta.get("last_train", {})
         self.resumed_from_step = self.step
+
+    def _reseed_rank(self) -> None:
+        """Rank r > 0 draws from its own stream, a function of the seed, the step and r (rank 0 keeps the saved one)."""
+        if self.rank > 0:
+            seed_everything(_mix(self.config.seed, self.step, self.rank) % 2**32)
 
     def elapsed_total(self) -> float:
         """Seconds of training over every run that built this checkpoint."""
@@ -568,13 +601,19 @@ class _Run:
 
     def run(self) -> TrainSummary:
         """Train the remaining epochs (or until the time cap); return the summary."""
-        self.log = _MetricsLog(self.out_dir / METRICS_FILE, keep_up_to_step=self.resumed_from_step)
+        if self.main:
+            self.log = _MetricsLog(self.out_dir / METRICS_FILE, keep_up_to_step=self.resumed_from_step)
+        else:
+            self.log = _NoLog()
+        if self.world > 1:
+            self.forward = distributed.data_parallel(self.model, self.step_fn)
         try:
             self.model.train()
             while self.epoch < self.config.epochs and not self.stopped_early:
                 self.run_epoch()
         finally:
             self.log.close()
+        distributed.barrier()  # every file rank 0 writes is complete when any rank returns
         metrics = {**({"train/loss": self.last_train["loss"]} if self.last_train else {}), **self.last_eval}
         return TrainSummary(
             out_dir=self.out_dir,
@@ -592,15 +631,20 @@ class _Run:
     def loader(self) -> DataLoader:
         """The rest of the current epoch: its fixed order, minus the batches already done."""
         c = self.config
+        order = EpochOrder(len(self.train_data), seed=c.seed, epoch=self.epoch, skip=self.batch * c.batch_size)
+        seed = _mix(c.seed, self.epoch, self.batch)
+        if self.world > 1:  # this rank's block of every global batch; its workers draw their own numbers
+            order = distributed.ShardedOrder(order, batch_size=c.batch_size, rank=self.rank, world_size=self.world)
+            seed = _mix(c.seed, self.epoch, self.batch, self.rank)
         return DataLoader(
             self.train_data,
-            batch_size=c.batch_size,
-            sampler=EpochOrder(len(self.train_data), seed=c.seed, epoch=self.epoch, skip=self.batch * c.batch_size),
+            batch_size=c.batch_size // self.world,
+            sampler=order,
             drop_last=True,
             num_workers=c.num_workers,
             collate_fn=self.collate_fn,
             # worker processes seed their RNGs from this generator: tie them to the position
-            generator=torch.Generator().manual_seed(_mix(c.seed, self.epoch, self.batch)),
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def run_epoch(self) -> None:
@@ -611,7 +655,7 @@ class _Run:
             initial=self.batch,
             desc=f"epoch {self.epoch + 1}/{c.epochs}",
             unit="batch",
-            disable=not self.progress,
+            disable=not (self.progress and self.main),
             dynamic_ncols=True,
         )
         tick = epoch_start = time.perf_counter()
@@ -624,6 +668,8 @@ class _Run:
             rate = items / max(time.perf_counter() - epoch_start, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
             over_time = time.perf_counter() - self.start > self.cap_s
+            if self.world > 1 and self.cap_s < math.inf:
+                over_time = distributed.any_rank(over_time)  # the ranks stop at the same step
             if self.batch == self.steps_per_epoch:
                 # the epoch-end checkpoint below saves this step; stop after it unless it was the last
                 self.stopped_early = over_time and self.epoch + 1 < c.epochs
@@ -647,10 +693,17 @@ class _Run:
     def train_step(self, batch: Any, *, seconds_since: float) -> tuple[float, int]:
         """Forward, backward, clip, optimizer and schedule step, log; returns the loss and batch size."""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
-            out = self.step_fn(self.model, batch)
-        if not torch.isfinite(out.loss):
+            out = self.step_fn(self.model, batch) if self.forward is None else StepOutput(*self.forward(batch))
+        loss = float(out.loss.detach())
+        logged = out
+        if self.world > 1:
+            # the global batch's loss and metrics (each rank's are means over equal shares of it)
+            names = sorted(out.metrics)
+            loss, *values = distributed.mean_over_ranks([loss, *(float(out.metrics[k]) for k in names)])
+            logged = StepOutput(out.loss, out.n_items * self.world, dict(zip(names, values, strict=True)))
+        if not math.isfinite(loss):
             raise UserError(
-                f"training diverged: loss is {out.loss.item()} at step {self.step + 1}; "
+                f"training diverged: loss is {loss} at step {self.step + 1}; "
                 f"lower the learning rate (now {self.config.lr:g}) or lengthen the warm-up"
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -664,8 +717,7 @@ class _Run:
         self.scheduler.step()
         self.step += 1
         self.batch += 1
-        loss = float(out.loss.detach())
-        self.window.add(out, loss, time.perf_counter() - seconds_since, extra)
+        self.window.add(logged, loss, time.perf_counter() - seconds_since, extra)
         if self.step % self.config.log_every == 0:
             self.last_train = self.window.summary()
             self.log.write(
@@ -678,13 +730,14 @@ class _Run:
                 }
             )
             self.window.reset()
-        return loss, out.n_items
+        return loss, logged.n_items
 
     def evaluate(self) -> None:
         """Run ``eval_fn`` (if any), log it, and track the best value of ``best_metric``."""
         if self.eval_fn is None:
             return
-        self.last_eval = _evaluate(self.model, self.eval_fn)
+        # rank 0 evaluates; the others take its numbers (they decide the best checkpoint alike)
+        self.last_eval = distributed.broadcast_json(_evaluate(self.model, self.eval_fn) if self.main else None)
         elapsed = round(self.elapsed_total(), 3)
         self.log.write({"step": self.step, "epoch": self.epoch, "elapsed_s": elapsed, "eval": self.last_eval})
         if self.best_metric is not None and self.best_metric in self.last_eval:
@@ -694,7 +747,10 @@ class _Run:
                 self.best = {"metric": self.best_metric, "value": value, "epoch": self.epoch, "step": self.step}
 
     def checkpoint(self, *, epoch_complete: bool) -> None:
-        """Write a checkpoint of the current position (the protocol in the module docstring)."""
+        """Write a checkpoint of the current position (the protocol in the module docstring); rank 0 only."""
+        if not self.main:
+            distributed.barrier()
+            return
         root = self.out_dir / CHECKPOINTS
         root.mkdir(exist_ok=True)
         tmp = root / f"tmp-{self.step:08d}"
@@ -709,8 +765,10 @@ class _Run:
         meta = {
             "format": STATE_FORMAT,
             "epoch": self.epoch,
-            "batch": self.batch,
+            "batch": self.batch,  # global batches of this epoch done
+            "epoch_samples": self.batch * self.config.batch_size,
             "global_step": self.step,
+            "world_size": self.world,  # how it was trained; a resume may use another
             "elapsed_s": self.elapsed_total(),
             "identity": self.identity,
             "config": to_dict(self.config),
@@ -731,6 +789,7 @@ class _Run:
         if self.on_checkpoint is not None:
             with _rng_preserved():
                 self.on_checkpoint(CheckpointInfo(final, self.epoch, self.step, epoch_complete))
+        distributed.barrier()
 
 
 def train(
@@ -760,9 +819,18 @@ def train(
     ``no_grad``. ``param_groups`` replaces the default AdamW groups (``param_groups_for``).
     ``run_identity`` is anything else that must match for a resume (model and data settings).
     ``best_metric`` names an eval result to track. ``on_checkpoint`` is called after each checkpoint.
+
+    Started by torchrun with several processes, the run is data-parallel (module docstring):
+    ``config.batch_size`` is then the global batch and must be a multiple of the process count.
     """
     config.validate()
     out_dir = Path(out_dir)
+    distributed.setup()
+    world = distributed.world_size()
+    if config.batch_size % world:
+        raise UserError(
+            f"a batch of {config.batch_size} does not split over {world} processes; give a multiple of {world}"
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file; the output must be a folder")
     n_items = len(train_data)
@@ -778,10 +846,16 @@ def train(
         "steps_per_epoch": steps_per_epoch,
         "run": to_dict(run_identity or {}),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out_dir):
+    main = distributed.is_main()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir) if main else contextlib.nullcontext():
         checkpoint = _check_out_dir(out_dir, identity, resume)
-        _clean_leftovers(out_dir)
+        if world > 1:  # every rank resumes from the checkpoint rank 0 resumes from
+            step = json.loads((checkpoint / STATE_JSON).read_text())["global_step"] if checkpoint else None
+            distributed.same_on_every_rank(step, f"checkpoints in {out_dir}")
+        if main:
+            _clean_leftovers(out_dir)
         run = _Run(
             model=model,
             step_fn=step_fn,
