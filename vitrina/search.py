@@ -559,7 +559,7 @@ def classify(
 
     Labels become prompt-ensemble vectors; probabilities are a softmax over scaled cosine similarity.
     """
-    from vitrina.eval.zeroshot import class_embeddings, class_probabilities, logit_scale_of
+    from vitrina.models.zeroshot import class_embeddings, class_probabilities, logit_scale_of
 
     if len(labels) < 2:
         raise UserError("zero-shot classification needs at least two labels")
