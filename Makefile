@@ -13,7 +13,7 @@ env: .venv/.installed
 .venv/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv .venv
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,ray]'
 	@touch $@
 
 data:

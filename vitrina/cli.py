@@ -187,7 +187,13 @@ def cmd_index(args: argparse.Namespace) -> None:
     from vitrina.index.embed import index_folder
 
     folder = Path(args.folder)
-    if not folder.is_dir():
+    ray_flags = {"--address": args.address, "--actors": args.actors, "--num-gpus": args.num_gpus}
+    ray_only = [flag for flag, given in {**ray_flags, "--shard-size": args.shard_size}.items() if given is not None]
+    if args.engine == "local" and ray_only:
+        raise UserError(f"{', '.join(ray_only)}: only for --engine ray; add it, or leave them out")
+    if args.engine == "local" and folder.is_file():
+        raise UserError(f"{folder}: a list of images is read by --engine ray; add it, or give a folder")
+    if args.engine == "local" and not folder.is_dir():
         raise UserError(f"{folder}: not a folder of images; give the collection's root folder")
     if args.no_activate and args.activate_if_better:
         raise UserError("--no-activate and --activate-if-better contradict each other; give one")
@@ -196,20 +202,33 @@ def cmd_index(args: argparse.Namespace) -> None:
     from vitrina.models.precision import with_precision
 
     encoder = with_precision(load_encoder(args.model), args.precision)
-    report = index_folder(
-        folder,
-        encoder,
-        Path(args.out),
+    common = dict(
         model_ref=args.model,
         precision=args.precision,
         batch_size=args.batch_size,
-        workers=args.workers,
         index_kind=args.index_kind,
         fraction=args.fraction,
         seed=args.seed,
         new_version=args.new_version,
         activate=not (args.no_activate or args.activate_if_better),
     )
+    if args.engine == "ray":
+        from vitrina.index.ray_engine import SHARD_SIZE, index_with_ray  # imports ray: only for this engine
+
+        report = index_with_ray(
+            folder,
+            encoder,
+            Path(args.out),
+            address=args.address,
+            actors=args.actors or 1,
+            decoders=args.workers,
+            num_gpus=args.num_gpus or 0.0,
+            shard_size=args.shard_size or SHARD_SIZE,
+            **common,
+        )
+    else:
+        workers = 2 if args.workers is None else args.workers
+        report = index_folder(folder, encoder, Path(args.out), workers=workers, **common)
     print(report.summary())
     if args.new_version and report.ready and args.activate_if_better and not report.activated:
         _activate_if_better(Path(args.out), report.version)
@@ -555,13 +574,25 @@ def build_parser() -> argparse.ArgumentParser:
     distill.set_defaults(handler=cmd_distill)
 
     index = sub.add_parser("index", help="embed a folder of images into an index (incremental, resumable)")
-    index.add_argument("folder")
+    index.add_argument("folder", metavar="SOURCE", help="image folder; --engine ray: or a Parquet/CSV/JSONL list")
     index.add_argument("--model", required=True, help="checkpoint folder or preset name")
     index.add_argument("--out", required=True, help="index folder")
     index.add_argument("--fraction", type=float, default=None, help="index a per-class random fraction, e.g. 0.3")
     index.add_argument("--seed", type=int, default=0, help="seed of the fraction sample")
     index.add_argument("--batch-size", type=int, default=64)
-    index.add_argument("--workers", type=int, default=2, help="parallel image decoders")
+    index.add_argument(
+        "--workers", type=int, default=None, help="parallel image decoders (default 2; --engine ray: the CPUs left)"
+    )
+    index.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process (the default); ray: Ray Data decoding and embedding actors, here or on --address",
+    )
+    index.add_argument("--address", default=None, help="--engine ray: a running Ray cluster (e.g. auto, HOST:6379)")
+    index.add_argument("--actors", type=int, default=None, help="--engine ray: embedding actors, each loads the model")
+    index.add_argument("--num-gpus", type=float, default=None, help="--engine ray: GPUs per actor (0.5: two share one)")
+    index.add_argument("--shard-size", type=int, default=None, help="--engine ray: files per embedding shard (4096)")
     index.add_argument(
         "--index-kind",
         default=None,

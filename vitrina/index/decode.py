@@ -1,6 +1,9 @@
 """Decoding for the indexer: files -> checked, transformed pixel batches, in threads or processes.
 
-A bad file never raises here: it comes back as a ``Decoded`` with a ``reason`` for the ledger.
+A bad file never raises here: it comes back as a ``Decoded`` with a ``reason`` for the ledger. A job's
+path is a local path, or a URL of any fsspec protocol that is installed (a list given to the Ray engine,
+``vitrina.index.sources``): its bytes are fetched (at most ``MAX_BYTES``) and decoded from a temporary file
+by the same checks.
 Decoding runs ahead of the model (two batches in a thread pool, or a DataLoader's prefetch), so the
 model waits for pixels as little as the cores allow.
 """
@@ -9,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vitrina.data.images import BadImageError, load_image
+from vitrina.data.images import MAX_BYTES, BadImageError, load_image
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,7 @@ class Job:
     """One file to embed."""
 
     rel: str
-    path: Path
+    path: Path | str  # a local path, or a URL (``is_url``)
     size: int
     mtime: float
     label: str | None
@@ -73,17 +78,68 @@ def _split(transform: Callable) -> tuple[Callable, Callable | None]:
     return transform, None
 
 
-def content_hash(path: Path) -> str:
+def is_url(path: object) -> bool:
+    """Whether ``path`` is a URL (``proto://...``) rather than a local path."""
+    return isinstance(path, str) and "://" in path
+
+
+def _open(path: Path | str):
+    if is_url(path):
+        import fsspec
+
+        return fsspec.open(path, "rb").open()
+    return open(path, "rb")
+
+
+def file_stat(path: Path | str) -> tuple[int, float]:
+    """(size in bytes, mtime) of a local file or a URL (mtime 0.0 where the store does not say); OSError if gone."""
+    if not is_url(path):
+        stat = Path(path).stat()
+        return stat.st_size, stat.st_mtime
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(path)
+    try:
+        info = fs.info(inner)
+    except OSError:
+        raise
+    except Exception as error:  # remote stores raise their own errors
+        raise OSError(f"{path}: {error}") from None
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or 0.0
+    return int(info.get("size") or 0), float(mtime.timestamp() if hasattr(mtime, "timestamp") else mtime)
+
+
+def content_hash(path: Path | str) -> str:
     """blake2b (128-bit) of the file's bytes, read in 1 MiB chunks."""
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
+    with _open(path) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
 
+def _decode_url(job: Job, transform: Callable, draft_size: int | None) -> Decoded:
+    """Fetch a URL's bytes (no more than ``MAX_BYTES`` + 1) into a temporary file and decode that."""
+    try:
+        with _open(job.path) as f:
+            data = f.read(MAX_BYTES + 1)
+    except Exception as error:  # any fsspec backend's "cannot read"
+        return Decoded(job, None, reason="unreadable", detail=str(error))
+    fd, tmp = tempfile.mkstemp(prefix="vitrina-fetch-", suffix=Path(str(job.path)).suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        fetched = Job(job.rel, Path(tmp), job.size, job.mtime, job.label, job.caption, job.is_new)
+        local = decode(fetched, transform, draft_size)
+    finally:
+        os.unlink(tmp)
+    return Decoded(job, local.pixels, local.content_hash, local.reason, local.detail)
+
+
 def decode(job: Job, transform: Callable, draft_size: int | None = None) -> Decoded:
     """Decode and transform one file; never raises for a bad file (the ledger gets the reason)."""
+    if is_url(job.path):
+        return _decode_url(job, transform, draft_size)
     try:
         # Size checks happen before decoding (no decompression bombs); a JPEG is decoded at 1/2, 1/4 or
         # 1/8 scale when that still covers the tower's input (DCT scaling: most of the decode saved).

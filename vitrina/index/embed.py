@@ -16,7 +16,9 @@ One run, under the index's writer lock:
 6. export the query towers (``vitrina.models.export``) of every version that has none, or has towers of
    other weights, so a search runs without torch; once per version, timed apart from the embedding.
 
-Files that cannot be decoded go into the ledger.
+Files that cannot be decoded go into the ledger. Steps 3 and 4 run a *pass* (a version, its jobs) at a
+time: in this process (``index_folder``, the default), or on a Ray cluster (``vitrina.index.ray_engine``,
+which calls ``index_entries`` with its own ``PassRunner``); everything else is this module's, for both.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -36,7 +39,7 @@ from vitrina.digest import short
 from vitrina.encoder import Encoder
 from vitrina.errors import UserError
 from vitrina.index.ann import choose_index_kind
-from vitrina.index.decode import Job, content_hash, process_batches, thread_batches
+from vitrina.index.decode import Decoded, Job, content_hash, file_stat, is_url, process_batches, thread_batches
 from vitrina.index.lock import WriterLock
 from vitrina.index.store import META_FILE, READY, IndexStore, ItemRow, Version
 
@@ -65,6 +68,7 @@ class IndexReport:
     by_version: dict[str, int] = field(default_factory=dict)  # images embedded per version
     towers: dict[str, str] = field(default_factory=dict)  # version -> what exporting its query towers did
     towers_seconds: float = 0.0  # spent exporting towers (not in ``seconds``: a one-off per version)
+    from_shards: int = 0  # images whose vectors came from embedding shards a killed run had finished (Ray engine)
 
     @property
     def images_per_s(self) -> float:
@@ -96,33 +100,49 @@ def _plan(
     updates: list[tuple] = []
     seen: set[str] = set()
     for entry in entries:
-        path = Path(entry.path)
-        path = path if path.is_absolute() else root / path
-        try:
-            rel = path.relative_to(root).as_posix()
-        except ValueError:  # a scanner that hands back resolved symlinks
-            rel = path.resolve().relative_to(root).as_posix()
+        rel, path = _locate(entry.path, root)
         seen.add(rel)
         state = states.get(rel)
         try:
-            stat = path.stat()
+            size, mtime = file_stat(path)
         except OSError:  # a dangling link, or gone since the scan: the decoder puts it in the ledger
             jobs.append(Job(rel, path, 0, 0.0, entry.label, entry.caption, is_new=state is None))
             continue
         label, caption = entry.label, entry.caption
         if state is not None:
-            same_stat = state.size == stat.st_size and state.mtime == stat.st_mtime
+            same_stat = state.size == size and state.mtime == mtime
             # Stat data differ: only the content hash can say whether the pixels changed.
             if same_stat or content_hash(path) == state.content_hash:
                 report.unchanged += 1
                 if not same_stat or (state.label, state.caption) != (label, caption):
-                    updates.append((rel, stat.st_size, stat.st_mtime, label, caption))
+                    updates.append((rel, size, mtime, label, caption))
                 continue
-        jobs.append(Job(rel, path, stat.st_size, stat.st_mtime, label, caption, is_new=state is None))
+        jobs.append(Job(rel, path, size, mtime, label, caption, is_new=state is None))
     stale = [rel for rel in states if rel not in seen]
     stale += [rel for rel, _, _ in store.ledger() if rel not in seen]
     report.seen = len(seen)
     return jobs, stale, updates
+
+
+def _locate(entry_path: Path | str, root: Path) -> tuple[str, Path | str]:
+    """(the item's path as stored, where to read it): relative to ``root`` where it lies inside it; a listed
+    file outside it keeps its absolute path, a URL stays a URL (``vitrina.index.sources``)."""
+    if is_url(entry_path):
+        return str(entry_path), str(entry_path)
+    path = Path(entry_path)
+    path = path if path.is_absolute() else root / path
+    try:
+        return path.relative_to(root).as_posix(), path
+    except ValueError:  # a scanner that hands back resolved symlinks, or a listed file elsewhere
+        try:
+            return path.resolve().relative_to(root).as_posix(), path
+        except ValueError:
+            return path.as_posix(), path
+
+
+def job_path(root: Path, rel: str) -> Path | str:
+    """Where to read the stored item path ``rel`` (the inverse of ``_locate``)."""
+    return rel if is_url(rel) else root / rel
 
 
 def preprocess_of(encoder: Encoder) -> dict:
@@ -203,23 +223,85 @@ def index_folder(
     picks a thread pool or a process-based DataLoader of ``workers`` decoders. ``export_towers``: export
     the query towers of versions that lack them (``report.towers``, timed in ``report.towers_seconds``).
     """
-    start = time.perf_counter()
-    folder, index_dir = Path(folder), Path(index_dir)
     if decoder not in DECODERS:
         raise UserError(f"decoder {decoder!r} is unknown; use one of {', '.join(DECODERS)}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder of images; give the collection's root folder")
+
+    def entries() -> list:
+        found = scan_collection(folder.resolve())
+        return stratified_fraction(found, fraction, seed) if fraction is not None else found
+
+    def run_pass(run: _Run, version: Version, jobs: list[Job], *, upsert: bool, on_commit: Callable) -> None:
+        run.embed_here(
+            version, jobs, upsert=upsert, on_commit=on_commit, batch_size=batch_size, workers=workers,
+            decoder=decoder, progress=progress,
+        )  # fmt: skip
+
+    return index_entries(
+        folder.resolve(),
+        entries,
+        encoder,
+        index_dir,
+        model_ref=model_ref,
+        run_pass=run_pass,
+        batch_size=batch_size,
+        index_kind=index_kind,
+        fraction=fraction,
+        new_version=new_version,
+        activate=activate,
+        load_encoder=load_encoder,
+        publish_every_s=publish_every_s,
+        export_towers=export_towers,
+        precision=precision,
+        empty_message=f"{folder}: no images found (looked for image files, also in sub-folders); empty index",
+    )
+
+
+class PassRunner(Protocol):
+    """Embeds ``jobs`` with ``version``'s model into the store, calling ``on_commit`` after each commit.
+
+    ``upsert``: new/changed files (item rows written with the vector); else existing items (``Job.item_id``)
+    whose vector this version lacks. Bad files go to the ledger; ``run.report`` counts what was done.
+    """
+
+    def __call__(self, run: _Run, version: Version, jobs: list[Job], *, upsert: bool, on_commit: Callable) -> None: ...
+
+
+def index_entries(
+    root: Path,
+    entries: Callable[[], list],
+    encoder: Encoder,
+    index_dir: Path,
+    *,
+    model_ref: str,
+    run_pass: PassRunner,
+    batch_size: int = 64,
+    index_kind: str | None = None,
+    fraction: float | None = None,
+    new_version: bool = False,
+    activate: bool = True,
+    load_encoder: EncoderLoader = _default_loader,
+    publish_every_s: float = PUBLISH_EVERY_S,
+    export_towers: bool = True,
+    precision: str = "fp32",
+    empty_message: str = "no images found; empty index",
+) -> IndexReport:
+    """One indexing run over the collection ``root`` whose images ``entries()`` lists (called once the model
+    was accepted), each pass run by ``run_pass``: the steps of the module docstring, under the writer lock."""
+    start = time.perf_counter()
+    index_dir = Path(index_dir)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if index_kind is not None:
         choose_index_kind(0, index_kind)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: not a folder of images; give the collection's root folder")
     if fraction is not None and not 0 < fraction <= 1:
         raise UserError(f"--fraction must be in (0, 1], got {fraction}")
     if index_dir.exists() and not index_dir.is_dir():
         raise UserError(f"{index_dir}: exists and is not a folder; choose another --out")
     if Path(model_ref).is_dir():  # a checkpoint folder: store it absolute, so search works from anywhere
         model_ref = str(Path(model_ref).resolve())
-    root = folder.resolve()
 
     report = IndexReport(index_dir=str(index_dir))
     fresh = not (index_dir / META_FILE).exists()
@@ -231,21 +313,11 @@ def index_folder(
             run = _Run(store, encoder, model_ref=model_ref, report=report, load_encoder=load_encoder)
             run.precision = precision  # what ``encoder`` computes in (it is already wrapped for it)
             run.choose_version(root, new_version=new_version, index_kind=index_kind)  # may refuse: nothing written
-            entries = scan_collection(root)
-            if fraction is not None:
-                entries = stratified_fraction(entries, fraction, seed)
-            run.embed(
-                entries,
-                root,
-                batch_size=batch_size,
-                workers=workers,
-                decoder=decoder,
-                progress=progress,
-                publish_every_s=publish_every_s,
-            )
+            listed = entries()
+            run.embed(listed, root, run_pass=run_pass, publish_every_s=publish_every_s)
             run.finish(activate=activate and new_version)
-            if not entries:
-                report.message = f"{folder}: no images found (looked for image files, also in sub-folders); empty index"
+            if not listed:
+                report.message = empty_message
             report.seconds = time.perf_counter() - start
             if export_towers:
                 run.export_towers()
@@ -311,18 +383,8 @@ class _Run:
             self._encoders[version.id] = loaded
         return self._encoders[version.id]
 
-    def embed(
-        self,
-        entries: list,
-        root: Path,
-        *,
-        batch_size: int,
-        workers: int,
-        decoder: str,
-        progress: bool,
-        publish_every_s: float,
-    ) -> None:
-        """Plan, delete, then the primary pass and every version's catch-up pass."""
+    def embed(self, entries: list, root: Path, *, run_pass: PassRunner, publish_every_s: float) -> None:
+        """Plan, delete, then the primary pass and every version's catch-up pass, each run by ``run_pass``."""
         store, report = self.store, self.report
         jobs, stale, updates = _plan(store, root, entries, report)
         report.deleted = store.delete_paths(stale)
@@ -330,10 +392,9 @@ class _Run:
         versions = store.versions()
         active = next((v for v in versions if v.active and v.state == READY), None)
         primary = active or self.target
-        options = dict(batch_size=batch_size, workers=workers, decoder=decoder, progress=progress)
         publisher = _Publisher(store, primary.id if primary.active else None, publish_every_s)
         if jobs:
-            self._embed(primary, jobs, upsert=True, on_commit=publisher.maybe_publish, **options)
+            run_pass(self, primary, jobs, upsert=True, on_commit=publisher.maybe_publish)
         # Ready versions first (they serve, or may be activated again), the version being built last.
         others = [v for v in versions if v.id != primary.id and v.state == READY]
         if self.target.id != primary.id and self.target.state != READY:
@@ -342,13 +403,13 @@ class _Run:
             missing = store.missing_items(version.id)
             if missing:
                 catch_up = [
-                    Job(rel, root / rel, size, mtime, label, caption, is_new=False, item_id=item_id)
+                    Job(rel, job_path(root, rel), size, mtime, label, caption, is_new=False, item_id=item_id)
                     for item_id, rel, size, mtime, label, caption in missing
                 ]
-                self._embed(version, catch_up, upsert=False, on_commit=lambda: None, **options)
+                run_pass(self, version, catch_up, upsert=False, on_commit=lambda: None)
         report.total = store.count
 
-    def _embed(
+    def embed_here(
         self,
         version: Version,
         jobs: list[Job],
@@ -360,14 +421,8 @@ class _Run:
         decoder: str,
         progress: bool,
     ) -> None:
-        """Decode, embed with ``version``'s model and commit ``jobs`` batch by batch.
-
-        ``upsert``: new/changed files (item rows written with the vector); else existing items whose
-        vector this version lacks.
-        """
-        store, report = self.store, self.report
+        """The local ``PassRunner``: decode, embed with ``version``'s model and commit ``jobs`` batch by batch."""
         encoder = self.encoder_of(version)
-        bad: Counter = Counter(report.bad)
         batches = (thread_batches if decoder == "thread" else process_batches)(
             jobs, encoder.image_transform, batch_size, workers
         )
@@ -376,30 +431,41 @@ class _Run:
         with bar:
             for batch in batches:
                 good = [d for d in batch.items if not d.reason]
-                failed = [d for d in batch.items if d.reason]
-                for d in failed:
-                    store.add_ledger(d.job.rel, d.reason, d.detail)
-                    bad[d.reason] += 1
-                # A file that was indexed and is now unreadable must not keep its old vectors.
-                store.delete_paths([d.job.rel for d in failed if not d.job.is_new])
+                vectors = None
                 if good:
                     vectors = encoder.encode_image(batch.pixels).detach().cpu().numpy().astype(np.float32)  # (B, D)
-                    if upsert:
-                        rows = [
-                            ItemRow(d.job.rel, d.content_hash, d.job.size, d.job.mtime, d.job.label, d.job.caption)
-                            for d in good
-                        ]
-                        store.upsert_batch(rows, vectors, version=version.id)
-                        report.new += sum(d.job.is_new for d in good)
-                        report.changed += sum(not d.job.is_new for d in good)
-                    else:
-                        store.put_vectors(version.id, [d.job.item_id for d in good], vectors)
-                    report.embedded += len(good)
-                    report.by_version[version.name] = report.by_version.get(version.name, 0) + len(good)
+                self.commit(version, batch.items, vectors, upsert=upsert)
+                if good:
                     on_commit()
                 bar.update(len(batch.items))
-                bar.set_postfix(bad=sum(bad.values()))
+                bar.set_postfix(bad=sum(self.report.bad.values()))
+
+    def commit(self, version: Version, decoded: list[Decoded], vectors: np.ndarray | None, *, upsert: bool) -> None:
+        """Write one batch: bad files to the ledger, the (G, D) ``vectors`` of the good ones (in order) to
+        ``version``, in the store's transactions; count it all in the report. Both engines end here."""
+        store, report = self.store, self.report
+        good = [d for d in decoded if not d.reason]
+        failed = [d for d in decoded if d.reason]
+        bad: Counter = Counter(report.bad)
+        for d in failed:
+            store.add_ledger(d.job.rel, d.reason, d.detail)
+            bad[d.reason] += 1
         report.bad = dict(bad)
+        # A file that was indexed and is now unreadable must not keep its old vectors.
+        store.delete_paths([d.job.rel for d in failed if not d.job.is_new])
+        if not good:
+            return
+        if upsert:
+            rows = [
+                ItemRow(d.job.rel, d.content_hash, d.job.size, d.job.mtime, d.job.label, d.job.caption) for d in good
+            ]
+            store.upsert_batch(rows, vectors, version=version.id)
+            report.new += sum(d.job.is_new for d in good)
+            report.changed += sum(not d.job.is_new for d in good)
+        else:
+            store.put_vectors(version.id, [d.job.item_id for d in good], vectors)
+        report.embedded += len(good)
+        report.by_version[version.name] = report.by_version.get(version.name, 0) + len(good)
         if report.by_version.get(version.name):
             store.note_precision(version.id, self.precision if version.id == self.target.id else "fp32")
 

@@ -23,6 +23,7 @@ builds or writes anything and never waits for a rebuild.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -34,7 +35,7 @@ import numpy as np
 
 from vitrina.digest import short
 from vitrina.errors import UserError
-from vitrina.index import ann
+from vitrina.index import ann, ivf
 from vitrina.index.ann import (  # noqa: F401 - re-exported: the index's public names
     FLAT_MAX,
     INDEX_KINDS,
@@ -114,6 +115,34 @@ class ItemRow:
     mtime: float
     label: str | None = None
     caption: str | None = None
+
+
+@dataclass(frozen=True)
+class StorePart:
+    """The vectors of one version with item ids in [lo, hi): a part of a parallel IVF build (``vitrina.index.ivf``).
+
+    Loaded in any process through its own read-only connection (WAL: the writer's commits do not block it).
+    """
+
+    index_dir: str
+    version: int
+    lo: int
+    hi: int
+    rows: int
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) item ids and (n, D) vectors, by id."""
+        with IndexStore.open(Path(self.index_dir)) as store:
+            chunks = list(store.iter_vectors(version=self.version, ids=(self.lo, self.hi)))
+            dim = store._embed_dim(self.version)
+        if not chunks:
+            return np.empty(0, dtype=np.int64), np.empty((0, dim), dtype=np.float32)
+        return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
+def item_location(root: Path, path: str) -> str:
+    """Where an item is: its path under the collection ``root``, or a URL / absolute path as listed."""
+    return path if "://" in path else str(Path(root) / path)
 
 
 @dataclass(frozen=True)
@@ -577,7 +606,7 @@ class IndexStore:
         row = self._conn.execute("SELECT id, path, label, caption FROM items WHERE id=?", (item_id,)).fetchone()
         if row is None:
             return None
-        return Hit(id=row[0], path=str(self.root / row[1]), score=1.0, label=row[2], caption=row[3])
+        return Hit(id=row[0], path=item_location(self.root, row[1]), score=1.0, label=row[2], caption=row[3])
 
     def item_vectors(self, ids: list[int], *, version: int | None = None) -> dict[int, np.ndarray]:
         """Stored (D,) vectors of these item ids in ``version`` (default: the active one); absent ids left out."""
@@ -593,12 +622,15 @@ class IndexStore:
         return found
 
     def iter_vectors(
-        self, *, version: int | None = None, chunk: int = 65536
+        self, *, version: int | None = None, chunk: int = 65536, ids: tuple[int, int] | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids (n,), vectors (n, D)) chunks of ``version``'s vectors, ordered by item id."""
+        """(ids (n,), vectors (n, D)) chunks of ``version``'s vectors, ordered by item id; ``ids``: only [lo, hi)."""
         version = self._version_or_active(version)
         dim = self._embed_dim(version)
-        cursor = self._conn.execute("SELECT item, vector FROM vectors WHERE version=? ORDER BY item", (version,))
+        lo, hi = ids if ids is not None else (-(2**63), 2**63 - 1)
+        cursor = self._conn.execute(
+            "SELECT item, vector FROM vectors WHERE version=? AND item>=? AND item<? ORDER BY item", (version, lo, hi)
+        )
         while rows := cursor.fetchmany(chunk):
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
@@ -626,11 +658,28 @@ class IndexStore:
             return np.empty(0, dtype=np.int64), np.empty((0, self._embed_dim(version)), dtype=np.float32)
         return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
+    def vector_parts(self, version: int, rows: int) -> list[StorePart]:
+        """``version``'s vectors as consecutive id ranges of ``rows`` vectors each (the last one shorter)."""
+        cursor = self._conn.execute("SELECT item FROM vectors WHERE version=? ORDER BY item", (version,))
+        parts, first, count, last = [], None, 0, None
+        while batch := cursor.fetchmany(65536):
+            for (item,) in batch:
+                if first is None:
+                    first = item
+                count += 1
+                last = item
+                if count == rows:
+                    parts.append(StorePart(str(self.index_dir), version, first, item + 1, count))
+                    first, count = None, 0
+        if count:
+            parts.append(StorePart(str(self.index_dir), version, first, last + 1, count))
+        return parts
+
     def items(self) -> list[tuple[int, str, str | None, str | None]]:
         """(id, absolute path, label, caption) of every item, ordered by id."""
         root = self.root
         rows = self._conn.execute("SELECT id, path, label, caption FROM items ORDER BY id")
-        return [(item_id, str(root / path), label, caption) for item_id, path, label, caption in rows]
+        return [(item_id, item_location(root, path), label, caption) for item_id, path, label, caption in rows]
 
     def item_rows(self) -> list[tuple[int, str, str, int, float, str | None, str | None]]:
         """(id, relative path, content hash, size, mtime, label, caption) of every item, ordered by id."""
@@ -647,8 +696,11 @@ class IndexStore:
         has doubled in size (k-means on 100k vectors takes seconds; adding to a trained index does not).
         """
         v = self.version(version)
+        kind = choose_index_kind(self.vector_count(version), v.index_kind)
+        if kind == "ivf" and self.vector_count(version) >= ann.ONDISK_MIN:
+            self._publish_ivf_on_disk(v)
+            return
         ids, vectors = self.all_vectors(version=version)
-        kind = choose_index_kind(len(ids), v.index_kind)
         cached = self._trained.get(version)
         reuse = cached is not None and cached[0] == kind and len(ids) <= RETRAIN_GROWTH * cached[1]
         index = build_faiss_index(vectors, ids, kind, trained=cached[2] if reuse else None)
@@ -656,6 +708,21 @@ class IndexStore:
         if not reuse and (part := ann.trained_part(index)) is not None:
             self._trained[version] = (kind, len(ids), part)
         ann.publish(self.index_dir, version, v.generation, index, kind)
+
+    def _publish_ivf_on_disk(self, v: Version) -> None:
+        """Train once on a sample of a few parts (or reuse this writer's training), fill every part in its
+        own process, merge the lists into one data file, publish (``vitrina.index.ivf``)."""
+        parts = self.vector_parts(v.id, ivf.PART_ROWS)
+        n = sum(p.rows for p in parts)
+        layout = ivf.ivf_layout(n, v.embed_dim)
+        cached = self._trained.get(v.id)
+        key = f"ivf-disk:{'pq' if layout.pq_m else 'flat'}"  # nlist follows n, but a trained one serves until 2x
+        if cached is not None and cached[0] == key and n <= RETRAIN_GROWTH * cached[1]:
+            trained = cached[2]
+        else:
+            trained = ivf.train_ivf(ivf.training_sample(parts, layout), layout)
+            self._trained[v.id] = (key, n, trained)
+        ann.publish_ivf_on_disk(self.index_dir, v.id, v.generation, trained, parts, workers=os.cpu_count() or 1)
 
     def is_published_current(self, version: int) -> bool:
         """Whether ``version``'s published ANN file was built from its current generation."""
@@ -736,7 +803,7 @@ class IndexStore:
             for item_id, path, label, caption in self._conn.execute(
                 f"SELECT id, path, label, caption FROM items WHERE id IN ({marks})", part
             ):
-                meta[item_id] = (str(root / path), label, caption)
+                meta[item_id] = (item_location(root, path), label, caption)
         return meta
 
 
