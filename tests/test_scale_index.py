@@ -1,8 +1,9 @@
 """Past one machine: the Ray engine gives the local engine's index, and the sharded IVF the one-shot IVF.
 
-Ray runs in local mode on this machine (``ray.init(num_cpus=2)``: one embedding actor and one decoding actor,
-one CPU each), once for the module; the collection is ``test_index``'s PIL-drawn images and the real
-``clip-tiny`` encoder. The IVF tests use synthetic unit vectors.
+Ray runs in local mode on this machine (``ray.init(num_cpus=2)``), once for the module: the sameness test has
+one embedding actor and one decoding actor of one CPU each, the others one actor that decodes its own batches.
+The collection is ``test_index``'s PIL-drawn images, the encoder the real ``clip-tiny``; the IVF tests use
+synthetic unit vectors.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def assert_same_index(index_dir: Path, reference: Path) -> None:
 def run_ray(source, encoder, out: Path, **options):
     from vitrina.index.ray_engine import index_with_ray
 
-    settings = dict(model_ref="clip-tiny", shard_size=6, batch_size=4, decoders=1, progress=False)
+    settings = dict(model_ref="clip-tiny", shard_size=6, batch_size=4, decoders=0, progress=False)
     return index_with_ray(source, encoder, out, **{**settings, "export_towers": False, **options})
 
 
@@ -103,7 +104,7 @@ def run_ray(source, encoder, out: Path, **options):
 
 def test_ray_shards_agree_with_the_local_engine(photos, local_index, encoder, ray_address, tmp_path) -> None:
     out = tmp_path / "ray"
-    report = run_ray(photos, encoder, out, keep_shards=True)
+    report = run_ray(photos, encoder, out, keep_shards=True, decoders=1)  # 1 CPU embeds, 1 CPU reads and decodes
     assert (report.seen, report.new, report.embedded, report.total) == (25, 24, 24, 24)
     assert report.bad == {"not-an-image": 1} and report.activated and report.from_shards == 0
 
@@ -111,9 +112,10 @@ def test_ray_shards_agree_with_the_local_engine(photos, local_index, encoder, ra
     done = shards.manifests(folder)
     assert len(done) >= 4 and [m["shard"] for m in done] == sorted({m["shard"] for m in done})
     test_pid = os.getpid()
-    for manifest in done:  # decoded and embedded in other processes: Ray's actors
+    for manifest in done:  # decoded and embedded in other processes: Ray's actors, one of each
         assert manifest["pids"] and test_pid not in manifest["pids"]
         assert manifest["decode_pids"] and test_pid not in manifest["decode_pids"]
+        assert not set(manifest["pids"]) & set(manifest["decode_pids"])
     # Every file in exactly one shard; each shard's embeddings equal the local engine's for that path.
     reference = by_path(local_index)
     seen: list[str] = []
@@ -160,7 +162,7 @@ def pausing_loader(ref):  # runs in the embedding actor: sleeps for good after 1
 
 
 ray.init(address={address!r}, logging_level="WARNING")
-index_with_ray({folder!r}, make_encoder(), {out!r}, model_ref="clip-tiny", shard_size=4, batch_size=2, decoders=1,
+index_with_ray({folder!r}, make_encoder(), {out!r}, model_ref="clip-tiny", shard_size=4, batch_size=2, decoders=0,
                progress=False, export_towers=False, load_encoder=pausing_loader)
 """
 
@@ -209,7 +211,7 @@ def test_a_list_of_uris_through_the_cli(photos, local_index, ray_address, tmp_pa
         assert [str(e.path) for e in read_list(listing)] == [str(p) for p in files]
         code = cli_main(
             ["index", str(listing), "--model", "clip-tiny", "--out", str(tmp_path / "ray"), "--engine", "ray",
-             "--address", ray_address, "--actors", "1", "--workers", "1", "--shard-size", "8", "--batch-size", "4"]
+             "--address", ray_address, "--actors", "1", "--workers", "0", "--shard-size", "8", "--batch-size", "4"]
         )  # fmt: skip
     finally:
         listing.unlink()

@@ -187,7 +187,8 @@ def cmd_index(args: argparse.Namespace) -> None:
     from vitrina.index.embed import index_folder
 
     folder = Path(args.folder)
-    ray_flags = {"--address": args.address, "--actors": args.actors, "--num-gpus": args.num_gpus}
+    ray_flags = {"--address": args.address, "--actors": args.actors, "--cpus-per-actor": args.cpus_per_actor}
+    ray_flags["--num-gpus"] = args.num_gpus
     ray_only = [flag for flag, given in {**ray_flags, "--shard-size": args.shard_size}.items() if given is not None]
     if args.engine == "local" and ray_only:
         raise UserError(f"{', '.join(ray_only)}: only for --engine ray; add it, or leave them out")
@@ -221,6 +222,7 @@ def cmd_index(args: argparse.Namespace) -> None:
             Path(args.out),
             address=args.address,
             actors=args.actors or 1,
+            cpus_per_actor=args.cpus_per_actor or 1,
             decoders=args.workers,
             num_gpus=args.num_gpus or 0.0,
             shard_size=args.shard_size or SHARD_SIZE,
@@ -581,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--seed", type=int, default=0, help="seed of the fraction sample")
     index.add_argument("--batch-size", type=int, default=64)
     index.add_argument(
-        "--workers", type=int, default=None, help="parallel image decoders (default 2; --engine ray: the CPUs left)"
+        "--workers", type=int, default=None, help="image decoders (default 2; --engine ray: the CPUs actors leave)"
     )
     index.add_argument(
         "--engine",
@@ -591,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     index.add_argument("--address", default=None, help="--engine ray: a running Ray cluster (e.g. auto, HOST:6379)")
     index.add_argument("--actors", type=int, default=None, help="--engine ray: embedding actors, each loads the model")
+    index.add_argument("--cpus-per-actor", type=int, default=None, help="--engine ray: CPUs (torch threads) per actor")
     index.add_argument("--num-gpus", type=float, default=None, help="--engine ray: GPUs per actor (0.5: two share one)")
     index.add_argument("--shard-size", type=int, default=None, help="--engine ray: files per embedding shard (4096)")
     index.add_argument(

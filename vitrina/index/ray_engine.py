@@ -6,10 +6,11 @@ the catch-up of every other version, publishing, activation, the query towers. E
 the files it must embed) runs here:
 
 1. the files are cut into shards (``vitrina.index.shards``); shards a killed run finished are kept;
-2. Ray Data takes the pending shards' files as blocks (one per shard), decodes them in tasks with the
-   local engine's safe decoder (``vitrina.index.decode.decode``: a bad file becomes a row with a reason,
-   never an error), and ``map_batches`` embeds them in a pool of actors that each load the model once
-   (``load_encoder(model_ref)``, checked against the version's weights digest);
+2. Ray Data takes the pending shards' files as blocks (of a few batches each), decodes them with the local engine's
+   safe decoder (``vitrina.index.decode.decode``: a bad file becomes a row with a reason, never an error) in
+   a pool of decoding actors on the CPUs the embedders leave free (or, when none is left, in the embedders),
+   and ``map_batches`` embeds them in a pool of actors that each load the model once (``load_encoder(model_ref)``,
+   checked against the version's weights digest);
 3. the driver gathers the rows by shard and writes each complete shard atomically (Parquet + manifest);
 4. every shard is ingested, in shard order, through ``_Run.commit``: the local engine's write path (items
    upserted by path, so the store assigns ids exactly as the local engine does, and a shard ingested twice
@@ -56,6 +57,7 @@ from vitrina.index.sources import open_source
 from vitrina.index.store import Version
 
 SHARD_SIZE = 4096  # listing positions per shard: ~8 MB of 512-d vectors, minutes of work on a CPU actor
+BLOCK_BATCHES = 4  # batches per Ray Data block: the unit an actor takes at a time
 
 
 def index_with_ray(
@@ -66,6 +68,7 @@ def index_with_ray(
     model_ref: str,
     address: str | None = None,
     actors: int = 1,
+    cpus_per_actor: int = 1,
     decoders: int | None = None,
     num_gpus: float = 0.0,
     batch_size: int = 64,
@@ -86,15 +89,20 @@ def index_with_ray(
 
     The arguments are ``index_folder``'s, plus: ``address`` of a running Ray cluster (None: start one on
     this machine, stopped at the end; a session already started in this process is used as it is),
-    ``actors`` embedding actors, ``num_gpus`` per actor (0: CPU), ``decoders``: at most this many decoding
-    actors (None: one per CPU the embedders leave free, at least one), ``shard_size`` listing positions per
+    ``actors`` embedding actors of ``cpus_per_actor`` CPUs (and torch threads) and ``num_gpus`` GPUs each (0: CPU),
+    ``decoders``: at most this many decoding actors of 1 CPU (0: each embedder decodes its own batches; None:
+    one per CPU the embedders leave free, or 0 if none is), ``shard_size`` listing positions per
     shard. ``load_encoder`` loads the model in each actor (it must be importable or picklable there).
     ``keep_shards``: leave the ingested shards on disk (tests, inspection).
     """
     if actors < 1:
         raise UserError(f"--actors must be at least 1, got {actors}")
-    if decoders is not None and decoders < 1:
-        raise UserError(f"--workers (decoders on Ray) must be at least 1, got {decoders}")
+    if cpus_per_actor < 1:
+        raise UserError(f"--cpus-per-actor must be at least 1, got {cpus_per_actor}")
+    if decoders is not None and decoders < 0:
+        raise UserError(
+            f"--workers (decoding actors on Ray; 0: the embedders decode) must be 0 or more, got {decoders}"
+        )
     if num_gpus < 0:
         raise UserError(f"--num-gpus must be 0 or more (GPUs per actor), got {num_gpus}")
     if shard_size < 1:
@@ -104,6 +112,7 @@ def index_with_ray(
         index_dir=Path(index_dir),
         address=address,
         actors=actors,
+        cpus_per_actor=cpus_per_actor,
         decoders=decoders,
         num_gpus=num_gpus,
         batch_size=batch_size,
@@ -144,6 +153,7 @@ class RayPasses:
         index_dir: Path,
         address: str | None,
         actors: int,
+        cpus_per_actor: int,
         decoders: int | None,
         num_gpus: float,
         batch_size: int,
@@ -153,7 +163,7 @@ class RayPasses:
         keep_shards: bool,
     ) -> None:
         self.index_dir, self.address, self.actors, self.num_gpus = index_dir, address, actors, num_gpus
-        self.decoders = decoders
+        self.decoders, self.cpus_per_actor = decoders, cpus_per_actor
         self.batch_size, self.shard_size, self.progress = batch_size, shard_size, progress
         self.precision, self.keep_shards = precision, keep_shards
         self.ranks: dict[str, int] = {}
@@ -220,50 +230,55 @@ class RayPasses:
         context.execution_options.preserve_order = False  # shards are written as they complete, in any order
         per_image, _ = _split(encoder.image_transform)
         probe = per_image(Image.new("RGB", (64, 64)))  # the decoder's output shape and dtype
+        decoding = {
+            "transform": per_image,
+            "draft": getattr(encoder.image_transform, "size", None),
+            "shape": tuple(probe.shape),
+            "dtype": probe.numpy().dtype,
+        }
+        # Blocks of a few batches, in shard order (a block is what one actor call gets: one block per shard
+        # would leave every actor but one idle on a small run); rows are filed back under their shards.
+        rows = [(plan.number, job) for plan in pending for job in plan.jobs]
+        step = BLOCK_BATCHES * self.batch_size
         blocks = [
             pa.table(
                 {
-                    "shard": pa.array([plan.number] * len(plan.jobs), pa.int64()),
-                    "rel": pa.array([job.rel for job in plan.jobs], pa.string()),
-                    "uri": pa.array([str(job.path) for job in plan.jobs], pa.string()),
+                    "shard": pa.array([number for number, _ in chunk], pa.int64()),
+                    "rel": pa.array([job.rel for _, job in chunk], pa.string()),
+                    "uri": pa.array([str(job.path) for _, job in chunk], pa.string()),
                 }
             )
-            for plan in pending
+            for chunk in (rows[i : i + step] for i in range(0, len(rows), step))
         ]
-        # Decoders are a pool of their own (1 CPU each, as many as the CPUs the embedders leave): Ray Data
-        # would fuse a task-based map into the embedders, one CPU then decoding and embedding in turn.
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        decoders = self.decoders or max(1, cpus - self.actors)
-        dataset = (
-            ray.data.from_arrow(blocks)
-            .map_batches(
+        dataset = ray.data.from_arrow(blocks)
+        decoders = self.decoders
+        if decoders is None:  # the CPUs the embedders leave free, if any
+            decoders = max(0, int(ray.cluster_resources().get("CPU", 0)) - self.actors * self.cpus_per_actor)
+        if decoders:  # a pool of their own, 1 CPU each: decoding overlaps embedding
+            dataset = dataset.map_batches(
                 _Decoder,
-                fn_constructor_kwargs={
-                    "transform": per_image,
-                    "draft": getattr(encoder.image_transform, "size", None),
-                    "shape": tuple(probe.shape),
-                    "dtype": probe.numpy().dtype,
-                },
+                fn_constructor_kwargs=decoding,
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders),
                 batch_size=self.batch_size,
                 batch_format="numpy",
                 num_cpus=1,
             )
-            .map_batches(
-                _Embedder,
-                fn_constructor_kwargs={
-                    "model_ref": version.model_ref,
-                    "digest": version.digest,
-                    "loader": run.load_encoder,
-                    "precision": self.precision if version.id == run.target.id else "fp32",
-                    "use_gpu": self.num_gpus > 0,
-                },
-                compute=ray.data.ActorPoolStrategy(size=self.actors),
-                batch_size=self.batch_size,
-                batch_format="numpy",
-                num_cpus=1,
-                num_gpus=self.num_gpus,
-            )
+        dataset = dataset.map_batches(
+            _Embedder,
+            fn_constructor_kwargs={
+                "model_ref": version.model_ref,
+                "digest": version.digest,
+                "loader": run.load_encoder,
+                "precision": self.precision if version.id == run.target.id else "fp32",
+                "use_gpu": self.num_gpus > 0,
+                "threads": self.cpus_per_actor,
+                "decoding": None if decoders else decoding,  # no decoders: each actor decodes its batches
+            },
+            compute=ray.data.ActorPoolStrategy(size=self.actors),
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            num_cpus=self.cpus_per_actor,
+            num_gpus=self.num_gpus,
         )
         gathering = {plan.number: shard_files.ShardRows(plan, {}, set(), set()) for plan in pending}
         jobs = {plan.number: {job.rel: job for job in plan.jobs} for plan in pending}
@@ -328,38 +343,53 @@ def ingest_shard(
     return len(vectors)
 
 
-class _Decoder:
-    """Ray actor: decodes batches of files with the local engine's safe decoder; a bad file's pixels are zeros."""
+def _decode_rows(batch: dict, *, transform: Callable, draft: int | None, shape: tuple, dtype) -> dict:
+    """Decode a batch of files with the local engine's safe decoder; a bad file's pixels are zeros."""
+    decoded = [
+        decode(Job(str(rel), str(uri) if is_url(str(uri)) else Path(uri), 0, 0.0, None, None, True), transform, draft)
+        for rel, uri in zip(batch["rel"], batch["uri"], strict=True)
+    ]
+    pixels = np.zeros((len(decoded), *shape), dtype=dtype)
+    for i, d in enumerate(decoded):
+        if not d.reason:
+            pixels[i] = d.pixels.numpy()
+    return {
+        "shard": batch["shard"],
+        "rel": batch["rel"],
+        "file_hash": np.array([d.content_hash for d in decoded], dtype=object),
+        "reason": np.array([d.reason for d in decoded], dtype=object),
+        "detail": np.array([d.detail for d in decoded], dtype=object),
+        "pixels": pixels,
+        "decode_pid": np.full(len(decoded), os.getpid(), dtype=np.int64),
+    }
 
-    def __init__(self, *, transform: Callable, draft: int | None, shape: tuple, dtype) -> None:
+
+class _Decoder:
+    """Ray actor: decodes batches of files (``_decode_rows``) for the embedders."""
+
+    def __init__(self, **decoding) -> None:
         torch.set_num_threads(1)
-        self.transform, self.draft, self.shape, self.dtype = transform, draft, shape, dtype
+        self.decoding = decoding
 
     def __call__(self, batch: dict) -> dict:
-        decoded = [
-            decode(Job(str(rel), str(uri) if is_url(str(uri)) else Path(uri), 0, 0.0, None, None, True),
-                   self.transform, self.draft)
-            for rel, uri in zip(batch["rel"], batch["uri"], strict=True)
-        ]  # fmt: skip
-        pixels = np.zeros((len(decoded), *self.shape), dtype=self.dtype)
-        for i, d in enumerate(decoded):
-            if not d.reason:
-                pixels[i] = d.pixels.numpy()
-        return {
-            "shard": batch["shard"],
-            "rel": batch["rel"],
-            "file_hash": np.array([d.content_hash for d in decoded], dtype=object),
-            "reason": np.array([d.reason for d in decoded], dtype=object),
-            "detail": np.array([d.detail for d in decoded], dtype=object),
-            "pixels": pixels,
-            "decode_pid": np.full(len(decoded), os.getpid(), dtype=np.int64),
-        }
+        return _decode_rows(batch, **self.decoding)
 
 
 class _Embedder:
-    """Ray actor: loads the model once, then embeds batches of decoded pixels."""
+    """Ray actor: loads the model once, then embeds batches of decoded pixels (or of files it decodes itself)."""
 
-    def __init__(self, *, model_ref: str, digest: str | None, loader: EncoderLoader, precision: str, use_gpu: bool):
+    def __init__(
+        self,
+        *,
+        model_ref: str,
+        digest: str | None,
+        loader: EncoderLoader,
+        precision: str,
+        use_gpu: bool,
+        threads: int,
+        decoding: dict | None,
+    ) -> None:
+        torch.set_num_threads(threads)
         encoder = loader(model_ref)
         found = encoder.identity.get("digest")
         if digest is not None and found != digest:
@@ -374,11 +404,13 @@ class _Embedder:
         model = getattr(encoder, "model", None)
         if use_gpu and model is not None and torch.cuda.is_available():
             model.to("cuda")
-        self.encoder = encoder
+        self.encoder, self.decoding = encoder, decoding
         _, self.normalize = _split(encoder.image_transform)
         self.pid = os.getpid()
 
     def __call__(self, batch: dict) -> dict:
+        if self.decoding is not None:  # no decoder pool: decode here, then embed
+            batch = _decode_rows(batch, **self.decoding)
         good = np.array([not r for r in batch["reason"]], dtype=bool)
         n = len(good)
         vectors = np.zeros((n, int(self.encoder.identity["embed_dim"])), dtype=np.float32)
