@@ -191,6 +191,7 @@ def test_a_killed_ray_job_resumes_from_its_shards(photos, local_index, encoder, 
 
     report = run_ray(photos, encoder, out, shard_size=4)  # this session's Ray; shards of the same size
     assert report.from_shards == sum(m["good"] for m in finished) > 0
+    assert f"{report.from_shards} of them from shards an earlier run had finished" in report.summary()
     assert report.total == report.embedded == 24 and report.activated
     assert_same_index(out, local_index)
     assert not folder.exists()  # ingested shards are removed
@@ -234,6 +235,10 @@ def test_source_and_flag_errors_name_what_to_fix(photos, tmp_path, capsys) -> No
         open_source(remote).list_entries()
     with pytest.raises(UserError, match="not a folder, nor a list of images"):
         open_source(photos / "red" / "circle-0.jpg")
+    from vitrina.index.ray_engine import check_address
+
+    with pytest.raises(UserError, match=r"--address 127\.0\.0\.1:9: no Ray cluster answers there"):
+        check_address("127.0.0.1:9")  # refused at once, before anything is written (Ray would retry for minutes)
     assert cli_main(["index", str(photos), "--model", "clip-tiny", "--out", str(tmp_path / "x"), "--actors", "2"]) == 2
     assert "--actors: only for --engine ray" in capsys.readouterr().err
     assert cli_main(["index", str(bad), "--model", "clip-tiny", "--out", str(tmp_path / "x")]) == 2

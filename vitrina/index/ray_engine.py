@@ -108,6 +108,8 @@ def index_with_ray(
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     collection = open_source(source, fraction=fraction, seed=seed)
+    if address is not None:
+        check_address(address)  # before anything is written: Ray itself would retry for minutes
     passes = RayPasses(
         index_dir=Path(index_dir),
         address=address,
@@ -142,6 +144,22 @@ def index_with_ray(
         )
     finally:
         passes.close()
+
+
+def check_address(address: str, *, timeout_s: float = 5.0) -> None:
+    """``UserError`` at once when ``HOST:PORT`` does not answer (``auto`` and ``ray://`` addresses are left to Ray)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise UserError(
+            f"--address {address}: no Ray cluster answers there ({error}); start one with `ray start --head` "
+            "and give the address it prints, or leave --address out to run Ray on this machine"
+        ) from None
 
 
 class RayPasses:
@@ -226,7 +244,9 @@ class RayPasses:
 
         self._connect()
         context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
+        context.enable_progress_bars = False  # this module's bar counts the images instead
+        context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its plan, timings and hints; errors still show
         context.execution_options.preserve_order = False  # shards are written as they complete, in any order
         per_image, _ = _split(encoder.image_transform)
         probe = per_image(Image.new("RGB", (64, 64)))  # the decoder's output shape and dtype
