@@ -3,8 +3,9 @@
 ``MicroBatcher``: concurrent queries are gathered for at most ``window_ms`` after the first one
 arrives (or until ``max_batch`` are waiting, or while the search worker is still busy with the
 previous batch), then run as one ``Searcher.run_batch`` on the search worker: their texts go through
-the text tower in one batch and their vectors through one ANN search. One client pays at most the
-window; eight clients share one forward pass instead of queueing for eight.
+the text tower in one batch and their vectors through one ANN search. A lone client does not wait
+for the window (the last batch held one query); eight clients share one forward pass instead of
+queueing for eight.
 
 ``HeavyLane``: uploads, zero-shot classification and attention maps run the image tower and many
 prompts; they get their own worker thread and a bounded number of places, so they never queue in
@@ -37,6 +38,7 @@ class MicroBatcher:
         self._task: asyncio.Task | None = None
         self.batches = 0
         self.queries = 0
+        self._last_size = 0
 
     async def submit(self, query: Query) -> Results:
         """The results of ``query``, run in the next batch; its ``UserError`` is raised here."""
@@ -53,8 +55,11 @@ class MicroBatcher:
         """The one consumer: wait for a first query, let more gather, run them, repeat."""
         while True:
             await self._wake.wait()
-            if len(self._pending) < self.max_batch and self.window_s > 0:
-                await asyncio.sleep(self.window_s)  # let concurrent queries join this batch
+            # Let concurrent queries join this batch, but only when there is concurrency to wait for: a lone
+            # client (the last batch held one query, and one is waiting) is answered at once.
+            concurrent = self._last_size > 1 or len(self._pending) > 1
+            if concurrent and len(self._pending) < self.max_batch and self.window_s > 0:
+                await asyncio.sleep(self.window_s)
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             if not self._pending:
                 self._wake.clear()
@@ -62,6 +67,7 @@ class MicroBatcher:
                 continue
             self.batches += 1
             self.queries += len(batch)
+            self._last_size = len(batch)
             try:
                 results = await self.worker.run(Searcher.run_batch, [query for query, _ in batch])
             except Exception as error:  # a bug in the batch: every query of it gets the error
