@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+import numpy as np
+
 if TYPE_CHECKING:  # the query path imports this module without torch (see vitrina.runtime)
     import torch
     from PIL import Image
@@ -44,3 +46,11 @@ class Encoder(Protocol):
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """list of B strings -> (B, D) unit vectors."""
         ...
+
+
+def as_numpy(vectors) -> np.ndarray:
+    """(B, D) vectors from any encoder (a torch tensor of any float dtype, or a numpy array, as the ONNX
+    query encoder answers) as contiguous float32 numpy; torch is never imported here."""
+    if hasattr(vectors, "detach"):
+        vectors = vectors.detach().float().cpu().numpy()
+    return np.ascontiguousarray(vectors, dtype=np.float32)

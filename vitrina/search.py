@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from vitrina.data.images import load_image
-from vitrina.encoder import Encoder
+from vitrina.encoder import Encoder, as_numpy
 from vitrina.errors import UserError
 from vitrina.index.ann import AnnView
 from vitrina.index.ann import published_generation as ann_generation
@@ -203,7 +203,7 @@ def encode_images(images: list[ImageLike], encoder: Encoder) -> np.ndarray:
     if not pils:
         return np.empty((0, encoder.embed_dim), dtype=np.float32)
     pixels = _stack([encoder.image_transform(img) for img in pils])  # (B, 3, H, W)
-    return _numpy(encoder.encode_image(pixels))
+    return as_numpy(encoder.encode_image(pixels))
 
 
 def _stack(pixels: list):
@@ -214,13 +214,6 @@ def _stack(pixels: list):
 
         return torch.stack(pixels)
     return np.stack(pixels)
-
-
-def _numpy(vectors) -> np.ndarray:
-    """(B, D) vectors from any encoder (a torch tensor or a numpy array) as float32 numpy."""
-    if hasattr(vectors, "detach"):
-        vectors = vectors.detach().cpu().numpy()
-    return np.asarray(vectors, dtype=np.float32)
 
 
 # --- queries ------------------------------------------------------------------------------------
@@ -540,7 +533,7 @@ class LRUCache:
 
 def _text_vectors(encoder: Encoder, texts: list[str]) -> np.ndarray:
     """(T, D) unit vectors of ``texts``, encoded in one batch."""
-    return _numpy(encoder.encode_text(texts))
+    return as_numpy(encoder.encode_text(texts))
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

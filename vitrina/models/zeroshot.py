@@ -12,16 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from vitrina.data.prompts import prompts_for
-from vitrina.encoder import Encoder
+from vitrina.encoder import Encoder, as_numpy
 
 # CLIP's trained temperature ends at its clamp, exp(log 100): softmax over 100 * cosine.
 DEFAULT_LOGIT_SCALE = 100.0
-
-
-def _numpy(vectors) -> np.ndarray:
-    if hasattr(vectors, "detach"):
-        vectors = vectors.detach().float().cpu().numpy()
-    return np.asarray(vectors, dtype=np.float32)
 
 
 def _normalize(vectors: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -32,7 +26,7 @@ def class_embeddings(labels: list[str], encoder: Encoder, *, batch_size: int = 2
     """(C, D) unit vectors: the renormalised mean of each label's normalised prompt embeddings."""
     prompts = [prompts_for(label) for label in labels]
     flat = [p for group in prompts for p in group]
-    chunks = [_numpy(encoder.encode_text(flat[i : i + batch_size])) for i in range(0, len(flat), batch_size)]
+    chunks = [as_numpy(encoder.encode_text(flat[i : i + batch_size])) for i in range(0, len(flat), batch_size)]
     text = _normalize(np.concatenate(chunks)) if chunks else np.empty((0, encoder.embed_dim), np.float32)
     out = np.empty((len(labels), encoder.embed_dim), dtype=np.float32)
     start = 0

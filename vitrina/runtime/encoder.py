@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vitrina.encoder import as_numpy
 from vitrina.runtime.preprocess import ImagePreprocess, unsupported
 from vitrina.runtime.tokenizer import QueryTokenizer
 from vitrina.runtime.towers import (
@@ -53,13 +54,6 @@ def session_options(threads: int | None = None):
     # from everything else in the process (the search, a server's other requests, PyTorch beside it).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
-
-
-def _numpy(vectors) -> np.ndarray:
-    """(B, D) vectors of any encoder (a torch tensor, without importing torch) as float32 numpy."""
-    if hasattr(vectors, "detach"):
-        vectors = vectors.detach().cpu().numpy()
-    return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 class OnnxQueryEncoder:
@@ -174,7 +168,7 @@ class OnnxQueryEncoder:
             return np.empty((0, self.embed_dim), dtype=np.float32)
         other = self._other("text")
         if other is not None:
-            return _numpy(other.encode_text(texts))
+            return as_numpy(other.encode_text(texts))
         session, tokenizer = self._session("text"), self.tokenizer
         names = [i.name for i in session.get_inputs()]  # a tower that pools by ids alone takes no mask
         out = []
@@ -200,7 +194,7 @@ class OnnxQueryEncoder:
         """(B, 3, H, W) pixels (numpy, or anything ``np.asarray`` takes) -> (B, D) float32 unit vectors."""
         other = self._other("image")
         if other is not None:
-            return _numpy(other.encode_image(pixels))
+            return as_numpy(other.encode_image(pixels))
         pixels = np.ascontiguousarray(np.asarray(pixels, dtype=np.float32))
         if len(pixels) == 0:
             return np.empty((0, self.embed_dim), dtype=np.float32)
