@@ -22,6 +22,8 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -94,11 +96,8 @@ def export_index(index_dir: Path, out: Path, *, version: str | int | None = None
 
     start = time.perf_counter()
     index_dir, out = Path(index_dir), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: exists and is not an empty folder; give a new folder to export into")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.exporting-", dir=out.parent))
-    try:
+    _check_new_folder(out, "give a new folder to export into")
+    with _staged(out, "exporting") as staging:
         with IndexStore.open(index_dir) as store, store.snapshot():
             chosen = store.active_version() if version is None else store.version(version)
             if chosen.state != "ready":
@@ -147,14 +146,30 @@ def export_index(index_dir: Path, out: Path, *, version: str | int | None = None
         }
         manifest["manifest_sha256"] = _manifest_digest(manifest)
         atomic_write_text(staging / MANIFEST, _canonical(manifest))
+    return ExportReport(str(out), chosen.name, count, len(files), time.perf_counter() - start)
+
+
+def _check_new_folder(out: Path, advice: str) -> None:
+    """``UserError`` unless ``out`` is missing or an empty folder (an export or import never overwrites)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: exists and is not an empty folder; {advice}")
+
+
+@contextmanager
+def _staged(out: Path, what: str) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to fill: renamed into place as ``out`` when the block succeeds (an
+    empty ``out`` is replaced), removed when it fails, so ``out`` is complete or absent."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{what}-", dir=out.parent))
+    try:
+        yield staging
         if out.exists():
-            out.rmdir()  # empty (checked above)
+            out.rmdir()  # empty (``_check_new_folder``)
         staging.rename(out)
         fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ExportReport(str(out), chosen.name, count, len(files), time.perf_counter() - start)
 
 
 # --- import -----------------------------------------------------------------------------------
@@ -292,8 +307,7 @@ def import_index(
     folder, out = Path(folder), Path(out)
     if (out / META_FILE).exists():
         raise UserError(f"{out}: already holds an index; import into a new folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: exists and is not an empty folder; import into a new folder")
+    _check_new_folder(out, "import into a new folder")
     manifest, rows, vectors = verify_export(folder)
     model = manifest["model"]
     ref = model_ref or model.get("ref") or "unknown"
@@ -307,26 +321,21 @@ def import_index(
                 f"({str(model.get('digest'))[:12]}); give the model the export names"
             )
     collection = Path(root).resolve() if root is not None else Path(manifest["source"].get("collection_root", "."))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.importing-", dir=out.parent))
-    try:
-        with WriterLock(staging) as _, IndexStore.create(staging, root=collection) as store:
-            version = store.add_version(
-                identity=model["identity"],
-                model_ref=ref,
-                index_kind=manifest["index_kind"],
-                preprocess=manifest["preprocessing"],
-            )
-            for begin in range(0, len(rows), 10_000):
-                store.insert_items(version.id, rows[begin : begin + 10_000], vectors[begin : begin + 10_000])
-            store.mark_ready(version.id)
-            store.publish_ann(version.id)
-            store.activate(version.id)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        staging.rename(out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    # Exits in reverse: the store closes, the lock drops, then the staged folder is renamed into place.
+    with (
+        _staged(out, "importing") as staging,
+        WriterLock(staging),
+        IndexStore.create(staging, root=collection) as store,
+    ):
+        version = store.add_version(
+            identity=model["identity"],
+            model_ref=ref,
+            index_kind=manifest["index_kind"],
+            preprocess=manifest["preprocessing"],
+        )
+        for begin in range(0, len(rows), 10_000):
+            store.insert_items(version.id, rows[begin : begin + 10_000], vectors[begin : begin + 10_000])
+        store.mark_ready(version.id)
+        store.publish_ann(version.id)
+        store.activate(version.id)
     return ImportReport(str(out), len(rows), str(collection), collection.is_dir(), time.perf_counter() - start)

@@ -464,10 +464,7 @@ class IndexStore:
         content changed loses its vectors in every other version (they describe the old pixels): those
         versions get it back from the indexer's catch-up pass.
         """
-        vectors = np.asarray(vectors, dtype=np.float32)
-        dim = self._embed_dim(version)
-        if vectors.shape != (len(rows), dim):
-            raise ValueError(f"vectors of shape {vectors.shape} for {len(rows)} rows of width {dim}")
+        vectors = self._vectors_for(version, vectors, len(rows))
         ids = []
         with self._transaction() as conn:
             stale_elsewhere = False
@@ -498,10 +495,7 @@ class IndexStore:
 
     def put_vectors(self, version: int, ids: list[int], vectors: np.ndarray) -> None:
         """Store (B, D) ``vectors`` of existing items ``ids`` in ``version`` (a version catching up)."""
-        vectors = np.asarray(vectors, dtype=np.float32)
-        dim = self._embed_dim(version)
-        if vectors.shape != (len(ids), dim):
-            raise ValueError(f"vectors of shape {vectors.shape} for {len(ids)} items of width {dim}")
+        vectors = self._vectors_for(version, vectors, len(ids))
         with self._transaction() as conn:
             conn.executemany(
                 "INSERT OR REPLACE INTO vectors(version, item, vector) SELECT ?, id, ? FROM items WHERE id=?",
@@ -511,10 +505,7 @@ class IndexStore:
 
     def insert_items(self, version: int, rows: list[tuple[int, ItemRow]], vectors: np.ndarray) -> None:
         """Insert items with the given ids and their ``version`` vectors in one transaction (``vitrina import``)."""
-        vectors = np.asarray(vectors, dtype=np.float32)
-        dim = self._embed_dim(version)
-        if vectors.shape != (len(rows), dim):
-            raise ValueError(f"vectors of shape {vectors.shape} for {len(rows)} rows of width {dim}")
+        vectors = self._vectors_for(version, vectors, len(rows))
         with self._transaction() as conn:
             conn.executemany(
                 "INSERT INTO items(id, path, content_hash, size, mtime, label, caption) VALUES(?, ?, ?, ?, ?, ?, ?)",
@@ -576,6 +567,14 @@ class IndexStore:
             yield self
         finally:
             self._conn.execute("COMMIT")
+
+    def _vectors_for(self, version: int, vectors: np.ndarray, n: int) -> np.ndarray:
+        """``vectors`` as float32, checked to be (n, D) for ``version``'s width D (a ``ValueError`` otherwise)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        dim = self._embed_dim(version)
+        if vectors.shape != (n, dim):
+            raise ValueError(f"vectors of shape {vectors.shape} for {n} rows of width {dim}")
+        return vectors
 
     def _embed_dim(self, version: int) -> int:
         row = self._conn.execute("SELECT embed_dim FROM versions WHERE id=?", (version,)).fetchone()
