@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitrina.losses import clip_loss
+from vitrina.losses import clip_loss, clip_loss_rows
 
 
 def naive_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: float) -> float:
@@ -58,3 +58,48 @@ def test_clip_loss_gradient_reaches_scale_and_embeddings() -> None:
 def test_clip_loss_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="one shape"):
         clip_loss(torch.randn(4, 8), torch.randn(3, 8), torch.tensor(1.0))
+
+
+def naive_duplicate_aware_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: float, concepts: list[int]):
+    """Soft targets written out: row i's mass spread evenly over the columns j of i's concept."""
+    n = image_emb.shape[0]
+    logits = [[scale * float(image_emb[i] @ text_emb[j]) for j in range(n)] for i in range(n)]
+
+    def row_loss(values: list[float], i: int) -> float:
+        log_z = math.log(sum(math.exp(v) for v in values))
+        same = [j for j in range(n) if concepts[j] == concepts[i]]
+        return sum(-(values[j] - log_z) / len(same) for j in same)
+
+    image_to_text = sum(row_loss(logits[i], i) for i in range(n)) / n
+    text_to_image = sum(row_loss([logits[j][i] for j in range(n)], i) for i in range(n)) / n
+    return (image_to_text + text_to_image) / 2
+
+
+@pytest.mark.parametrize("concepts", [[0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 2, 2], [7, 7, 7, 7, 7, 7], [3, 1, 3, 1, 0, 9]])
+@pytest.mark.parametrize("scale", [1.0, 1 / 0.07])
+def test_duplicate_aware_clip_loss_matches_naive_loop(concepts: list[int], scale: float) -> None:
+    g = torch.Generator().manual_seed(len(set(concepts)))
+    image = F.normalize(torch.randn(len(concepts), 8, generator=g, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(len(concepts), 8, generator=g, dtype=torch.float64), dim=-1)
+    ids = torch.tensor(concepts)
+    got = clip_loss(image, text, torch.tensor(scale, dtype=torch.float64), concepts=ids)
+    assert got.item() == pytest.approx(naive_duplicate_aware_loss(image, text, scale, concepts), rel=1e-9, abs=1e-9)
+    if len(set(concepts)) == len(concepts):  # all distinct: exactly the plain loss
+        assert got.item() == pytest.approx(naive_clip_loss(image, text, scale), rel=1e-9)
+
+
+def test_duplicate_aware_rows_average_to_the_global_loss() -> None:
+    """The DDP form: the mean over equal shares of ``clip_loss_rows`` is the global duplicate-aware loss."""
+    g = torch.Generator().manual_seed(3)
+    image = F.normalize(torch.randn(8, 8, generator=g, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(8, 8, generator=g, dtype=torch.float64), dim=-1)
+    ids, scale = torch.tensor([0, 1, 0, 2, 1, 3, 3, 0]), torch.tensor(5.0, dtype=torch.float64)
+    shares = [
+        clip_loss_rows(
+            image[o : o + 2], text[o : o + 2], image, text, scale, offset=o, row_concepts=ids[o : o + 2], concepts=ids
+        )
+        for o in range(0, 8, 2)
+    ]
+    assert torch.stack(shares).mean().item() == pytest.approx(clip_loss(image, text, scale, concepts=ids).item())
+    with pytest.raises(ValueError, match="both"):
+        clip_loss_rows(image[:2], text[:2], image, text, scale, offset=0, row_concepts=ids[:2])

@@ -21,12 +21,32 @@ def clip_logits(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: to
     return logit_scale * image_emb @ text_emb.T
 
 
+def same_concept_targets(
+    row_concepts: torch.Tensor, column_concepts: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(b,), (N,) concept ids -> (b, N) soft targets: row i spread evenly over the columns of its concept.
+
+    One concept drawn in several styles (or captioned twice) is not a negative of itself: its
+    columns share the target mass instead of being pushed apart.
+    """
+    same = (row_concepts[:, None] == column_concepts[None, :]).to(dtype)  # (b, N)
+    return same / same.sum(dim=1, keepdim=True)
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy of (b, N) logits: against hard ``labels`` (b,), or soft ``targets`` (b, N) when given."""
+    if targets is None:
+        return F.cross_entropy(logits, labels)
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
 def clip_loss(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
     logit_scale: torch.Tensor,
     *,
     gather: FeatureGather | None = None,
+    concepts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric contrastive loss of CLIP (Radford et al., 2021, Figure 3).
 
@@ -45,6 +65,10 @@ def clip_loss(
     With ``gather`` (data-parallel training: ``vitrina.train.distributed.gather_with_grad``) the
     negatives are the global batch of every process, and the loss is this process's rows of the
     global loss (``clip_loss_rows``); the mean over processes is the loss of the global batch.
+
+    With ``concepts`` ((B,) integer ids, duplicate-aware targets) pair i's target is spread evenly
+    over every pair of its concept (``same_concept_targets``) in both directions; with all ids
+    distinct this is the plain loss.
     """
     if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
         shapes = f"{tuple(image_emb.shape)}, {tuple(text_emb.shape)}"
@@ -52,10 +76,14 @@ def clip_loss(
     if gather is not None:
         images, offset = gather(image_emb)  # (N, D)
         texts, _ = gather(text_emb)  # (N, D)
-        return clip_loss_rows(image_emb, text_emb, images, texts, logit_scale, offset=offset)
+        all_concepts = None if concepts is None else gather(concepts)[0]  # (N,)
+        return clip_loss_rows(
+            image_emb, text_emb, images, texts, logit_scale, offset=offset, row_concepts=concepts, concepts=all_concepts
+        )
     logits = clip_logits(image_emb, text_emb, logit_scale)  # (B, B): rows images, columns texts
     labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    targets = None if concepts is None else same_concept_targets(concepts, concepts, logits.dtype)  # (B, B), symmetric
+    return (_cross_entropy(logits, labels, targets) + _cross_entropy(logits.T, labels, targets)) / 2
 
 
 def clip_loss_rows(
@@ -66,6 +94,8 @@ def clip_loss_rows(
     logit_scale: torch.Tensor,
     *,
     offset: int,
+    row_concepts: torch.Tensor | None = None,
+    concepts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows ``offset .. offset + b`` of the symmetric CLIP loss of a global batch of N pairs.
 
@@ -74,8 +104,13 @@ def clip_loss_rows(
     and text row i against all N images (as open_clip's ``ClipLoss(local_loss=True)``); the
     positive of both is column ``offset + i``. The mean over b rows of each direction, averaged:
     the mean of this over a partition of the N rows into equal shares is ``clip_loss(images, texts)``.
+    ``row_concepts`` (b,) and ``concepts`` (N,) (both or neither) make the targets duplicate-aware
+    as in ``clip_loss``.
     """
+    if (row_concepts is None) != (concepts is None):
+        raise ValueError("give both row_concepts (b,) and concepts (N,) for duplicate-aware targets, or neither")
     logits_per_image = clip_logits(image_rows, texts, logit_scale)  # (b, N)
     logits_per_text = clip_logits(text_rows, images, logit_scale)  # (b, N)
     labels = offset + torch.arange(image_rows.shape[0], device=image_rows.device)  # (b,)
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    targets = None if concepts is None else same_concept_targets(row_concepts, concepts, logits_per_image.dtype)  # (b, N)
+    return (_cross_entropy(logits_per_image, labels, targets) + _cross_entropy(logits_per_text, labels, targets)) / 2
