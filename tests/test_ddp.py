@@ -8,7 +8,7 @@ What is equal, and what is not: the data order, the global batches, the loss, th
 DDP's all-reduce), the optimizer, the schedule and the checkpoint position are those of one process
 with the same global batch, so with deterministic steps the parameters agree to float summation
 order. Random augmentation draws are not: each rank draws for its own share of the batch from its
-own stream. The comparisons below therefore turn augmentation off (the eval transform for training)
+own stream. The comparisons below therefore turn augmentation off (``ClipTrainSettings(augment=False)``)
 and use models without dropout.
 
 Tolerances: losses and gradients differ by float rounding (~4e-8 at the first step). AdamW divides
@@ -36,7 +36,6 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from vitrina.cli import main
 from vitrina.config import TrainConfig
-from vitrina.data.transforms import eval_transform
 from vitrina.errors import UserError
 from vitrina.losses import clip_loss, clip_loss_rows
 from vitrina.models.registry import build_model
@@ -97,11 +96,13 @@ class GradRecorder:
 
 def train_tiny_clip(out_dir: Path, train_config: TrainConfig):
     """clip-tiny on the shape pairs, augmentation off (see the module docstring)."""
-    clip_trainer.train_transform = eval_transform  # this process only (a spawned rank, or under monkeypatch)
     torch.manual_seed(0)
     model = build_model("clip-tiny")
     pairs = shape_pairs(PAIRS)
-    return clip_trainer.train_clip(model=model, pairs=pairs, out_dir=out_dir, train_config=train_config, progress=False)
+    settings = clip_trainer.ClipTrainSettings(augment=False)
+    return clip_trainer.train_clip(
+        model=model, pairs=pairs, out_dir=out_dir, train_config=train_config, settings=settings, progress=False
+    )
 
 
 def summary_json(summary) -> dict:
@@ -322,23 +323,21 @@ def test_every_rank_returns_rank_zeros_summary(one_process, two_processes):
         assert rank0["metrics"][key] == pytest.approx(value, abs=1e-4), key
 
 
-def test_started_with_two_resumed_with_one_matches_one_process(one_process, tmp_path: Path, monkeypatch):
+def test_started_with_two_resumed_with_one_matches_one_process(one_process, tmp_path: Path):
     root, _ = one_process
     out = tmp_path / "out"
     spawn(job_cut_after_one_step, 2, out)
     state = json.loads((out / "train_state.json").read_text())
     assert (state["global_step"], state["epoch_samples"], state["world_size"]) == (1, GLOBAL_BATCH, 2)
-    monkeypatch.setattr(clip_trainer, "train_transform", eval_transform)
     summary = train_tiny_clip(out, config())
     assert summary.resumed_from_step == 1 and summary.steps == 3
     assert_same_tensors(parameters(out), parameters(root / "out"))
     assert losses(out) == pytest.approx(losses(root / "out"), abs=TOLERANCE)
 
 
-def test_started_with_one_resumed_with_two_matches_one_process(one_process, tmp_path: Path, monkeypatch):
+def test_started_with_one_resumed_with_two_matches_one_process(one_process, tmp_path: Path):
     root, _ = one_process
     out = tmp_path / "out"
-    monkeypatch.setattr(clip_trainer, "train_transform", eval_transform)
     first = train_tiny_clip(out, config(max_minutes=1e-9))
     assert first.stopped_early and first.steps == 1
     spawn(job_resume, 2, out, tmp_path)

@@ -20,6 +20,7 @@ from vitrina.models.clip import CLIP
 from vitrina.models.registry import build_model, preset_config
 from vitrina.train.clip import (
     BYTE_LEVEL_VOCAB,
+    ClipTrainSettings,
     TextFeatureCache,
     clip_step,
     fingerprint,
@@ -30,6 +31,9 @@ from vitrina.train.clip import (
 )
 from vitrina.train.loop import CheckpointInfo
 
+# The per-sample file path (``ImageCaptionDataset`` + PIL transforms); the in-memory path is
+# tested in test_train_clip_memory.py.
+PER_SAMPLE = ClipTrainSettings(in_memory=False)
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
 
@@ -104,6 +108,7 @@ def trained(tmp_path_factory):
         pairs=pairs,
         out_dir=out,
         train_config=tiny_config(),
+        settings=PER_SAMPLE,
         progress=False,
         on_checkpoint=on_checkpoint,
     )
@@ -171,10 +176,22 @@ def test_other_data_refuses_to_resume(trained):
     out, pairs, *_ = trained
     with pytest.raises(UserError, match="other settings.*data"):
         train_clip(
-            model=build_model("clip-tiny"), pairs=pairs[:-1], out_dir=out, train_config=tiny_config(), progress=False
+            model=build_model("clip-tiny"),
+            pairs=pairs[:-1],
+            out_dir=out,
+            train_config=tiny_config(),
+            settings=PER_SAMPLE,
+            progress=False,
         )
     with pytest.raises(UserError, match="other settings.*text_locked: False -> True"):
-        train_clip(model=locked_tiny_clip(), pairs=pairs, out_dir=out, train_config=tiny_config(), progress=False)
+        train_clip(
+            model=locked_tiny_clip(),
+            pairs=pairs,
+            out_dir=out,
+            train_config=tiny_config(),
+            settings=PER_SAMPLE,
+            progress=False,
+        )
 
 
 def test_cached_text_features_give_the_uncached_loss_and_gradients():

@@ -112,5 +112,7 @@ def clip_loss_rows(
     logits_per_image = clip_logits(image_rows, texts, logit_scale)  # (b, N)
     logits_per_text = clip_logits(text_rows, images, logit_scale)  # (b, N)
     labels = offset + torch.arange(image_rows.shape[0], device=image_rows.device)  # (b,)
-    targets = None if concepts is None else same_concept_targets(row_concepts, concepts, logits_per_image.dtype)  # (b, N)
+    targets = None  # (b, N) soft targets when duplicate-aware
+    if concepts is not None:
+        targets = same_concept_targets(row_concepts, concepts, logits_per_image.dtype)
     return (_cross_entropy(logits_per_image, labels, targets) + _cross_entropy(logits_per_text, labels, targets)) / 2

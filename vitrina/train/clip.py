@@ -4,22 +4,32 @@
 2. A text transformer that still has the bare byte-level tokenizer gets a BPE tokenizer learnt from
    the training captions (saved beside the weights by ``save_model``). A resumed run takes the
    tokenizer from its checkpoint instead, so the token ids stay those the weights learnt.
-3. Each step embeds a batch of images and captions and takes ``clip_loss``. When the text tower is
-   locked its features never change, so they are computed once for every distinct caption (under
-   ``inference_mode``, in batches) and looked up per step; only the projection above them trains.
-4. After each epoch: validation loss and text->image R@1/R@5 on a fixed validation subset.
-5. Under ``torchrun`` each process embeds its share of the global batch, gathers every share's
+3. The training images are decoded once into memory when they fit (``vitrina.train.clip_data``)
+   and cropped/flipped a whole batch at a time; large collections keep per-sample decoding.
+4. Each step embeds a batch of images and captions and takes ``clip_loss``, duplicate-aware by
+   default: pairs of one concept (one emoji in several styles, one garment class) in a batch share
+   the target instead of being each other's negatives. When the text tower is locked its features
+   never change, so they are computed once for every distinct caption (under ``inference_mode``,
+   in batches) and looked up per step; only the projection above them trains.
+5. After each epoch: validation loss and text->image R@1/5/10 on a fixed validation subset, and
+   R@1/5/10 on every *watch set* (e.g. held-out concepts, a held-out drawing style). The model with
+   the best ``best_metric`` so far is written to ``out_dir/best`` (a folder ``load_encoder`` opens).
+6. Under ``torchrun`` each process embeds its share of the global batch, gathers every share's
    embeddings (with their gradients: ``distributed.gather_with_grad``) and takes the loss of its
    own rows against the global batch, so N processes compute what one process with the global
    batch computes.
 
 Every epoch's checkpoint folder is a complete model that ``vitrina.checkpoint.load_encoder`` opens.
+``out_dir`` itself is the last checkpoint; ``out_dir/best`` the best one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,22 +38,23 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from vitrina.checkpoint import load_model, save_model
 from vitrina.config import TrainConfig, to_dict
-from vitrina.data.datasets import Caption, ImageCaptionDataset, ImageSource
-from vitrina.data.transforms import eval_transform, train_transform
+from vitrina.data.datasets import Caption, ImageSource
+from vitrina.data.memory import DEFAULT_BUDGET_BYTES, fits_in_memory
 from vitrina.errors import UserError
 from vitrina.losses import FeatureGather, clip_loss, clip_loss_rows
 from vitrina.models.clip import CLIP
 from vitrina.models.text import SPECIAL_TOKENS, train_bpe
 from vitrina.train import distributed
+from vitrina.train.clip_data import caption_concepts, fixed_eval_set, training_data
 from vitrina.train.loop import CheckpointInfo, StepOutput, TrainSummary, find_checkpoint, train
 
 Pair = tuple[ImageSource, Caption]
 
 BYTE_LEVEL_VOCAB = len(SPECIAL_TOKENS) + 256  # a tokenizer this small has learnt no merges
+BEST_FOLDER = "best"
 
 
 @dataclass
@@ -53,13 +64,24 @@ class ClipTrainSettings:
     ``tokenizer_vocab_size``: BPE vocabulary learnt for a fresh text transformer (None: the tower's
     ``vocab_size``). ``cache_text_features``: precompute a locked text tower's features.
     ``val_max_items``: size of the fixed validation subset. ``text_batch_size``: captions per batch
-    when caching features.
+    when caching features. ``in_memory``: decode the training images once into memory (None: when
+    they fit ``memory_budget_bytes`` at the model's resolution). ``duplicate_aware``: pairs of one
+    concept in a batch share the target (``clip_loss(concepts=...)``). ``watch_max_items``: images
+    of each watch set evaluated. ``best_metric``: what ``out_dir/best`` keeps the best of (None: the
+    first watch set's R@10, else the validation R@10). ``augment``: random crops and flips (off:
+    every image as the index sees it, for runs that must match exactly).
     """
 
     tokenizer_vocab_size: int | None = None
     cache_text_features: bool = True
     val_max_items: int = 512
     text_batch_size: int = 256
+    in_memory: bool | None = None
+    memory_budget_bytes: int = DEFAULT_BUDGET_BYTES
+    duplicate_aware: bool = True
+    watch_max_items: int = 2048
+    best_metric: str | None = None
+    augment: bool = True
 
 
 def split_pairs(pairs: Sequence[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
@@ -133,23 +155,32 @@ def make_embedder(model: CLIP, cache: TextFeatureCache | None) -> Callable[[list
 
 
 def clip_step(
-    model: CLIP, batch: tuple[torch.Tensor, list[str]], embed_text, gather: FeatureGather | None = None
+    model: CLIP,
+    batch: tuple[torch.Tensor, list[str]],
+    embed_text,
+    gather: FeatureGather | None = None,
+    concept_of: dict[str, int] | None = None,
 ) -> StepOutput:
     """One contrastive step: (B, 3, H, W) pixels and B captions -> ``clip_loss`` and the temperature.
 
     With ``gather`` (several processes) B is this process's share of the global batch: the
     negatives and the in-batch R@1 are over the global batch, the loss is this share's rows.
+    With ``concept_of`` (caption -> concept id) the targets are duplicate-aware.
     """
     pixels, captions = batch
     image_emb = model.encode_image(pixels)  # (B, D)
     text_emb = embed_text(list(captions))  # (B, D)
     scale = model.scale()
+    concepts = None if concept_of is None else torch.tensor([concept_of[c] for c in captions])  # (B,)
     if gather is None:
-        loss, images, offset = clip_loss(image_emb, text_emb, scale), image_emb, 0
+        loss, images, offset = clip_loss(image_emb, text_emb, scale, concepts=concepts), image_emb, 0
     else:
         images, offset = gather(image_emb)  # (N, D), the global batch
         texts, _ = gather(text_emb)  # (N, D)
-        loss = clip_loss_rows(image_emb, text_emb, images, texts, scale, offset=offset)
+        all_concepts = None if concepts is None else gather(concepts)[0]  # (N,)
+        loss = clip_loss_rows(
+            image_emb, text_emb, images, texts, scale, offset=offset, row_concepts=concepts, concepts=all_concepts
+        )
     with torch.no_grad():
         scale_value = float(scale.detach())
         # in-batch text->image top-1: a cheap progress signal beside the loss
@@ -175,6 +206,20 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, captions: 
     return hits.float().mean().item()
 
 
+def embed_eval_set(
+    model: CLIP, embed_text: Callable[[list[str]], torch.Tensor], pixels: torch.Tensor, captions: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, H, W) pixels and N captions -> (N, D) image and (N, D) text embeddings, in batches of 256."""
+    image_emb = torch.cat([model.encode_image(x) for x in pixels.split(256)])  # (N, D)
+    text_emb = torch.cat([embed_text(list(captions[i : i + 256])) for i in range(0, len(captions), 256)])  # (N, D)
+    return image_emb, text_emb
+
+
+def recalls(image_emb: torch.Tensor, text_emb: torch.Tensor, captions: Sequence[str], prefix: str) -> dict[str, float]:
+    """``{prefix}/t2i_r1``, ``_r5`` and ``_r10`` of one embedded set."""
+    return {f"{prefix}/t2i_r{k}": retrieval_recall(image_emb, text_emb, captions, k) for k in (1, 5, 10)}
+
+
 def make_eval_fn(
     model: CLIP,
     val_pairs: Sequence[Pair],
@@ -182,39 +227,105 @@ def make_eval_fn(
     batch_size: int,
     max_items: int,
     cache: TextFeatureCache | None,
-    num_workers: int,
+    watch_sets: dict[str, Sequence[Pair]] | None = None,
+    watch_max_items: int = 2048,
 ) -> Callable[[CLIP], dict[str, float]]:
-    """The loop's ``eval_fn``: val loss (in batches of ``batch_size``), R@1 and R@5 text->image.
+    """The loop's ``eval_fn``: val loss (in batches of ``batch_size``) and text->image R@1/5/10 on
+    the validation subset, and R@1/5/10 on every watch set (``{name}/t2i_r10``...).
 
-    The subset (first ``max_items`` pairs, first caption of each) and its pixels are fixed once.
+    Each subset (the first ``max_items`` / ``watch_max_items`` pairs, first caption of each) and its
+    pixels are fixed once.
     """
     c = model.config
-    items = [(s, cap if isinstance(cap, str) else cap[0]) for s, cap in val_pairs[:max_items]]
-    dataset = ImageCaptionDataset(items, eval_transform(c.vision.image_size, c.image_mean, c.image_std))
-    pixels, captions = [], []
-    for x, caption in DataLoader(dataset, batch_size=256, num_workers=num_workers):
-        pixels.append(x)
-        captions += list(caption)
-    pixels_all = torch.cat(pixels)  # (N, 3, H, W)
+    geometry = {"size": c.vision.image_size, "mean": c.image_mean, "std": c.image_std}
+    sets = {}
+    if val_pairs:
+        sets["val"] = fixed_eval_set(val_pairs, max_items=max_items, **geometry)
+    for name, pairs in (watch_sets or {}).items():
+        if not pairs:
+            raise UserError(f"watch set {name!r} has no pairs; leave it out or give it images")
+        sets[name] = fixed_eval_set(pairs, max_items=watch_max_items, **geometry)
 
     def evaluate(model: CLIP) -> dict[str, float]:
         embed_text = make_embedder(model, cache)
-        image_emb = torch.cat([model.encode_image(x) for x in pixels_all.split(256)])  # (N, D)
-        text_emb = torch.cat([embed_text(captions[i : i + 256]) for i in range(0, len(captions), 256)])  # (N, D)
-        losses, weights = [], []
-        for i in range(0, len(captions), batch_size):
-            n = len(captions[i : i + batch_size])
-            if n < 2:
-                continue  # a batch of one has no negatives
-            losses.append(clip_loss(image_emb[i : i + n], text_emb[i : i + n], model.scale()).item() * n)
-            weights.append(n)
-        return {
-            "val/loss": sum(losses) / max(1, sum(weights)),
-            "val/t2i_r1": retrieval_recall(image_emb, text_emb, captions, 1),
-            "val/t2i_r5": retrieval_recall(image_emb, text_emb, captions, 5),
-        }
+        results: dict[str, float] = {}
+        for name, (pixels, captions) in sets.items():
+            image_emb, text_emb = embed_eval_set(model, embed_text, pixels, captions)
+            if name == "val":
+                results["val/loss"] = _batched_loss(model, image_emb, text_emb, batch_size)
+            results.update(recalls(image_emb, text_emb, captions, name))
+        return results
 
     return evaluate
+
+
+def _batched_loss(model: CLIP, image_emb: torch.Tensor, text_emb: torch.Tensor, batch_size: int) -> float:
+    """The plain CLIP loss over consecutive batches of ``batch_size``, weighted by their sizes."""
+    losses, weights = [], []
+    for i in range(0, len(image_emb), batch_size):
+        n = len(image_emb[i : i + batch_size])
+        if n < 2:
+            continue  # a batch of one has no negatives
+        losses.append(clip_loss(image_emb[i : i + n], text_emb[i : i + n], model.scale()).item() * n)
+        weights.append(n)
+    return sum(losses) / max(1, sum(weights))
+
+
+class BestKeeper:
+    """Keeps ``out_dir/best``: the model of the best ``metric`` value evaluated so far.
+
+    The evaluation only notes a new best; the folder is written after the loop's checkpoint of the
+    same step (``on_checkpoint``), so a kill never leaves a ``best`` beside no checkpoint. The value
+    to beat survives a resume: it is read back from ``best/config.json``.
+    """
+
+    def __init__(self, model: CLIP, out_dir: Path, metric: str, save: Callable[[CLIP, Path, dict], None]) -> None:
+        self.model, self.folder, self.metric, self.save = model, out_dir / BEST_FOLDER, metric, save
+        self.value = self._saved_value()
+        self.pending: dict[str, Any] | None = None
+
+    def _saved_value(self) -> float | None:
+        config = self.folder / "config.json"
+        if not config.is_file():
+            return None
+        best = json.loads(config.read_text()).get("best") or {}
+        return best.get("value") if best.get("metric") == self.metric else None
+
+    def note(self, results: dict[str, float]) -> None:
+        """After an evaluation: remember it when ``metric`` beats the best so far."""
+        value = results.get(self.metric)
+        if value is not None and (self.value is None or value > self.value):
+            self.value, self.pending = value, {"metric": self.metric, "value": value}
+
+    def on_checkpoint(self, info: CheckpointInfo) -> None:
+        """Write the pending best (the model as it is at this checkpoint) beside, then swap it in."""
+        if self.pending is None:
+            return
+        record = {**self.pending, "epoch": info.epoch, "step": info.step}
+        staged = self.folder.with_name(f"{BEST_FOLDER}.tmp")
+        old = self.folder.with_name(f"{BEST_FOLDER}.old")
+        for leftover in (staged, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        self.save(self.model, staged, record)
+        if self.folder.exists():
+            os.rename(self.folder, old)
+        os.rename(staged, self.folder)
+        shutil.rmtree(old, ignore_errors=True)
+        self.pending = None
+
+
+def best_checkpoint(out_dir: str | os.PathLike) -> Path:
+    """``out_dir/best`` when the run wrote one, else ``out_dir`` (its last checkpoint)."""
+    best = Path(out_dir) / BEST_FOLDER
+    return best if (best / "config.json").is_file() else Path(out_dir)
+
+
+def use_in_memory(settings: ClipTrainSettings, n_items: int, size: int) -> bool:
+    """The in-memory path when asked, or (``in_memory`` None) when the decoded set fits its budget."""
+    if settings.in_memory is not None:
+        return settings.in_memory
+    return fits_in_memory(n_items, size, settings.memory_budget_bytes)
 
 
 # --- the trainer -----------------------------------------------------------------------------
@@ -247,6 +358,8 @@ def train_clip(
     out_dir: str | os.PathLike,
     train_config: TrainConfig,
     settings: ClipTrainSettings | None = None,
+    concepts: Sequence[str] | None = None,
+    watch_sets: dict[str, Sequence[Pair]] | None = None,
     tokenizer_vocab_size: int | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -254,8 +367,11 @@ def train_clip(
 ) -> TrainSummary:
     """Train ``model`` contrastively on ``pairs`` into ``out_dir`` (resuming a run found there).
 
-    Image size and normalisation come from ``model.config``. ``tokenizer_vocab_size`` overrides
-    ``settings.tokenizer_vocab_size``. Returns the loop's summary (val loss, R@1, R@5 included).
+    Image size and normalisation come from ``model.config``. ``concepts``: one key per pair (what
+    the duplicate-aware targets treat as one thing; default: the first caption). ``watch_sets``:
+    named pair sets evaluated after every epoch and never trained on (held-out concepts, a held-out
+    style); the best model by ``settings.best_metric`` is kept in ``out_dir/best``.
+    ``tokenizer_vocab_size`` overrides ``settings.tokenizer_vocab_size``. Returns the loop's summary.
     """
     settings = settings or ClipTrainSettings()
     vocab = tokenizer_vocab_size or settings.tokenizer_vocab_size
@@ -265,47 +381,79 @@ def train_clip(
     if not pairs:
         raise UserError("no image-caption pairs to train on: check the data spec")
     train_config.validate()
+    watch_sets = dict(watch_sets or {})
+    concept_of = caption_concepts(pairs, concepts) if settings.duplicate_aware else None
     train_pairs, val_pairs = split_pairs(pairs, train_config.val_fraction, train_config.seed)
     learnt_tokenizer = _prepare_tokenizer(model, train_pairs, out_dir, vocab)
 
     c = model.config
-    dataset = ImageCaptionDataset(train_pairs, train_transform(c.vision.image_size, c.image_mean, c.image_std))
+    in_memory = use_in_memory(settings, len(train_pairs), c.vision.image_size)
+    geometry = {"size": c.vision.image_size, "mean": c.image_mean, "std": c.image_std}
+    data = training_data(train_pairs, in_memory=in_memory, augment=settings.augment, **geometry)
+    if data.in_memory and train_config.num_workers:
+        # the pixels are already decoded: worker processes would only copy batches between processes
+        train_config = dataclasses.replace(train_config, num_workers=0)
     cache = None
     if settings.cache_text_features and text_locked(model):
-        cache = TextFeatureCache(model, all_captions(pairs), batch_size=settings.text_batch_size)
+        watched = [pair for watch in watch_sets.values() for pair in watch]
+        cache = TextFeatureCache(model, all_captions([*pairs, *watched]), batch_size=settings.text_batch_size)
     embed_text = make_embedder(model, cache)
     eval_fn = None
-    if val_pairs:
+    if val_pairs or watch_sets:
         eval_fn = make_eval_fn(
             model,
             val_pairs,
             batch_size=train_config.batch_size,
             max_items=settings.val_max_items,
             cache=cache,
-            num_workers=train_config.num_workers,
+            watch_sets=watch_sets,
+            watch_max_items=settings.watch_max_items,
         )
     identity: dict[str, Any] = {
         "model": to_dict(c),
         "data": fingerprint(pairs),
         "tokenizer": {"learnt": learnt_tokenizer, "vocab_size": vocab},
         "val_max_items": settings.val_max_items,
+        "in_memory": data.in_memory,  # another augmentation path draws other crops
+        "duplicate_aware": settings.duplicate_aware,
+        "augment": settings.augment,
+        "concepts": hashlib.sha256("\x1f".join(concepts or []).encode()).hexdigest()[:16],
+        "watch": {name: fingerprint(watch) for name, watch in watch_sets.items()},
     }
 
-    def save(model: CLIP, folder: Path) -> None:
-        save_model(model, folder, extra_config={"train": to_dict(train_config)})
+    def save(model: CLIP, folder: Path, best: dict | None = None) -> None:
+        extra: dict[str, Any] = {"train": to_dict(train_config)}
+        if best is not None:
+            extra["best"] = best
+        save_model(model, folder, extra_config=extra)
+
+    best_metric = settings.best_metric or (f"{next(iter(watch_sets))}/t2i_r10" if watch_sets else "val/t2i_r10")
+    keeper = BestKeeper(model, out_dir, best_metric, save) if eval_fn else None
+
+    def evaluate(model: CLIP) -> dict[str, float]:
+        results = eval_fn(model)
+        keeper.note(results)
+        return results
+
+    def after_checkpoint(info: CheckpointInfo) -> None:
+        if keeper is not None:
+            keeper.on_checkpoint(info)
+        if on_checkpoint is not None:
+            on_checkpoint(info)
 
     return train(
         model=model,
-        step_fn=lambda model, batch: clip_step(model, batch, embed_text, gather),
-        train_data=dataset,
+        step_fn=lambda model, batch: clip_step(model, batch, embed_text, gather, concept_of),
+        train_data=data.dataset,
+        collate_fn=data.collate_fn,
         out_dir=out_dir,
         config=train_config,
         save_fn=save,
-        eval_fn=eval_fn,
+        eval_fn=evaluate if eval_fn else None,
         run_identity=identity,
         resume=resume,
-        best_metric="val/t2i_r1" if eval_fn else None,
+        best_metric=best_metric if eval_fn else None,
         higher_is_better=True,
-        on_checkpoint=on_checkpoint,
+        on_checkpoint=after_checkpoint,
         progress=progress,
     )

@@ -1,0 +1,73 @@
+"""The in-memory CLIP path: batch augmentation on tensors, caption concepts, and a tiny end-to-end run
+that keeps the best model by a watch set's R@10 in ``out/best``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from test_train_clip import batch_of, shape_pairs, tiny_config
+
+from vitrina.checkpoint import load_encoder
+from vitrina.data.batch_augment import BatchAugment
+from vitrina.data.memory import decode_all, fits_in_memory
+from vitrina.data.transforms import EvalTransform
+from vitrina.models.registry import build_model
+from vitrina.train.clip import BEST_FOLDER, ClipTrainSettings, best_checkpoint, train_clip
+from vitrina.train.clip_data import caption_concepts
+
+
+def test_batch_augment_keeps_shape_and_dtype_and_is_seeded():
+    pixels, kept = decode_all([a for a, _ in shape_pairs(6)], 32)  # (6, 3, 32, 32) uint8
+    assert pixels.dtype == torch.uint8 and pixels.shape == (6, 3, 32, 32) and kept == list(range(6))
+    augment = BatchAugment()
+    a = augment(pixels, torch.Generator().manual_seed(1))
+    b = augment(pixels, torch.Generator().manual_seed(1))
+    c = augment(pixels, torch.Generator().manual_seed(2))
+    assert a.shape == (6, 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # a crop of a flat colour is that colour, normalised as the index normalises it
+    flat = torch.full((2, 3, 32, 32), 200, dtype=torch.uint8)
+    want = EvalTransform(32).normalize(flat)
+    assert torch.allclose(augment(flat, torch.Generator().manual_seed(0)), want, atol=1e-5)
+
+
+def test_batch_augment_mirrors_about_half_the_images():
+    left_dark = torch.full((64, 3, 16, 16), 255, dtype=torch.uint8)
+    left_dark[..., :8] = 0  # the left half black
+    out = BatchAugment(scale=(0.95, 1.0))(left_dark, torch.Generator().manual_seed(0))
+    mirrored = (out[..., :, :4].mean(dim=(1, 2, 3)) > out[..., :, -4:].mean(dim=(1, 2, 3))).sum().item()
+    assert 20 <= mirrored <= 44  # the bright half moved left in about half of 64
+
+
+def test_memory_budget_and_caption_concepts():
+    assert fits_in_memory(10_000, 48) and not fits_in_memory(100_000, 224)
+    pairs = [("a.png", "an emoji of a cat"), ("b.png", "an emoji of a cat"), ("c.png", ["a dog", "a puppy"])]
+    assert caption_concepts(pairs, None) == {"an emoji of a cat": 0, "a dog": 1, "a puppy": 1}
+    by_key = caption_concepts([*pairs, ("d.png", "a hound")], ["cat", "cat", "dog", "dog"])
+    assert by_key == {"an emoji of a cat": 0, "a dog": 1, "a puppy": 1, "a hound": 1}
+
+
+def test_in_memory_run_keeps_the_best_watch_model_in_a_folder_load_encoder_opens(tmp_path: Path):
+    pairs, watch = shape_pairs(36), shape_pairs(12, seed=1)  # the watch set: new drawings of the shapes
+    model = build_model("clip-tiny")
+    summary = train_clip(
+        model=model,
+        pairs=pairs,
+        out_dir=tmp_path,
+        train_config=tiny_config(epochs=4, lr=1e-3),
+        watch_sets={"new-drawings": watch},
+        settings=ClipTrainSettings(watch_max_items=12, best_metric="new-drawings/t2i_r1"),
+        progress=False,
+    )
+    assert summary.steps == 4 * 4 and {"new-drawings/t2i_r10", "val/t2i_r10"} <= set(summary.metrics)
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scores = [r["eval"]["new-drawings/t2i_r1"] for r in log if "eval" in r]
+    best = json.loads((tmp_path / BEST_FOLDER / "config.json").read_text())["best"]
+    assert best["metric"] == "new-drawings/t2i_r1" and best["value"] == max(scores)
+    assert best["epoch"] == scores.index(max(scores)) + 1, scores  # the first epoch that reached it
+    assert best_checkpoint(tmp_path) == tmp_path / BEST_FOLDER
+    encoder = load_encoder(str(best_checkpoint(tmp_path)))
+    pixels, captions = batch_of(model, watch[:4])
+    assert encoder.encode_image(pixels).shape == (4, 64) and encoder.encode_text(captions).shape == (4, 64)
