@@ -7,6 +7,10 @@
     PATH/TO/PAIRS.jsonl | .csv           explicit image-caption pairs
 
 Several sources join with ``+``: ``emoji:apple,google+fashion-mnist:train:6000``.
+
+Every pair also has a *concept key* (``load_training_items``): what stays the same thing across
+drawings and phrasings. ``emoji:<code point>`` (one emoji in every style), ``fashion-mnist:<class>``,
+``label:<folder label>`` for a labelled folder, else the caption itself.
 """
 
 from __future__ import annotations
@@ -35,22 +39,26 @@ VALID_FORMS = (
 )
 
 
-def _emoji(options: list[str], root: Path) -> list[Pair]:
+Concept = str
+EMOJI_CONCEPT, FASHION_CONCEPT, LABEL_CONCEPT = "emoji:", "fashion-mnist:", "label:"
+
+
+def _emoji(options: list[str], root: Path) -> list[tuple[Pair, Concept]]:
     variants = bool(options) and options[-1] == "variants"
     styles_field = options[:-1] if variants else options
     if len(styles_field) != 1 or not styles_field[0]:
         raise UserError(f"emoji needs at least one style: emoji:{','.join(emoji_data.EMOJI_STYLES[:2])}")
-    pairs: list[Pair] = []
+    pairs: list[tuple[Pair, Concept]] = []
     for style in styles_field[0].split(","):
         if style not in emoji_data.EMOJI_STYLES:
             raise UserError(f"unknown emoji style {style!r}; choose from {', '.join(emoji_data.EMOJI_STYLES)}")
         for item in emoji_data.load_emoji(style, root / "emoji"):
             captions = emoji_data.emoji_captions(item) if variants else [emoji_data.emoji_caption(item)]
-            pairs += [(item.path, caption) for caption in captions]
+            pairs += [((item.path, caption), EMOJI_CONCEPT + item.unified) for caption in captions]
     return pairs
 
 
-def _fashion(options: list[str], root: Path, seed: int) -> list[Pair]:
+def _fashion(options: list[str], root: Path, seed: int) -> list[tuple[Pair, Concept]]:
     if not options or options[0] not in ("train", "test") or len(options) > 2:
         raise UserError(
             "fashion-mnist needs a split and an optional count: fashion-mnist:train[:N] or fashion-mnist:test[:N]"
@@ -64,15 +72,24 @@ def _fashion(options: list[str], root: Path, seed: int) -> list[Pair]:
         if int(options[1]) < len(labels):
             indices = stratified_indices(labels, int(options[1]), seed)
     rng = random.Random(seed)
-    return [(images[i], caption_from_label(fm.FASHION_MNIST_PROMPT_NAMES[labels[i]], rng)) for i in indices]
+    names = fm.FASHION_MNIST_PROMPT_NAMES
+    pairs = []
+    for i in indices:
+        name = names[labels[i]]
+        pairs.append(((images[i], caption_from_label(name, rng)), FASHION_CONCEPT + name))
+    return pairs
 
 
-def _folder(path: Path, seed: int, fraction: float | None) -> list[Pair]:
+def _folder(path: Path, seed: int, fraction: float | None) -> list[tuple[Pair, Concept]]:
     entries = scan_collection(path)
     if fraction is not None:
         entries = stratified_fraction(entries, fraction, seed)
     rng = random.Random(seed)
-    pairs = [(e.path, e.caption or caption_from_label(e.label, rng)) for e in entries if e.caption or e.label]
+    pairs = [
+        ((e.path, e.caption or caption_from_label(e.label, rng)), LABEL_CONCEPT + e.label if e.label else e.caption)
+        for e in entries
+        if e.caption or e.label
+    ]
     if not pairs:
         raise UserError(
             f"{path}: no image has a caption or a class folder; add a captions.jsonl or sort images into folders"
@@ -87,8 +104,15 @@ def load_training_pairs(
 
     ``fraction``: a stratified share of each folder source (the course's 20-50% of Caltech-256).
     """
+    return load_training_items(spec, data_root=data_root, seed=seed, fraction=fraction)[0]
+
+
+def load_training_items(
+    spec: str, *, data_root: str | os.PathLike | None = None, seed: int = 0, fraction: float | None = None
+) -> tuple[list[Pair], list[Concept]]:
+    """``load_training_pairs`` and the concept key of every pair (module docstring)."""
     root = Path(data_root) if data_root is not None else default_data_root()
-    pairs: list[Pair] = []
+    pairs: list[tuple[Pair, Concept]] = []
     for part in spec.split("+"):
         name, *options = part.strip().split(":")
         if name == "emoji":
@@ -98,13 +122,14 @@ def load_training_pairs(
         elif name == "openclipart":
             if options:
                 raise UserError(f"{part!r}: openclipart takes no options; write just openclipart")
-            pairs += [(e.path, e.caption) for e in load_openclipart() if e.caption]
+            pairs += [((e.path, e.caption), e.caption) for e in load_openclipart() if e.caption]
         elif Path(part).suffix.lower() in (".jsonl", ".csv"):
             if not Path(part).is_file():
                 raise UserError(f"{part}: no such file; give the path of an existing .jsonl or .csv pairs file")
-            pairs += [(p.path, p.caption) for p in read_pairs(part)]
+            for p in read_pairs(part):
+                pairs.append(((p.path, p.caption), LABEL_CONCEPT + p.label if p.label else p.caption))
         elif Path(part).is_dir():
             pairs += _folder(Path(part), seed, fraction)
         else:
             raise UserError(f"--data {part!r}: not a known source, folder or pairs file. {VALID_FORMS}")
-    return pairs
+    return [pair for pair, _ in pairs], [concept for _, concept in pairs]
