@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score
-from test_index import COLOURS, image_path, make_encoder, write_collection
+from test_index import COLOURS, SHAPES, image_path, make_encoder, write_collection
 
 from vitrina.data.prompts import prompts_for
 from vitrina.errors import UserError
@@ -159,7 +159,7 @@ def test_evaluate_index_with_an_oracle_gets_known_numbers(captioned: Path, tmp_p
     results = evaluate_index(tmp_path / "idx", oracle)
     labels = results["labels"]
     assert (labels["classes"], labels["images"]) == (3, 24)
-    for key in ("R@1", "R@5", "R@10", "mAP@10", "mAP", "zero_shot_accuracy"):
+    for key in ("R@1", "R@5", "R@10", "mAP@10", "mAP", "prompted_accuracy"):
         assert labels[key] == pytest.approx(1.0), key
     assert labels["P@10"] == pytest.approx(8 / 10)  # 8 images per class fill 8 of the top 10
     assert labels["chance"] == pytest.approx(1 / 3)
@@ -171,10 +171,32 @@ def test_evaluate_index_with_an_oracle_gets_known_numbers(captioned: Path, tmp_p
     shifted = evaluate_index(tmp_path / "idx", ColourOracle(text_shift=1))
     t2i = shifted["captions"]["text_to_image"]
     assert (t2i["R@1"], t2i["R@5"], t2i["R@10"]) == (0.0, 0.0, 1.0)
-    assert shifted["labels"]["zero_shot_accuracy"] == 0.0
+    assert shifted["labels"]["prompted_accuracy"] == 0.0
     json.dumps(results)  # the CLI writes it as JSON
     table = format_table(results)
     assert "class prompts" in table and "mAP@10" in table and "caption → image" in table
+    # a model that records no held-out concepts gets no "zero-shot" number at all
+    assert "zero_shot" not in results["labels"] and "zero_shot" not in results["captions"]
+    assert "zero-shot" not in format_table(results)
+
+
+def test_evaluate_index_reports_zero_shot_on_held_out_concepts_only(captioned: Path, tmp_path: Path) -> None:
+    oracle = ColourOracle()
+    index_folder(captioned, oracle, tmp_path / "idx", model_ref="oracle", progress=False)
+    red = [f"a red {shape}, variant {v}" for shape in SHAPES for v in range(2)]
+    results = evaluate_index(tmp_path / "idx", oracle, held_out={"labels": ["green", "red"], "captions": red})
+    labels = results["labels"]
+    assert labels["zero_shot"] == {
+        "held_out_classes": ["green", "red"], "classes": 2, "images": 16, "accuracy": 1.0, "chance": 0.5
+    }  # fmt: skip
+    assert labels["prompted_seen"] == {"classes": 1, "images": 8, "accuracy": 1.0, "chance": 1.0}
+    captions = results["captions"]
+    assert (captions["held_out_concepts"]["queries"], captions["seen_concepts"]["queries"]) == (8, 16)
+    assert captions["held_out_concepts"]["R@1"] == 1.0  # ties with the other red images count for the query
+    # the oracle sees colour only: among the 8 red captions every red image ties, so matching is chance
+    assert captions["zero_shot"] == {"concepts": 8, "images": 8, "accuracy": pytest.approx(1 / 8), "chance": 1 / 8}
+    table = format_table(results)
+    assert "zero-shot classification (held-out classes)" in table and "prompted classification (seen" in table
 
 
 def test_evaluate_index_with_the_tiny_clip(captioned: Path, tmp_path: Path, encoder) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from vitrina.encoder import Encoder
+from vitrina.eval.seen_unseen import caption_split, held_out_of, label_split
 from vitrina.eval.zeroshot import class_embeddings, zero_shot_accuracy
 from vitrina.index.store import IndexStore
 
@@ -116,7 +117,9 @@ def caption_recalls(
 
 
 def _label_metrics(image_vectors: np.ndarray, labels: list[str], encoder: Encoder) -> dict:
-    """Class prompt ensembles as queries (one per class) over the labelled images, plus zero-shot accuracy."""
+    """Class prompt ensembles as queries (one per class) over the labelled images, plus the accuracy of
+    classifying every image among every class ("prompted": zero-shot only for classes never trained
+    on, which ``vitrina.eval.seen_unseen`` reports apart when the model records them)."""
     classes = sorted(set(labels))
     class_vectors = class_embeddings(classes, encoder)  # (C, D)
     rel = ranked_relevance(
@@ -130,20 +133,27 @@ def _label_metrics(image_vectors: np.ndarray, labels: list[str], encoder: Encode
         "P@10": precision_at_k(rel, 10),
         "mAP@10": map_at_k(rel, 10),
         "mAP": mean_average_precision(rel),
-        "zero_shot_accuracy": zero_shot_accuracy(image_vectors, labels, class_vectors, classes),
+        "prompted_accuracy": zero_shot_accuracy(image_vectors, labels, class_vectors, classes),
         "chance": 1.0 / len(classes),
         "majority": float(counts.max() / counts.sum()),
     }
 
 
 def evaluate_index(
-    index_dir: Path, encoder: Encoder | None = None, *, model_ref: str | None = None, version: str | int | None = None
+    index_dir: Path,
+    encoder: Encoder | None = None,
+    *,
+    model_ref: str | None = None,
+    version: str | int | None = None,
+    held_out: dict | None = None,
 ) -> dict:
     """Evaluate the model behind one version of an index (default: the active one) on the index's own
     labels and/or captions.
 
     Uses the stored image vectors (no image is re-embedded) and exact inner products, so the numbers
-    measure the model, not the ANN structure.
+    measure the model, not the ANN structure. ``held_out`` (``labels``, ``captions`` the model never
+    trained on; default: the record in the model's checkpoint, if any) splits zero-shot from seen
+    (``vitrina.eval.seen_unseen``).
     """
     from vitrina.index.encoders import check_encoder, encoder_for
 
@@ -163,12 +173,20 @@ def evaluate_index(
         "model": model_ref or chosen.model_ref,
         "items": len(items),
     }
+    if held_out is None:
+        held_out = held_out_of(results["model"])
     labelled = [i for i, (_, label, _) in enumerate(items) if label]
     if len({items[i][1] for i in labelled}) >= 2:
-        results["labels"] = _label_metrics(vectors[labelled], [items[i][1] for i in labelled], encoder)
+        labels = [items[i][1] for i in labelled]
+        results["labels"] = _label_metrics(vectors[labelled], labels, encoder)
+        if held_out:
+            results["labels"].update(label_split(vectors[labelled], labels, encoder, set(held_out["labels"])))
     captioned = [i for i, (_, _, caption) in enumerate(items) if caption]
     if captioned:
-        results["captions"] = caption_recalls(vectors[captioned], [items[i][2] for i in captioned], encoder)
+        captions = [items[i][2] for i in captioned]
+        results["captions"] = caption_recalls(vectors[captioned], captions, encoder)
+        if held_out:
+            results["captions"].update(caption_split(vectors[captioned], captions, encoder, set(held_out["captions"])))
     return results
 
 
@@ -226,11 +244,36 @@ def _fmt(value) -> str:
 
 def _metric_rows(results: dict) -> list[tuple[str, str, object]]:
     rows = []
-    if "labels" in results:
-        rows += [("class prompts → images", name, value) for name, value in results["labels"].items()]
-    for key, title in (("text_to_image", "caption → image"), ("image_to_text", "image → caption")):
-        rows += [(title, name, value) for name, value in results.get("captions", {}).get(key, {}).items()]
+    for task, metrics in _blocks(results):
+        rows += [(task, name, value) for name, value in metrics.items()]
     return rows
+
+
+BLOCK_TITLES = {
+    ("labels", None): "class prompts → images",
+    ("labels", "zero_shot"): "zero-shot classification (held-out classes)",
+    ("labels", "prompted_seen"): "prompted classification (seen classes)",
+    ("captions", "text_to_image"): "caption → image",
+    ("captions", "image_to_text"): "image → caption",
+    ("captions", "held_out_concepts"): "caption → image (held-out concepts)",
+    ("captions", "seen_concepts"): "caption → image (seen concepts)",
+    ("captions", "zero_shot"): "zero-shot caption matching (held-out concepts)",
+}
+
+
+def _blocks(results: dict) -> list[tuple[str, dict]]:
+    """(title, flat metrics) of every block ``evaluate_index`` wrote, in table order."""
+    blocks = []
+    labels = results.get("labels")
+    if labels:
+        top = {k: v for k, v in labels.items() if not isinstance(v, dict)}
+        blocks.append((BLOCK_TITLES["labels", None], top))
+    for section in ("labels", "captions"):
+        for key, value in (results.get(section) or {}).items():
+            if isinstance(value, dict):
+                title = BLOCK_TITLES.get((section, key), f"{section}: {key}")
+                blocks.append((title, {k: v for k, v in value.items() if not isinstance(v, list)}))
+    return blocks
 
 
 def format_table(results: dict) -> str:
@@ -249,11 +292,8 @@ def format_table(results: dict) -> str:
             table.add_row(task, name, f"{value:.3f}" if isinstance(value, float) else str(value))
             task = ""
 
-    if "labels" in results:
-        add("class prompts → images", results["labels"])
-    for key, title in (("text_to_image", "caption → image"), ("image_to_text", "image → caption")):
-        if key in results.get("captions", {}):
-            add(title, results["captions"][key])
+    for title, metrics in _blocks(results):
+        add(title, metrics)
     if "labels" not in results and "captions" not in results:
         table.add_row("-", "nothing to evaluate", "index has neither labels nor captions")
     buffer = io.StringIO()
