@@ -10,7 +10,7 @@ import torch
 from test_train_clip import batch_of, shape_pairs, tiny_config
 
 from vitrina.checkpoint import load_encoder
-from vitrina.data.batch_augment import BatchAugment
+from vitrina.data.batch_augment import BatchAugment, crop_grid
 from vitrina.data.memory import decode_all, fits_in_memory
 from vitrina.data.transforms import EvalTransform
 from vitrina.models.registry import build_model
@@ -71,3 +71,14 @@ def test_in_memory_run_keeps_the_best_watch_model_in_a_folder_load_encoder_opens
     encoder = load_encoder(str(best_checkpoint(tmp_path)))
     pixels, captions = batch_of(model, watch[:4])
     assert encoder.encode_image(pixels).shape == (4, 64) and encoder.encode_text(captions).shape == (4, 64)
+
+
+def test_crop_grid_is_the_affine_grid_of_a_scale_and_shift():
+    augment = BatchAugment()
+    box = augment.crop_boxes(5, torch.Generator().manual_seed(0))  # (5, 4)
+    mirror = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0])
+    theta = torch.zeros(5, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = box[:, 0] * mirror, box[:, 2]
+    theta[:, 1, 1], theta[:, 1, 2] = box[:, 1], box[:, 3]
+    want = torch.nn.functional.affine_grid(theta, [5, 3, 12, 16], align_corners=False)  # (5, 12, 16, 2)
+    assert torch.allclose(crop_grid(box, mirror, 12, 16), want, atol=1e-6)

@@ -57,11 +57,11 @@ SSL_METHODS = (
 
 def cmd_train_clip(args: argparse.Namespace) -> None:
     from vitrina.config import TrainConfig
-    from vitrina.data.sources import load_training_pairs
+    from vitrina.data.sources import load_training_items
     from vitrina.models.registry import build_model
-    from vitrina.train.clip import train_clip
+    from vitrina.train.clip import ClipTrainSettings, best_checkpoint, train_clip
 
-    pairs = load_training_pairs(args.data, seed=args.seed)
+    pairs, concepts = load_training_items(args.data, seed=args.seed)
     if not pairs:
         raise UserError(f"--data {args.data!r} yielded no image-caption pairs: check the spec and the data folder")
     model = build_model(args.preset)
@@ -73,9 +73,15 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
         max_minutes=args.max_minutes,
         num_workers=args.workers,
     )
-    summary = train_clip(model=model, pairs=pairs, out_dir=Path(args.out), train_config=config)
+    settings = ClipTrainSettings(in_memory=args.in_memory, duplicate_aware=args.duplicate_aware)
+    summary = train_clip(
+        model=model, pairs=pairs, concepts=concepts, out_dir=Path(args.out), train_config=config, settings=settings
+    )
+    best = best_checkpoint(args.out)
     print(f"checkpoint: {args.out}  ({summary})")
-    print(f"next: vitrina index FOLDER --model {args.out} --out INDEX_DIR")
+    if best != Path(args.out):
+        print(f"best validation R@10: {best}")
+    print(f"next: vitrina index FOLDER --model {best} --out INDEX_DIR")
 
 
 def _classify_train_config(args: argparse.Namespace):
@@ -547,7 +553,19 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--batch-size", type=int, default=128)
     clip.add_argument("--lr", type=float, default=1e-3)
     clip.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this many minutes")
-    clip.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    clip.add_argument("--workers", type=int, default=2, help="data-loading processes (per-sample path only)")
+    clip.add_argument(
+        "--in-memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode every image once into memory and augment whole batches (default: when it fits 2 GiB)",
+    )
+    clip.add_argument(
+        "--duplicate-aware",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one concept in several pairs of a batch (styles, phrasings) is not its own negative (default: on)",
+    )
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(handler=cmd_train_clip)
 

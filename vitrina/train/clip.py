@@ -360,6 +360,7 @@ def train_clip(
     settings: ClipTrainSettings | None = None,
     concepts: Sequence[str] | None = None,
     watch_sets: dict[str, Sequence[Pair]] | None = None,
+    extra_config: dict[str, Any] | None = None,
     tokenizer_vocab_size: int | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -370,8 +371,9 @@ def train_clip(
     Image size and normalisation come from ``model.config``. ``concepts``: one key per pair (what
     the duplicate-aware targets treat as one thing; default: the first caption). ``watch_sets``:
     named pair sets evaluated after every epoch and never trained on (held-out concepts, a held-out
-    style); the best model by ``settings.best_metric`` is kept in ``out_dir/best``.
-    ``tokenizer_vocab_size`` overrides ``settings.tokenizer_vocab_size``. Returns the loop's summary.
+    style); the best model by ``settings.best_metric`` is kept in ``out_dir/best``. ``extra_config``
+    goes into every saved ``config.json`` (e.g. the concepts held out of training, which the
+    evaluation reads). ``tokenizer_vocab_size`` overrides ``settings.tokenizer_vocab_size``. Returns the loop's summary.
     """
     settings = settings or ClipTrainSettings()
     vocab = tokenizer_vocab_size or settings.tokenizer_vocab_size
@@ -422,7 +424,7 @@ def train_clip(
     }
 
     def save(model: CLIP, folder: Path, best: dict | None = None) -> None:
-        extra: dict[str, Any] = {"train": to_dict(train_config)}
+        extra: dict[str, Any] = {**(extra_config or {}), "train": to_dict(train_config)}
         if best is not None:
             extra["best"] = best
         save_model(model, folder, extra_config=extra)
