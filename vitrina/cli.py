@@ -374,19 +374,68 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def cmd_classify(args: argparse.Namespace) -> None:
     from vitrina.checkpoint import load_encoder
-    from vitrina.search import classify
+    from vitrina.search import classify, classify_fewshot
 
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    if len(labels) < 2:
-        raise UserError("--labels needs at least two comma-separated labels, e.g. --labels cat,dog,horse")
-    encoder = load_encoder(args.model)
-    results = classify([Path(p) for p in args.images], labels, encoder, top=args.top)
+    if (args.labels is None) == (args.shots is None):
+        raise UserError("give --labels a,b,c (zero-shot) or --shots DIR (few-shot: one subfolder of images per class)")
+    if args.shots is None and (args.method != "prototype" or args.alpha is not None or args.beta is not None):
+        raise UserError("--method, --alpha and --beta apply to few-shot classification: give --shots DIR too")
+    if args.shots is not None:
+        from vitrina.models.fewshot import read_shots_folder
+
+        read_shots_folder(args.shots)  # a bad folder is reported before the model loads
+        encoder = load_encoder(args.model)
+        _, results = classify_fewshot(
+            [Path(p) for p in args.images],
+            args.shots,
+            encoder,
+            method=args.method,
+            top=args.top,
+            alpha=args.alpha,
+            beta=args.beta,
+        )
+    else:
+        labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+        if len(labels) < 2:
+            raise UserError("--labels needs at least two comma-separated labels, e.g. --labels cat,dog,horse")
+        encoder = load_encoder(args.model)
+        results = classify([Path(p) for p in args.images], labels, encoder, top=args.top)
     if args.json:
         print(json.dumps(results, indent=2))
         return
     for path, ranked in zip(args.images, results, strict=True):
         best = ", ".join(f"{label} {prob:.2f}" for label, prob in ranked)
         print(f"{path}: {best}")
+
+
+def cmd_eval_fewshot(args: argparse.Namespace) -> None:
+    from vitrina.checkpoint import load_encoder
+    from vitrina.eval.fewshot import format_fewshot, run_fewshot_eval
+
+    shots = _int_list(args.shots, "--shots")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = Path(args.out)
+    results = run_fewshot_eval(
+        load_encoder(args.model),
+        [d.strip() for d in args.data.split("+") if d.strip()],
+        shots=shots,
+        seeds=args.seeds,
+        methods=methods,
+        limit_test=args.limit_test,
+        out_dir=out,
+    )
+    print(format_fewshot(results))
+    print(f"written: {out / 'fewshot.json'}, {out / 'fewshot.png'}")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: give comma-separated whole numbers, e.g. 1,2,4,8,16") from None
+    if not values or values[0] < 1:
+        raise UserError(f"{flag} {text!r}: give whole numbers of at least 1, e.g. 1,2,4,8,16")
+    return values
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> None:
@@ -689,10 +738,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=cmd_serve)
 
-    classify = sub.add_parser("classify", help="zero-shot classification with prompt ensembles")
+    classify = sub.add_parser(
+        "classify", help="zero-shot (--labels, prompt ensembles) or few-shot (--shots DIR) classification"
+    )
     classify.add_argument("images", nargs="+")
     classify.add_argument("--model", required=True)
-    classify.add_argument("--labels", required=True, help="comma-separated class names")
+    classify.add_argument("--labels", default=None, help="comma-separated class names (zero-shot)")
+    classify.add_argument("--shots", default=None, metavar="DIR", help="one subfolder of labelled images per class")
+    classify.add_argument(
+        "--method",
+        default="prototype",
+        choices=["prototype", "tip-adapter", "linear"],
+        help="--shots: class prototypes, Tip-Adapter (shot cache + zero-shot prompts), or a logistic-regression head",
+    )
+    classify.add_argument("--alpha", type=float, default=None, help="tip-adapter: weight of the shot cache (1.0)")
+    classify.add_argument("--beta", type=float, default=None, help="tip-adapter: sharpness of the affinities (5.5)")
     classify.add_argument("--top", type=int, default=3)
     classify.add_argument("--json", action="store_true")
     classify.set_defaults(handler=cmd_classify)
@@ -704,6 +764,20 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--version", default=None, help="a version of the index (default: the active one)")
     retrieval.add_argument("--json-out", default=None, help="default: INDEX/eval.json")
     retrieval.set_defaults(handler=cmd_eval_retrieval)
+
+    fewshot = evaluate.add_parser("fewshot", help="1/2/4/8/16-shot accuracy over seeded draws, beside zero-shot")
+    fewshot.add_argument("--model", required=True, help="CLIP checkpoint folder")
+    fewshot.add_argument(
+        "--data",
+        default="emoji:facebook+fashion-mnist",
+        help="'+'-separated: emoji:STYLE (categories), fashion-mnist (train shots, test images), or a class folder",
+    )
+    fewshot.add_argument("--shots", default="1,2,4,8,16", help="comma-separated shots per class")
+    fewshot.add_argument("--seeds", type=int, default=5, help="seeded draws per shot count (error bars)")
+    fewshot.add_argument("--methods", default="prototype,tip-adapter,linear", help="comma-separated methods")
+    fewshot.add_argument("--limit-test", type=int, default=2000, help="a stratified subset of each test set")
+    fewshot.add_argument("--out", required=True, help="folder for fewshot.json and fewshot.png")
+    fewshot.set_defaults(handler=cmd_eval_fewshot)
 
     probe = evaluate.add_parser("probe", help="linear probe, kNN, k-means NMI/ARI and t-SNE of frozen features")
     probe.add_argument("--ckpt", required=True, help="checkpoint folder, a preset (random init) or 'pixels'")
