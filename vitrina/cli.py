@@ -521,11 +521,34 @@ def cmd_explain(args: argparse.Namespace) -> None:
     config = getattr(model, "config", None)  # a CLIP normalises with its own statistics
     mean, std = getattr(config, "image_mean", MEAN), getattr(config, "image_std", STD)
     images = [Path(p) for p in args.images]
+    query_vector = _explain_query_vector(model, args) if args.query is not None else None
     written = explain_images(
         vit, images, Path(args.out), mean=mean, std=std, discard_ratio=args.discard_ratio, head_fusion=args.head_fusion
     )
+    if query_vector is not None:
+        from vitrina.models.explain import explain_query
+
+        written += explain_query(model, images, Path(args.out), query=args.query, text_vector=query_vector)
     for path in written:
         print(f"written: {path}")
+
+
+def _explain_query_vector(model, args: argparse.Namespace):
+    """The unit (D,) vector of ``--query`` (the search query language: weighted and negative terms mixed)."""
+    import torch
+
+    from vitrina.encoder import as_numpy
+    from vitrina.models.explain import clip_image_tower
+    from vitrina.search import combine, parse_query
+
+    clip_image_tower(model, where=f"--model {args.model} (--query)")  # a ViT classifier has no text tower
+    terms = parse_query(args.query)
+    with torch.inference_mode():
+        texts = as_numpy(model.eval().encode_text(model.tokenize([t.text for t in terms])))  # (T, D)
+    vector = combine([(v, t.weight) for v, t in zip(texts, terms, strict=True)])
+    if vector is None:
+        raise UserError(f"--query {args.query!r}: the terms cancel each other out; change their weights")
+    return vector
 
 
 def cmd_data_export(args: argparse.Namespace) -> None:
@@ -809,10 +832,17 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list model presets with parameters and measured GMACs per image")
     models.set_defaults(handler=cmd_models)
 
-    explain = sub.add_parser("explain", help="attention rollout of images and position-embedding similarity (ViT)")
+    explain = sub.add_parser(
+        "explain", help="attention rollout, position-embedding similarity and query heat maps of images (ViT)"
+    )
     explain.add_argument("images", nargs="+", help="image files")
     explain.add_argument("--model", required=True, help="ViT or CLIP checkpoint folder, or preset name")
-    explain.add_argument("--out", required=True, help="folder for <stem>-rollout.png and pos-embed-similarity.png")
+    explain.add_argument(
+        "--out", required=True, help="folder for <stem>-rollout.png, <stem>-query.png and pos-embed-similarity.png"
+    )
+    explain.add_argument(
+        "--query", default=None, help="CLIP: also map each patch's similarity to this text (search query syntax)"
+    )
     explain.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of faint weights")
     explain.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"])
     explain.set_defaults(handler=cmd_explain)

@@ -159,8 +159,6 @@ def _fit_linear_head(
         weight[head.classes_[1]], bias[head.classes_[1]] = head.coef_[0], head.intercept_[0]
     else:
         weight[head.classes_], bias[head.classes_] = head.coef_, head.intercept_
-    if len(head.classes_) < num_classes:
-        bias[np.setdiff1d(np.arange(num_classes), head.classes_)] = -np.inf  # a class without shots is never chosen
     return weight, bias
 
 
