@@ -374,19 +374,68 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def cmd_classify(args: argparse.Namespace) -> None:
     from vitrina.checkpoint import load_encoder
-    from vitrina.search import classify
+    from vitrina.search import classify, classify_fewshot
 
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    if len(labels) < 2:
-        raise UserError("--labels needs at least two comma-separated labels, e.g. --labels cat,dog,horse")
-    encoder = load_encoder(args.model)
-    results = classify([Path(p) for p in args.images], labels, encoder, top=args.top)
+    if (args.labels is None) == (args.shots is None):
+        raise UserError("give --labels a,b,c (zero-shot) or --shots DIR (few-shot: one subfolder of images per class)")
+    if args.shots is None and (args.method != "prototype" or args.alpha is not None or args.beta is not None):
+        raise UserError("--method, --alpha and --beta apply to few-shot classification: give --shots DIR too")
+    if args.shots is not None:
+        from vitrina.models.fewshot import read_shots_folder
+
+        read_shots_folder(args.shots)  # a bad folder is reported before the model loads
+        encoder = load_encoder(args.model)
+        _, results = classify_fewshot(
+            [Path(p) for p in args.images],
+            args.shots,
+            encoder,
+            method=args.method,
+            top=args.top,
+            alpha=args.alpha,
+            beta=args.beta,
+        )
+    else:
+        labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+        if len(labels) < 2:
+            raise UserError("--labels needs at least two comma-separated labels, e.g. --labels cat,dog,horse")
+        encoder = load_encoder(args.model)
+        results = classify([Path(p) for p in args.images], labels, encoder, top=args.top)
     if args.json:
         print(json.dumps(results, indent=2))
         return
     for path, ranked in zip(args.images, results, strict=True):
         best = ", ".join(f"{label} {prob:.2f}" for label, prob in ranked)
         print(f"{path}: {best}")
+
+
+def cmd_eval_fewshot(args: argparse.Namespace) -> None:
+    from vitrina.checkpoint import load_encoder
+    from vitrina.eval.fewshot import format_fewshot, run_fewshot_eval
+
+    shots = _int_list(args.shots, "--shots")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = Path(args.out)
+    results = run_fewshot_eval(
+        load_encoder(args.model),
+        [d.strip() for d in args.data.split("+") if d.strip()],
+        shots=shots,
+        seeds=args.seeds,
+        methods=methods,
+        limit_test=args.limit_test,
+        out_dir=out,
+    )
+    print(format_fewshot(results))
+    print(f"written: {out / 'fewshot.json'}, {out / 'fewshot.png'}")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: give comma-separated whole numbers, e.g. 1,2,4,8,16") from None
+    if not values or values[0] < 1:
+        raise UserError(f"{flag} {text!r}: give whole numbers of at least 1, e.g. 1,2,4,8,16")
+    return values
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> None:
@@ -472,11 +521,34 @@ def cmd_explain(args: argparse.Namespace) -> None:
     config = getattr(model, "config", None)  # a CLIP normalises with its own statistics
     mean, std = getattr(config, "image_mean", MEAN), getattr(config, "image_std", STD)
     images = [Path(p) for p in args.images]
+    query_vector = _explain_query_vector(model, args) if args.query is not None else None
     written = explain_images(
         vit, images, Path(args.out), mean=mean, std=std, discard_ratio=args.discard_ratio, head_fusion=args.head_fusion
     )
+    if query_vector is not None:
+        from vitrina.models.explain import explain_query
+
+        written += explain_query(model, images, Path(args.out), query=args.query, text_vector=query_vector)
     for path in written:
         print(f"written: {path}")
+
+
+def _explain_query_vector(model, args: argparse.Namespace):
+    """The unit (D,) vector of ``--query`` (the search query language: weighted and negative terms mixed)."""
+    import torch
+
+    from vitrina.encoder import as_numpy
+    from vitrina.models.explain import clip_image_tower
+    from vitrina.search import combine, parse_query
+
+    clip_image_tower(model, where=f"--model {args.model} (--query)")  # a ViT classifier has no text tower
+    terms = parse_query(args.query)
+    with torch.inference_mode():
+        texts = as_numpy(model.eval().encode_text(model.tokenize([t.text for t in terms])))  # (T, D)
+    vector = combine([(v, t.weight) for v, t in zip(texts, terms, strict=True)])
+    if vector is None:
+        raise UserError(f"--query {args.query!r}: the terms cancel each other out; change their weights")
+    return vector
 
 
 def cmd_data_export(args: argparse.Namespace) -> None:
@@ -689,10 +761,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=cmd_serve)
 
-    classify = sub.add_parser("classify", help="zero-shot classification with prompt ensembles")
+    classify = sub.add_parser(
+        "classify", help="zero-shot (--labels, prompt ensembles) or few-shot (--shots DIR) classification"
+    )
     classify.add_argument("images", nargs="+")
     classify.add_argument("--model", required=True)
-    classify.add_argument("--labels", required=True, help="comma-separated class names")
+    classify.add_argument("--labels", default=None, help="comma-separated class names (zero-shot)")
+    classify.add_argument("--shots", default=None, metavar="DIR", help="one subfolder of labelled images per class")
+    classify.add_argument(
+        "--method",
+        default="prototype",
+        choices=["prototype", "tip-adapter", "linear"],
+        help="--shots: class prototypes, Tip-Adapter (shot cache + zero-shot prompts), or a logistic-regression head",
+    )
+    classify.add_argument("--alpha", type=float, default=None, help="tip-adapter: weight of the shot cache (1.0)")
+    classify.add_argument("--beta", type=float, default=None, help="tip-adapter: sharpness of the affinities (5.5)")
     classify.add_argument("--top", type=int, default=3)
     classify.add_argument("--json", action="store_true")
     classify.set_defaults(handler=cmd_classify)
@@ -704,6 +787,20 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--version", default=None, help="a version of the index (default: the active one)")
     retrieval.add_argument("--json-out", default=None, help="default: INDEX/eval.json")
     retrieval.set_defaults(handler=cmd_eval_retrieval)
+
+    fewshot = evaluate.add_parser("fewshot", help="1/2/4/8/16-shot accuracy over seeded draws, beside zero-shot")
+    fewshot.add_argument("--model", required=True, help="CLIP checkpoint folder")
+    fewshot.add_argument(
+        "--data",
+        default="emoji:facebook+fashion-mnist",
+        help="'+'-separated: emoji:STYLE (categories), fashion-mnist (train shots, test images), or a class folder",
+    )
+    fewshot.add_argument("--shots", default="1,2,4,8,16", help="comma-separated shots per class")
+    fewshot.add_argument("--seeds", type=int, default=5, help="seeded draws per shot count (error bars)")
+    fewshot.add_argument("--methods", default="prototype,tip-adapter,linear", help="comma-separated methods")
+    fewshot.add_argument("--limit-test", type=int, default=2000, help="a stratified subset of each test set")
+    fewshot.add_argument("--out", required=True, help="folder for fewshot.json and fewshot.png")
+    fewshot.set_defaults(handler=cmd_eval_fewshot)
 
     probe = evaluate.add_parser("probe", help="linear probe, kNN, k-means NMI/ARI and t-SNE of frozen features")
     probe.add_argument("--ckpt", required=True, help="checkpoint folder, a preset (random init) or 'pixels'")
@@ -735,10 +832,17 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list model presets with parameters and measured GMACs per image")
     models.set_defaults(handler=cmd_models)
 
-    explain = sub.add_parser("explain", help="attention rollout of images and position-embedding similarity (ViT)")
+    explain = sub.add_parser(
+        "explain", help="attention rollout, position-embedding similarity and query heat maps of images (ViT)"
+    )
     explain.add_argument("images", nargs="+", help="image files")
     explain.add_argument("--model", required=True, help="ViT or CLIP checkpoint folder, or preset name")
-    explain.add_argument("--out", required=True, help="folder for <stem>-rollout.png and pos-embed-similarity.png")
+    explain.add_argument(
+        "--out", required=True, help="folder for <stem>-rollout.png, <stem>-query.png and pos-embed-similarity.png"
+    )
+    explain.add_argument(
+        "--query", default=None, help="CLIP: also map each patch's similarity to this text (search query syntax)"
+    )
     explain.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of faint weights")
     explain.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"])
     explain.set_defaults(handler=cmd_explain)

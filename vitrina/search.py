@@ -58,6 +58,7 @@ __all__ = [
     "Term",
     "UnknownItemError",
     "classify",
+    "classify_fewshot",
     "collapse_near_duplicates",
     "combine",
     "encode_images",
@@ -560,3 +561,44 @@ def classify(
     probs = class_probabilities(encode_images(images, encoder), class_vectors, logit_scale_of(encoder))  # (B, C)
     order = np.argsort(-probs, axis=1, kind="stable")[:, : top or len(labels)]
     return [[(labels[c], float(row[c])) for c in ranked] for row, ranked in zip(probs, order, strict=True)]
+
+
+def encode_images_batched(images: list[ImageLike], encoder: Encoder, *, batch_size: int = 64) -> np.ndarray:
+    """(B, D) unit vectors of many images, ``batch_size`` at a time (bounded memory)."""
+    chunks = [encode_images(images[i : i + batch_size], encoder) for i in range(0, len(images), batch_size)]
+    return np.concatenate(chunks) if chunks else np.empty((0, encoder.embed_dim), dtype=np.float32)
+
+
+def classify_fewshot(
+    images: list[ImageLike],
+    shots_folder: str | os.PathLike,
+    encoder: Encoder,
+    *,
+    method: str = "prototype",
+    top: int | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+) -> tuple[list[str], list[list[tuple[str, float]]]]:
+    """Few-shot: the classes of ``shots_folder`` (one subfolder of labelled images each) learnt from its images,
+    then each image's (label, probability) pairs, best ``top`` first. Returns (class names, ranked pairs).
+
+    ``method``: prototype, tip-adapter (with the class names' prompt ensembles) or linear (``vitrina.models.fewshot``).
+    """
+    from vitrina.models.fewshot import TIP_ALPHA, TIP_BETA, fit_fewshot, read_shots_folder
+    from vitrina.models.zeroshot import class_embeddings, logit_scale_of
+
+    paths, labels, names = read_shots_folder(shots_folder)
+    text_vectors = class_embeddings(names, encoder) if method == "tip-adapter" else None
+    classifier = fit_fewshot(
+        encode_images_batched(paths, encoder),
+        labels,
+        names,
+        method=method,
+        text_vectors=text_vectors,
+        scale=logit_scale_of(encoder),
+        alpha=TIP_ALPHA if alpha is None else alpha,
+        beta=TIP_BETA if beta is None else beta,
+    )
+    probs = classifier.probabilities(encode_images_batched(images, encoder))  # (B, C)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, : top or len(names)]
+    return names, [[(names[c], float(row[c])) for c in ranked] for row, ranked in zip(probs, order, strict=True)]

@@ -11,6 +11,7 @@ documents in the OpenAPI schema (statuses, limits, patterns) is kept true by ``c
 
 Routes: ``/`` (the page), ``/static/*``, ``/api/search`` (GET text, POST JSON text/image id/both),
 ``/api/search/image`` (multipart upload), ``/api/images/{id}``, ``/api/thumbs/{id}``,
+``/api/explain/{id}`` (attention rollout; with ``?q=`` the query's patch-similarity map),
 ``/api/classify``, ``/api/info``, ``/healthz``, ``/metrics``; the OpenAPI schema at ``/openapi.json``.
 """
 
@@ -38,7 +39,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vitrina.data.images import BadImageError, load_image
-from vitrina.encoder import Encoder
+from vitrina.encoder import Encoder, as_numpy
 from vitrina.errors import UserError
 from vitrina.index.store import Hit, IndexStore, choose_index_kind
 from vitrina.search import (
@@ -47,8 +48,11 @@ from vitrina.search import (
     TERMS_PATTERN,
     Results,
     Searcher,
+    Served,
+    Term,
     UnknownItemError,
     classify,
+    combine,
     encode_images,
     parse_query,
 )
@@ -435,12 +439,27 @@ def create_app(
         response_class=Response,
         responses={200: {"content": {"image/png": {}}}, **errors(404, 409, 422, 503)},
     )
-    async def explain_image(item_id: ItemId) -> Response:
-        """PNG: an indexed image under the image tower's attention-rollout map (ViT image towers only)."""
+    async def explain_image(
+        item_id: ItemId,
+        q: Annotated[
+            str | None,
+            Query(
+                max_length=MAX_QUERY_CHARS,
+                description="a text query (search syntax): map each patch's similarity to it instead of the rollout",
+                json_schema_extra={"pattern": QUERY_PATTERN},
+            ),
+        ] = None,
+    ) -> Response:
+        """PNG: an indexed image under the image tower's attention-rollout map, or with ``q`` under the
+        query's patch-similarity map: which patches resemble the text (ViT image towers only)."""
         if not model_info()["explain"]:
-            raise ApiError(409, "this model's image tower is not a ViT: it has no attention map to show")
+            raise ApiError(409, "this model's image tower is not a ViT: it has no attention or patch map to show")
+        terms = parse_query(q) if q else None
         image = await indexed_image(item_id)
-        png = await heavy.run(lambda s: _heatmap_png(s.encoder, image))
+        if terms is None:
+            png = await heavy.run(lambda s: _heatmap_png(s.encoder, image))
+        else:
+            png = await heavy.run(lambda s: _query_heatmap_png(s.served, terms, image))
         return Response(png, media_type="image/png", headers=IMAGE_HEADERS)
 
     @app.post("/api/classify", tags=["search"], responses=errors(400, 404, 413, 415, 422, 503))
@@ -501,6 +520,23 @@ def _heatmap_png(encoder: Encoder, image: Image.Image) -> bytes:
 
     config = encoder.model.config
     overlay = rollout_heatmap(_vit_tower(encoder), image, mean=config.image_mean, std=config.image_std)
+    buffer = io.BytesIO()
+    overlay.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _query_heatmap_png(served: Served, terms: list[Term], image: Image.Image) -> bytes:
+    """In the heavy lane: the overlay of the query's patch-similarity map as PNG bytes.
+
+    The query vector is the search's own (weighted terms combined), encoded by the served text tower.
+    """
+    from vitrina.models.explain import query_heatmap
+
+    texts = as_numpy(served.texts.encode_text([t.text for t in terms]))  # (T, D)
+    vector = combine([(v, t.weight) for v, t in zip(texts, terms, strict=True)])
+    if vector is None:
+        raise ApiError(422, "q: the terms cancel each other out; nothing to map (change their weights)")
+    overlay = query_heatmap(served.encoder.model, image, vector)
     buffer = io.BytesIO()
     overlay.save(buffer, format="PNG")
     return buffer.getvalue()
