@@ -20,7 +20,8 @@ from vitrina.ssl.common import SSLMethod, measure_images_per_second, plan_budget
 from vitrina.ssl.data import load_image_set
 from vitrina.ssl.deepcluster import DeepCluster
 from vitrina.ssl.mae import MAE, save_reconstructions
-from vitrina.train.loop import STATE_JSON, TrainSummary, find_checkpoint
+from vitrina.train.checkpointing import STATE_JSON, find_checkpoint
+from vitrina.train.loop import TrainSummary
 
 DEFAULT_EPOCHS = 10
 

@@ -37,6 +37,7 @@ from vitrina.config import TrainConfig, to_dict
 from vitrina.errors import UserError
 from vitrina.models.registry import build_from_config, kind_of, preset_config
 from vitrina.train import distributed
+from vitrina.train.checkpointing import STATE_JSON
 from vitrina.train.classify_data import (
     BatchAugment,
     ClassificationData,
@@ -44,7 +45,7 @@ from vitrina.train.classify_data import (
     Preprocess,
     unit_pixels,
 )
-from vitrina.train.loop import STATE_JSON, CheckpointInfo, StepOutput, TrainSummary, train
+from vitrina.train.loop import CheckpointInfo, StepOutput, TrainSummary, train
 
 BEST = "best"
 RESULTS = "results.json"
