@@ -164,6 +164,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
         if args.data is None:
             raise UserError("vitrina distill clip needs --data SPEC (e.g. emoji:apple,google+fashion-mnist:train:6000)")
+        if args.tta:
+            raise UserError("--tta averages class logits over flips: it applies to classifiers, not to distill clip")
         pairs = load_training_pairs(args.data, seed=args.seed)
         settings = ClipDistillSettings(augment=not args.no_augment, similarity_weight=args.similarity_weight)
         summary = distill_clip_tower(
@@ -533,31 +535,27 @@ DEFAULT_EPOCHS = 10
 
 def _add_schedule_options(parser: argparse.ArgumentParser) -> None:
     """Epochs, time budget and cap, warm-up and weight average: the same for every trainer."""
-    parser.add_argument(
-        "--epochs", type=int, default=None, help=f"passes over the data ({DEFAULT_EPOCHS}; with --minutes: no limit)"
-    )
-    parser.add_argument(
+    option = parser.add_argument
+    option("--epochs", type=int, metavar="N", help=f"passes over the data ({DEFAULT_EPOCHS}; with --minutes: no limit)")
+    option(
         "--minutes",
         type=float,
-        default=None,
+        metavar="M",
         help="time budget: warm-up and cosine decay over M minutes of wall-clock time; the run ends at M",
     )
-    parser.add_argument(
+    option(
         "--max-minutes",
         type=float,
-        default=None,
+        metavar="M",
         help="stop this invocation cleanly after M minutes, schedule unchanged; run again to continue",
     )
-    parser.add_argument("--warmup-seconds", type=float, default=None, help="--minutes: warm-up length in seconds")
-    parser.add_argument(
-        "--warmup-fraction", type=float, default=None, help="warm-up as a share of the steps or the budget (0.05)"
-    )
-    parser.add_argument(
+    option("--warmup-seconds", type=float, metavar="S", help="--minutes: warm-up length in seconds")
+    option("--warmup-fraction", type=float, metavar="F", help="warm-up as a share of the steps or the budget (0.05)")
+    option(
         "--ema",
         type=float,
         nargs="?",
         const=0.999,
-        default=None,
         metavar="DECAY",
         help="evaluate and save a moving average of the weights (decay 0.999 if not given)",
     )
