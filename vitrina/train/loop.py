@@ -122,11 +122,15 @@ class TrainSummary:
     stopped_early: bool
     resumed_from_step: int | None
     best: dict[str, Any] | None
-    budget_spent: bool = False  # the time budget (``budget_minutes``) ended the run
+    budget_minutes: float | None = None  # the run's time budget, if it had one
+    budget_spent: bool = False  # the time budget ended the run
 
     def __str__(self) -> str:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items() if isinstance(v, (int, float)))
-        text = f"{self.epochs_done}/{self.epochs} epochs, {self.steps} steps, {self.minutes:.1f} min"
+        epochs = f"{self.epochs_done}" if self.budget_minutes is not None else f"{self.epochs_done}/{self.epochs}"
+        text = f"{epochs} epochs, {self.steps} steps, {self.minutes:.1f} min"
+        if self.budget_minutes is not None:
+            text += f" ({self.total_minutes:.1f} of a {self.budget_minutes:g}-min budget)"
         if shown:
             text += f"; {shown}"
         if self.stopped_early:
@@ -345,7 +349,7 @@ class _Run:
         return distributed.mean_over_ranks([elapsed])[0] if self.world > 1 else elapsed
 
     def run(self) -> TrainSummary:
-        """Train the remaining epochs (or until the time cap); return the summary."""
+        """Train the remaining epochs (or until the time budget or cap); return the summary."""
         if self.main:
             self.log = _MetricsLog(self.out_dir / METRICS_FILE, keep_up_to_step=self.resumed_from_step)
         else:
@@ -373,6 +377,7 @@ class _Run:
             stopped_early=self.stopped_early,
             resumed_from_step=self.resumed_from_step,
             best=self.best,
+            budget_minutes=self.config.budget_minutes,
             budget_spent=self.budget_spent(),
         )
 
