@@ -55,6 +55,28 @@ SSL_METHODS = (
 # --- handlers -------------------------------------------------------------------------------
 
 
+def _schedule_settings(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields of the options ``_add_schedule_options`` adds (every trainer has them)."""
+    from vitrina.train.schedule import BUDGET_EPOCH_LIMIT
+
+    if args.warmup_seconds is not None and args.minutes is None:
+        raise UserError("--warmup-seconds warms up within a time budget: give --minutes too, or leave it out")
+    if args.epochs is None:  # a budget run lasts as long as its budget; otherwise ten passes
+        epochs = BUDGET_EPOCH_LIMIT if args.minutes is not None else DEFAULT_EPOCHS
+    else:
+        epochs = args.epochs
+    settings = {
+        "epochs": epochs,
+        "budget_minutes": args.minutes,
+        "max_minutes": args.max_minutes,
+        "warmup_seconds": args.warmup_seconds,
+        "ema_decay": args.ema,
+    }
+    if args.warmup_fraction is not None:
+        settings["warmup_fraction"] = args.warmup_fraction
+    return settings
+
+
 def cmd_train_clip(args: argparse.Namespace) -> None:
     from vitrina.config import TrainConfig
     from vitrina.data.sources import load_training_pairs
@@ -66,12 +88,11 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
         raise UserError(f"--data {args.data!r} yielded no image-caption pairs: check the spec and the data folder")
     model = build_model(args.preset)
     config = TrainConfig(
-        epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        max_minutes=args.max_minutes,
         num_workers=args.workers,
+        **_schedule_settings(args),
     )
     summary = train_clip(model=model, pairs=pairs, out_dir=Path(args.out), train_config=config)
     print(f"checkpoint: {args.out}  ({summary})")
@@ -82,21 +103,20 @@ def _classify_train_config(args: argparse.Namespace):
     from vitrina.config import TrainConfig
 
     return TrainConfig(
-        epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
         seed=args.seed,
-        max_minutes=args.minutes,
         num_workers=args.workers,
         precision=args.precision,
+        **_schedule_settings(args),
     )
 
 
 def _classify_settings(args: argparse.Namespace):
     from vitrina.train.classify import ClassifySettings
 
-    return ClassifySettings(label_smoothing=args.label_smoothing, augment=not args.no_augment)
+    return ClassifySettings(label_smoothing=args.label_smoothing, augment=not args.no_augment, tta=args.tta)
 
 
 def _classify_data(args: argparse.Namespace):
@@ -144,6 +164,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
         if args.data is None:
             raise UserError("vitrina distill clip needs --data SPEC (e.g. emoji:apple,google+fashion-mnist:train:6000)")
+        if args.tta:
+            raise UserError("--tta averages class logits over flips: it applies to classifiers, not to distill clip")
         pairs = load_training_pairs(args.data, seed=args.seed)
         settings = ClipDistillSettings(augment=not args.no_augment, similarity_weight=args.similarity_weight)
         summary = distill_clip_tower(
@@ -452,17 +474,18 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from vitrina.ssl.run import run_pretraining
 
     if args.minutes is None and args.epochs is None:
-        raise UserError("give --minutes (the run is sized to fit) or --epochs")
+        raise UserError("give --minutes (a time budget: the schedule ends with it) or --epochs")
+    settings = _schedule_settings(args)
     result = run_pretraining(
         args.method,
         backbone=args.backbone,
         data=args.data,
         out_dir=Path(args.out),
-        minutes=args.minutes,
-        epochs=args.epochs,
+        epochs=settings.pop("epochs"),
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
+        train_settings=settings,
     )
     print(f"backbone checkpoint: {args.out}  ({result.summary})")
     print(f"next: vitrina eval probe --ckpt {args.out} --data DATA --out PROBE_DIR")
@@ -579,19 +602,50 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # --- parser ---------------------------------------------------------------------------------
 
 
+DEFAULT_EPOCHS = 10
+
+
+def _add_schedule_options(parser: argparse.ArgumentParser) -> None:
+    """Epochs, time budget and cap, warm-up and weight average: the same for every trainer."""
+    option = parser.add_argument
+    option("--epochs", type=int, metavar="N", help=f"passes over the data ({DEFAULT_EPOCHS}; with --minutes: no limit)")
+    option(
+        "--minutes",
+        type=float,
+        metavar="M",
+        help="time budget: warm-up and cosine decay over M minutes of wall-clock time; the run ends at M",
+    )
+    option(
+        "--max-minutes",
+        type=float,
+        metavar="M",
+        help="stop this invocation cleanly after M minutes, schedule unchanged; run again to continue",
+    )
+    option("--warmup-seconds", type=float, metavar="S", help="--minutes: warm-up length in seconds")
+    option("--warmup-fraction", type=float, metavar="F", help="warm-up as a share of the steps or the budget (0.05)")
+    option(
+        "--ema",
+        type=float,
+        nargs="?",
+        const=0.999,
+        metavar="DECAY",
+        help="evaluate and save a moving average of the weights (decay 0.999 if not given)",
+    )
+
+
 def _add_classify_options(parser: argparse.ArgumentParser, *, lr: float, data_required: bool = True) -> None:
     """Data and training options shared by `train classify` and `distill`."""
     parser.add_argument("--data", required=data_required, help="fashion-mnist, or a folder of class folders")
     parser.add_argument("--fraction", type=float, default=None, help="a stratified share of the images")
     parser.add_argument("--limit", type=int, default=None, help="at most about N images per split (smoke runs)")
     parser.add_argument("--out", required=True, help="checkpoint folder; an existing one is resumed")
-    parser.add_argument("--epochs", type=int, default=10)
+    _add_schedule_options(parser)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--no-augment", action="store_true", help="train on the images as they are")
-    parser.add_argument("--minutes", type=float, default=None, help="stop cleanly after this many minutes")
+    parser.add_argument("--tta", action="store_true", help="evaluate on the mean logits of each image and its flip")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (folders of photos)")
     parser.add_argument(
         "--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast forward (fast CNNs on AVX-512)"
@@ -615,10 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--data", required=True, help="e.g. emoji:apple,google+fashion-mnist:train:10000 or pairs.jsonl")
     clip.add_argument("--preset", default="clip-minilm", help="model preset (see `vitrina models`)")
     clip.add_argument("--out", required=True, help="checkpoint folder; an existing one is resumed")
-    clip.add_argument("--epochs", type=int, default=10)
+    _add_schedule_options(clip)
     clip.add_argument("--batch-size", type=int, default=128)
     clip.add_argument("--lr", type=float, default=1e-3)
-    clip.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this many minutes")
     clip.add_argument("--workers", type=int, default=2, help="data-loading processes")
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(handler=cmd_train_clip)
@@ -822,8 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--backbone", default="vit-fmnist-28", help="ViT preset (see `vitrina models`)")
     pretrain.add_argument("--data", default="fashion-mnist", help="fashion-mnist[:train[:N]], emoji:STYLES or a folder")
     pretrain.add_argument("--out", required=True, help="checkpoint folder; an existing one is resumed")
-    pretrain.add_argument("--minutes", type=float, default=None, help="time cap; without --epochs the run fits it")
-    pretrain.add_argument("--epochs", type=int, default=None)
+    _add_schedule_options(pretrain)
     pretrain.add_argument("--batch-size", type=int, default=256)
     pretrain.add_argument("--lr", type=float, default=1e-3)
     pretrain.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,8 @@ from vitrina.ssl.common import SSLMethod, measure_images_per_second, plan_budget
 from vitrina.ssl.data import load_image_set
 from vitrina.ssl.deepcluster import DeepCluster
 from vitrina.ssl.mae import MAE, save_reconstructions
-from vitrina.train.loop import STATE_JSON, TrainSummary, find_checkpoint
+from vitrina.train.checkpointing import STATE_JSON, find_checkpoint
+from vitrina.train.loop import TrainSummary
 
 DEFAULT_EPOCHS = 10
 
@@ -59,6 +60,7 @@ def run_pretraining(
     seed: int = 0,
     max_items: int | None = None,
     method_options: dict | None = None,
+    train_settings: dict | None = None,
     progress: bool = True,
 ) -> PretrainResult:
     """Pretrain ``method_name`` on ``data`` with a fresh ``backbone`` preset into ``out_dir``.
@@ -67,7 +69,9 @@ def run_pretraining(
     epochs, or one pass over a seeded subset when not even one epoch fits), so the learning-rate
     schedule completes; ``minutes`` also stops the loop as a safety net. ``max_items``: pretrain on a
     seeded random subset of at most this many images (chosen without labels), e.g. so that
-    DeepCluster fits several clustering rounds into the cap.
+    DeepCluster fits several clustering rounds into the cap. ``train_settings``: more ``TrainConfig``
+    fields (e.g. ``budget_minutes``, a time budget that ends the schedule and the run whatever the
+    step rate: then give ``epochs`` as an upper bound, not ``minutes``; ``ema_decay``).
     """
     out = Path(out_dir)
     model = build_model(backbone, seed=seed)
@@ -102,15 +106,9 @@ def run_pretraining(
     if isinstance(method, DeepCluster):
         method.reference_labels = reference  # only for the logged NMI
 
+    settings = {"max_minutes": minutes, "warmup_fraction": 0.05, **(train_settings or {})}
     config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-        max_minutes=minutes,
-        val_fraction=0.0,
-        warmup_fraction=0.05,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, val_fraction=0.0, **settings
     )
     summary = pretrain(method, pixels, out, config, data_name=data, progress=progress)
     if isinstance(method, MAE):
