@@ -186,4 +186,4 @@ def test_api_rerank_answers_the_same_ids_reordered(setup) -> None:
     assert all(h["rerank_score"] is None for h in plain["hits"])
     with TestClient(create_app(bare_index, reload_s=0)) as client:
         answer = client.get("/api/search", params={"q": "a red circle", "rerank": 5})
-    assert answer.status_code == 422 and "no re-ranker" in answer.json()["error"]
+    assert answer.status_code == 409 and "no re-ranker" in answer.json()["error"]

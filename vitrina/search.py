@@ -53,6 +53,7 @@ __all__ = [
     "Hit",
     "Query",
     "RankedHit",
+    "RerankUnavailable",
     "Results",
     "Searcher",
     "Served",
@@ -226,6 +227,10 @@ class UnknownItemError(UserError):
     def __init__(self, item_id: int) -> None:
         super().__init__(f"image_id {item_id} is not in the index")
         self.item_id = item_id
+
+
+class RerankUnavailable(UserError):
+    """A query asks for re-ranking that cannot be done: no re-ranker, or no text to score images against."""
 
 
 @dataclass
@@ -485,7 +490,7 @@ class Searcher:
                 if query.rerank < 0:
                     raise UserError(f"rerank must be 0 or more, got {query.rerank}")
                 if query.rerank and not query.terms:
-                    raise UserError("rerank: the re-ranker scores text against images; give a text query too")
+                    raise RerankUnavailable("rerank: the re-ranker scores text against images; give a text query too")
                 vector = self.query_vector(query, served=served, texts=texts)
             except UserError as error:
                 out[i] = error
@@ -515,7 +520,7 @@ class Searcher:
         if version.digest not in self._rerankers:
             folder = Path(self._reranker_ref) if self._reranker_ref else reranker_folder(version.model_ref)
             if not folder.is_dir():
-                raise UserError(
+                raise RerankUnavailable(
                     f"{self.index_dir}: no re-ranker for {version.model_ref} (looked for {folder}); train one with "
                     f"`vitrina train rerank --model {version.model_ref} --data SPEC`, or give --reranker FOLDER"
                 )

@@ -45,6 +45,7 @@ from vitrina.search import (
     MAX_ABS_WEIGHT,
     QUERY_PATTERN,
     TERMS_PATTERN,
+    RerankUnavailable,
     Results,
     Searcher,
     UnknownItemError,
@@ -357,7 +358,7 @@ def create_app(
             "swaps": reloader.swaps if reloader is not None else 0,
         }
 
-    @app.get("/api/search", tags=["search"], responses=errors(422))
+    @app.get("/api/search", tags=["search"], responses=errors(409, 422))
     async def search_get(
         q: Annotated[
             str,
@@ -380,7 +381,7 @@ def create_app(
         query = SearchQuery(terms=parse_query(q), k=k, collapse=collapse, rerank=rerank)
         return await answer(query, {"q": q, **({"rerank": rerank} if rerank else {})})
 
-    @app.post("/api/search", tags=["search"], responses=errors(400, 404, 413, 422))
+    @app.post("/api/search", tags=["search"], responses=errors(400, 404, 409, 413, 422))
     async def search_post(body: SearchBody) -> dict:
         """A text query, an indexed image by id, or both mixed (``image_weight`` scales the image).
 
@@ -543,6 +544,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnknownItemError)
     async def unknown_item(_: Request, exc: UnknownItemError) -> JSONResponse:
         return error(404, str(exc))
+
+    @app.exception_handler(RerankUnavailable)
+    async def no_rerank(_: Request, exc: RerankUnavailable) -> JSONResponse:
+        return error(409, str(exc))
 
     @app.exception_handler(UserError)
     async def user_error(_: Request, exc: UserError) -> JSONResponse:
