@@ -99,6 +99,40 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
     print(f"next: vitrina index FOLDER --model {args.out} --out INDEX_DIR")
 
 
+def cmd_train_rerank(args: argparse.Namespace) -> None:
+    from vitrina.checkpoint import load_model, weights_digest
+    from vitrina.config import TrainConfig
+    from vitrina.data.sources import load_training_pairs
+    from vitrina.models.clip import CLIP
+    from vitrina.models.rerank import reranker_folder
+    from vitrina.train.rerank import RerankSettings, train_reranker
+
+    clip, clip_config = load_model(args.model)
+    if not isinstance(clip, CLIP):
+        raise UserError(
+            f"--model {args.model}: a {clip_config['kind']} checkpoint; the re-ranker reads a CLIP's towers"
+        )
+    pairs = load_training_pairs(args.data, seed=args.seed)
+    out = Path(args.out) if args.out else reranker_folder(args.model)
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes
+    )
+    settings = RerankSettings(hard_pool=args.hard_pool)
+    summary = train_reranker(
+        clip=clip,
+        clip_ref=str(Path(args.model).resolve()),
+        clip_digest=weights_digest(args.model, clip_config),
+        pairs=pairs,
+        out_dir=out,
+        train_config=config,
+        settings=settings,
+        data_spec=args.data,
+    )
+    print(f"re-ranker: {out}  ({summary})")
+    hint = "" if out == reranker_folder(args.model) else f" --reranker {out}"
+    print(f'next: vitrina search INDEX "a query" --rerank 50{hint}')
+
+
 def _classify_train_config(args: argparse.Namespace):
     from vitrina.config import TrainConfig
 
@@ -376,8 +410,13 @@ def cmd_search(args: argparse.Namespace) -> None:
     terms = parse_query(args.query or "", require_positive=args.image is None)
     terms += [Term(" ".join(text.split()), -1.0) for text in args.negatives if text.strip()]
     images = [(Path(args.image), args.image_weight)] if args.image is not None else []
-    query = Query(terms=terms, images=images, k=args.k, collapse=args.collapse)
-    with Searcher(Path(args.index), model_ref=args.model, runtime=args.runtime, precision=args.precision) as searcher:
+    if args.rerank < 0:
+        raise UserError(f"--rerank {args.rerank}: give how many candidates to re-score (0: none)")
+    query = Query(terms=terms, images=images, k=args.k, collapse=args.collapse, rerank=args.rerank)
+    searcher = Searcher(
+        Path(args.index), model_ref=args.model, runtime=args.runtime, precision=args.precision, reranker=args.reranker
+    )
+    with searcher:
         if "torch" in sys.modules:  # the PyTorch path (asked for, or no usable towers)
             _use_all_cores()
         results = searcher.run(query)
@@ -590,7 +629,14 @@ def cmd_data_export(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from vitrina.serve import serve
 
-    serve(Path(args.index), host=args.host, port=args.port, model_ref=args.model, precision=args.precision)
+    serve(
+        Path(args.index),
+        host=args.host,
+        port=args.port,
+        model_ref=args.model,
+        precision=args.precision,
+        reranker=args.reranker,
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -675,6 +721,18 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--workers", type=int, default=2, help="data-loading processes")
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(handler=cmd_train_clip)
+
+    rerank = train.add_parser("rerank", help="cross-attention re-ranker on a CLIP's hard negatives")
+    rerank.add_argument("--model", required=True, help="the CLIP checkpoint whose frozen towers it reads")
+    rerank.add_argument("--data", required=True, help="e.g. emoji:apple,google,twitter (see `train clip --data`)")
+    rerank.add_argument("--out", default=None, help="re-ranker folder (default: MODEL/reranker, found by search)")
+    rerank.add_argument("--epochs", type=int, default=10)
+    rerank.add_argument("--batch-size", type=int, default=128)
+    rerank.add_argument("--lr", type=float, default=3e-4)
+    rerank.add_argument("--hard-pool", type=int, default=16, help="hard negatives come from the dual encoder's top-k")
+    rerank.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this many minutes")
+    rerank.add_argument("--seed", type=int, default=0)
+    rerank.set_defaults(handler=cmd_train_rerank)
 
     classify = train.add_parser("classify", help="supervised image classification (from scratch or transfer)")
     classify.add_argument("--model", default=None, help="ViT / Swin / CNN preset trained from scratch")
@@ -787,6 +845,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print hits as JSON (with their folded duplicates' ids)")
     search.add_argument("--model", default=None, help="override the model stored in the index (same kind/width)")
     search.add_argument(
+        "--rerank", type=int, default=0, metavar="N", help="re-score the top N with the cross-attention re-ranker"
+    )
+    search.add_argument("--reranker", default=None, help="re-ranker folder (default: the index model's reranker/)")
+    search.add_argument(
         "--runtime",
         default="auto",
         choices=["auto", "onnx", "torch"],
@@ -806,6 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback exposes the index")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model", default=None, help="override the model stored in the index (same kind/width)")
+    serve.add_argument("--reranker", default=None, help="re-ranker folder for rerank=N (default: MODEL/reranker)")
     serve.add_argument(
         "--precision",
         default="fp32",

@@ -46,6 +46,7 @@ from vitrina.search import (
     MAX_ABS_WEIGHT,
     QUERY_PATTERN,
     TERMS_PATTERN,
+    RerankUnavailable,
     Results,
     Searcher,
     Served,
@@ -78,6 +79,7 @@ log = logging.getLogger("vitrina.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_QUERY_CHARS = 1000
 MAX_K = 1000
+MAX_RERANK = 200  # candidates the cross-attention re-ranker may re-score per query (it reads each image)
 DEFAULT_K = 24
 WEAK_SCORE = 0.15  # a text query whose best cosine is below this "matches nothing well"
 MULTIPART_SLACK = 64 * 2**10  # boundaries and part headers around an upload of MAX_UPLOAD_BYTES
@@ -87,6 +89,7 @@ PAGE_HEADERS = {
     **NOSNIFF,
 }
 IMAGE_HEADERS = {"Cache-Control": "private, max-age=3600", **NOSNIFF}
+RERANK_HELP = "re-score the top N with the cross-attention re-ranker (0: off); it only reorders those N"
 ItemId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="id of an indexed image")]
 
 
@@ -121,6 +124,7 @@ class SearchBody(BaseModel):
     image_weight: float = Field(1.0, ge=-MAX_ABS_WEIGHT, le=MAX_ABS_WEIGHT, description="weight of the image")
     k: int = Field(DEFAULT_K, ge=1, le=MAX_K)
     collapse: bool = Field(False, description="show near-duplicate images as one result")
+    rerank: int = Field(0, ge=0, le=MAX_RERANK, description=RERANK_HELP)
 
 
 def _index_info(store: IndexStore) -> dict:
@@ -216,16 +220,25 @@ def create_app(
     batch_window_ms: float = WINDOW_MS,
     heavy_slots: int = HEAVY_SLOTS,
     precision: str = "fp32",
+    reranker: str | None = None,
 ) -> FastAPI:
     """A FastAPI app serving the index in ``index_dir``; the model is loaded now and kept warm.
 
     ``encoder`` (else ``model_ref``, else the model recorded in the index) must match the index's
-    kind and width. Thumbnails are cached in ``thumb_dir`` (default ``INDEX_DIR/thumbs``).
+    kind and width. Thumbnails are cached in ``thumb_dir`` (default ``INDEX_DIR/thumbs``). ``reranker``: the
+    re-ranker folder for ``rerank=N`` (default: the index model's ``reranker/``), loaded at its first use.
     """
     index_dir = Path(index_dir)
     searcher_worker: Worker[Searcher] = Worker(
         "vitrina-search",
-        lambda: Searcher(index_dir, encoder, model_ref=model_ref, precision=precision, fast_texts=encoder is None),
+        lambda: Searcher(
+            index_dir,
+            encoder,
+            model_ref=model_ref,
+            precision=precision,
+            fast_texts=encoder is None,
+            reranker=reranker,
+        ),
         close=Searcher.close,
     )
     meta: Worker[IndexStore] = Worker("vitrina-meta", lambda: IndexStore.open(index_dir), close=IndexStore.close)
@@ -268,7 +281,7 @@ def create_app(
     _add_error_handlers(app)
     refine_openapi(app, one_of={("/api/classify", "post"): ["file", "image_id"]})
 
-    def hit_json(hit: Hit, duplicates: list[int]) -> dict:
+    def hit_json(hit: Hit, duplicates: list[int], rerank_score: float | None) -> dict:
         try:
             name = Path(hit.path).relative_to(root).as_posix()
         except ValueError:
@@ -282,6 +295,7 @@ def create_app(
             "image_url": f"/api/images/{hit.id}",
             "thumb_url": f"/api/thumbs/{hit.id}",
             "duplicates": duplicates,
+            "rerank_score": None if rerank_score is None else round(rerank_score, 6),
         }
 
     async def answer(query: SearchQuery, echo: dict) -> dict:
@@ -293,7 +307,7 @@ def create_app(
             "terms": [{"text": t.text, "weight": t.weight} for t in query.terms],
             "k": query.k,
             "count": results.count,
-            "hits": [hit_json(ranked.hit, ranked.duplicates) for ranked in results.hits],
+            "hits": [hit_json(ranked.hit, ranked.duplicates, ranked.rerank_score) for ranked in results.hits],
             "weak": results.cancelled or bool(not query.has_examples and results.hits and best < weak_score),
             "note": "the terms cancel each other out: nothing to rank by" if results.cancelled else None,
             "took_ms": round(1000 * (time.perf_counter() - start), 2),
@@ -348,7 +362,7 @@ def create_app(
             "swaps": reloader.swaps if reloader is not None else 0,
         }
 
-    @app.get("/api/search", tags=["search"], responses=errors(422))
+    @app.get("/api/search", tags=["search"], responses=errors(409, 422))
     async def search_get(
         q: Annotated[
             str,
@@ -360,6 +374,7 @@ def create_app(
         ],
         k: Annotated[int, Query(ge=1, le=MAX_K)] = DEFAULT_K,
         collapse: Annotated[bool, Query(description="show near-duplicate images as one result")] = False,
+        rerank: Annotated[int, Query(ge=0, le=MAX_RERANK, description=RERANK_HELP)] = 0,
     ) -> dict:
         """Text query. Words form one phrase; ``-word`` / ``-"a phrase"`` push away; ``word^0.5`` weighs.
 
@@ -367,9 +382,10 @@ def create_app(
         """
         if not q:  # the pattern rules it out too; no minLength beside it, which makes generators slow
             raise ApiError(422, "q: give a text query")
-        return await answer(SearchQuery(terms=parse_query(q), k=k, collapse=collapse), {"q": q})
+        query = SearchQuery(terms=parse_query(q), k=k, collapse=collapse, rerank=rerank)
+        return await answer(query, {"q": q, **({"rerank": rerank} if rerank else {})})
 
-    @app.post("/api/search", tags=["search"], responses=errors(400, 404, 413, 422))
+    @app.post("/api/search", tags=["search"], responses=errors(400, 404, 409, 413, 422))
     async def search_post(body: SearchBody) -> dict:
         """A text query, an indexed image by id, or both mixed (``image_weight`` scales the image).
 
@@ -378,11 +394,11 @@ def create_app(
         if body.image_id is None:
             if body.q is None:
                 raise ApiError(422, "give q (a text query), image_id (an indexed image), or both")
-            query = SearchQuery(terms=parse_query(body.q), k=body.k, collapse=body.collapse)
+            query = SearchQuery(terms=parse_query(body.q), k=body.k, collapse=body.collapse, rerank=body.rerank)
         else:
             terms = parse_query(body.q or "", require_positive=False)
             item_ids = [(body.image_id, body.image_weight)]
-            query = SearchQuery(terms=terms, item_ids=item_ids, k=body.k, collapse=body.collapse)
+            query = SearchQuery(terms=terms, item_ids=item_ids, k=body.k, collapse=body.collapse, rerank=body.rerank)
         return await answer(query, body.model_dump(exclude_defaults=True))
 
     @app.post("/api/search/image", tags=["search"], responses=errors(400, 413, 415, 422, 503))
@@ -564,6 +580,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnknownItemError)
     async def unknown_item(_: Request, exc: UnknownItemError) -> JSONResponse:
         return error(404, str(exc))
+
+    @app.exception_handler(RerankUnavailable)
+    async def no_rerank(_: Request, exc: RerankUnavailable) -> JSONResponse:
+        return error(409, str(exc))
 
     @app.exception_handler(UserError)
     async def user_error(_: Request, exc: UserError) -> JSONResponse:
