@@ -49,6 +49,7 @@ def _use_all_cores() -> None:
 # the names of vitrina.ssl.METHODS, spelt out so that `vitrina --help` needs no torch import
 SSL_METHODS = (
     "rotation", "jigsaw", "relative-position", "inpainting", "colorization", "simclr", "deepcluster", "mae",
+    "vicreg", "byol",
 )  # fmt: skip
 
 
@@ -414,6 +415,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
+        local_crops=args.local_crops,
     )
     print(f"backbone checkpoint: {args.out}  ({result.summary})")
     print(f"next: vitrina eval probe --ckpt {args.out} --data DATA --out PROBE_DIR")
@@ -730,6 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--batch-size", type=int, default=256)
     pretrain.add_argument("--lr", type=float, default=1e-3)
     pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument(
+        "--local-crops", type=int, default=0, help="vicreg, byol: small multi-crop views beside the 2 global ones"
+    )
     pretrain.set_defaults(handler=cmd_pretrain)
 
     models = sub.add_parser("models", help="list model presets with parameters and measured GMACs per image")
