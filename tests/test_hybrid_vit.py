@@ -3,6 +3,7 @@ and plain presets left as they were."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,8 @@ def test_sequence_pool_weights_sum_to_one_and_pool_is_their_weighted_mean() -> N
     assert torch.allclose(weights.sum(-1), torch.ones(3), atol=1e-6)
     naive = torch.stack([sum(weights[b, i] * tokens[b, i] for i in range(49)) for b in range(3)])
     assert torch.allclose(model.pool(tokens), naive, atol=1e-5)
+    model.config = dataclasses.replace(SEQPOOL, pool="cls")  # a copy: SEQPOOL is shared by other tests
     with pytest.raises(ValueError, match="no \\[CLS\\] token"):
-        model.config.pool = "cls"
         model.pool(tokens)
 
 
@@ -181,3 +182,16 @@ def test_deit_hard_distillation_into_a_hybrid_student_lowers_its_loss() -> None:
         loss.backward()
         optimizer.step()
     assert loss_fn(pixels, labels, torch.arange(16)).loss.item() < first
+
+
+def test_probe_features_of_a_seqpool_vit_refuse_cls_and_take_mean() -> None:
+    from torch.utils.data import TensorDataset
+
+    from vitrina.eval.probe import extract_features
+
+    model = ViT(SEQPOOL)
+    dataset = TensorDataset(_pixels(SEQPOOL, 4), torch.arange(4))
+    features, _ = extract_features(model, dataset, pool="mean")
+    assert features.shape == (4, 32) and model.config.pool == "seq"  # the override is undone
+    with pytest.raises(UserError, match="no \\[CLS\\] token"):
+        extract_features(model, dataset, pool="cls")

@@ -439,10 +439,12 @@ def cmd_eval_probe(args: argparse.Namespace) -> None:
     if args.limit_test:
         test = test.subset(stratified_indices(test.labels, args.limit_test, args.seed))
     options = {"seed": args.seed, "label": args.ckpt, "tsne_points": args.tsne_points, "pool": args.pool}
+    options["probe_bn"] = args.probe_bn
     results = probe_representation(model, train, test, Path(args.out), **options)
     knn = ", ".join(f"kNN@{k[1:]} {v:.4f}" for k, v in results["knn"].items())
+    linear_bn = f"linear-bn {results['linear_bn']['accuracy']:.4f}, " if "linear_bn" in results else ""
     print(
-        f"linear {results['linear']['accuracy']:.4f}, {knn}, "
+        f"linear {results['linear']['accuracy']:.4f}, {linear_bn}{knn}, "
         f"NMI {results['cluster']['nmi']:.4f}, ARI {results['cluster']['ari']:.4f}"
     )
     print(f"written: {Path(args.out) / 'probe.json'}, {Path(args.out) / 'tsne.png'}")
@@ -718,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--tsne-points", type=int, default=2000, help="points in the t-SNE plot")
     probe.add_argument("--pool", default=None, choices=["cls", "mean"], help="ViT features: override the pooling")
     probe.add_argument("--image-size", type=int, default=None, help="pixel baseline only: resize images to this")
+    probe.add_argument(
+        "--probe-bn", action="store_true", help="also the BatchNorm(affine=False) + linear probe, as linear_bn"
+    )
     probe.add_argument("--out", required=True, help="folder for probe.json and tsne.png")
     probe.add_argument("--seed", type=int, default=0)
     probe.set_defaults(handler=cmd_eval_probe)
