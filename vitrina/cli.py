@@ -49,6 +49,7 @@ def _use_all_cores() -> None:
 # the names of vitrina.ssl.METHODS, spelt out so that `vitrina --help` needs no torch import
 SSL_METHODS = (
     "rotation", "jigsaw", "relative-position", "inpainting", "colorization", "simclr", "deepcluster", "mae",
+    "vicreg", "byol",
 )  # fmt: skip
 
 
@@ -525,6 +526,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         lr=args.lr,
         seed=args.seed,
         train_settings=settings,
+        local_crops=args.local_crops,
     )
     print(f"backbone checkpoint: {args.out}  ({result.summary})")
     print(f"next: vitrina eval probe --ckpt {args.out} --data DATA --out PROBE_DIR")
@@ -548,10 +550,12 @@ def cmd_eval_probe(args: argparse.Namespace) -> None:
     if args.limit_test:
         test = test.subset(stratified_indices(test.labels, args.limit_test, args.seed))
     options = {"seed": args.seed, "label": args.ckpt, "tsne_points": args.tsne_points, "pool": args.pool}
+    options["probe_bn"] = args.probe_bn
     results = probe_representation(model, train, test, Path(args.out), **options)
     knn = ", ".join(f"kNN@{k[1:]} {v:.4f}" for k, v in results["knn"].items())
+    linear_bn = f"linear-bn {results['linear_bn']['accuracy']:.4f}, " if "linear_bn" in results else ""
     print(
-        f"linear {results['linear']['accuracy']:.4f}, {knn}, "
+        f"linear {results['linear']['accuracy']:.4f}, {linear_bn}{knn}, "
         f"NMI {results['cluster']['nmi']:.4f}, ARI {results['cluster']['ari']:.4f}"
     )
     print(f"written: {Path(args.out) / 'probe.json'}, {Path(args.out) / 'tsne.png'}")
@@ -929,6 +933,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--tsne-points", type=int, default=2000, help="points in the t-SNE plot")
     probe.add_argument("--pool", default=None, choices=["cls", "mean"], help="ViT features: override the pooling")
     probe.add_argument("--image-size", type=int, default=None, help="pixel baseline only: resize images to this")
+    probe.add_argument(
+        "--probe-bn", action="store_true", help="also the BatchNorm(affine=False) + linear probe, as linear_bn"
+    )
     probe.add_argument("--out", required=True, help="folder for probe.json and tsne.png")
     probe.add_argument("--seed", type=int, default=0)
     probe.set_defaults(handler=cmd_eval_probe)
@@ -942,6 +949,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--batch-size", type=int, default=256)
     pretrain.add_argument("--lr", type=float, default=1e-3)
     pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument(
+        "--local-crops", type=int, default=0, help="vicreg, byol: small multi-crop views beside the 2 global ones"
+    )
     pretrain.set_defaults(handler=cmd_pretrain)
 
     models = sub.add_parser("models", help="list model presets with parameters and measured GMACs per image")

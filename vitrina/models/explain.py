@@ -4,7 +4,10 @@ Attention rollout (Abnar & Zuidema, 2020, "Quantifying Attention Flow in Transfo
 residual connection carries each token on, so a layer's effective mixing is ``0.5 A + 0.5 I``
 (A the head-fused attention, rows renormalised); multiplying these through the layers gives how
 much each input token flows into each output token. The [CLS] row over the patch tokens is a
-heat map of what the pooled feature looks at.
+heat map of what the pooled feature looks at. A ViT with sequence pooling (``pool="seq"``) has no
+[CLS]: its pooled feature is ``sum_i w_i x_i`` over the last tokens, so its map is the same mix of
+rollout rows, ``sum_i w_i R[i, :]`` with the pooling weights ``w`` of that image
+(``sequence_pool_rollout``): again how much each input patch flows into the pooled feature.
 
 Position-embedding similarity (Dosovitskiy et al., 2020, fig. 7): the cosine similarity of each
 patch's learned position embedding with every other patch's, drawn as one tile per patch; a
@@ -135,6 +138,34 @@ def attention_rollout(
     return cls_to_patches.reshape(-1, grid, grid)
 
 
+def sequence_pool_rollout(rollout: torch.Tensor, pool_weights: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) rollout and (B, N) sequence-pooling weights -> (B, grid, grid): ``w^T R``, how much
+    each patch flows into the pooled feature (sums to 1 when the weights and the rows do)."""
+    pooled = (pool_weights.float().unsqueeze(1) @ rollout).squeeze(1)  # (B, 1, N) @ (B, N, N) -> (B, N)
+    grid = math.isqrt(pooled.shape[-1])
+    if grid * grid != pooled.shape[-1]:
+        raise ValueError(f"{pooled.shape[-1]} patch tokens do not form a square grid")
+    return pooled.reshape(-1, grid, grid)
+
+
+def model_rollout(
+    model: ViT, pixels: torch.Tensor, *, discard_ratio: float = 0.0, head_fusion: HeadFusion = "mean"
+) -> torch.Tensor:
+    """(B, C, H, W) normalised pixels -> (B, grid, grid) rollout map of what ``model``'s pooled feature draws from.
+
+    [CLS] pooling (and mean pooling, which keeps a [CLS]): the [CLS] row; sequence pooling: the rows
+    mixed by the image's pooling weights. Call under ``inference_mode`` with the model in eval mode.
+    """
+    attentions = model.forward_attention(pixels)
+    if model.config.pool == "seq":
+        weights = model.seq_pool.weights(model.forward_features(pixels))  # (B, N)
+        rollout = rollout_matrix(attentions, discard_ratio=discard_ratio, head_fusion=head_fusion)
+        return sequence_pool_rollout(rollout, weights)
+    return attention_rollout(
+        attentions, discard_ratio=discard_ratio, head_fusion=head_fusion, num_prefix_tokens=model.num_prefix_tokens
+    )
+
+
 # ---- position embedding ------------------------------------------------------------------------------
 
 
@@ -237,10 +268,7 @@ def explain_images(
     for path in image_paths:
         pixels = transform(load_image(path))  # (3, S, S), normalised
         with torch.inference_mode():
-            attentions = model.forward_attention(pixels[None])
-        heat = attention_rollout(
-            attentions, discard_ratio=discard_ratio, head_fusion=head_fusion, num_prefix_tokens=model.num_prefix_tokens
-        )[0]
+            heat = model_rollout(model, pixels[None], discard_ratio=discard_ratio, head_fusion=head_fusion)[0]
         shown = (pixels * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).permute(1, 2, 0)
         # two inputs with one stem (a/cat.png, b/cat.png) must not overwrite each other
         name = path.stem if stems.count(path.stem) == 1 else f"{path.parent.name}-{path.stem}"
@@ -261,15 +289,15 @@ def rollout_heatmap(
 ) -> Image.Image:
     """The model's crop of ``image`` under its attention-rollout map, ``size`` px square (for the web page).
 
-    The map says where the [CLS] token draws from, for this image alone: it is the same whatever the
-    query, so it shows what the model looked at, not why a particular query matched.
+    The map says where the pooled feature ([CLS], or the sequence pool) draws from, for this image
+    alone: it is the same whatever the query, so it shows what the model looked at, not why a
+    particular query matched.
     """
     from vitrina.data.transforms import EvalTransform
 
     pixels = EvalTransform(model.config.image_size, mean, std)(image)  # (3, S, S), normalised
     with torch.inference_mode():
-        attentions = model.eval().forward_attention(pixels[None])
-    heat = attention_rollout(attentions, num_prefix_tokens=model.num_prefix_tokens)[0]
+        heat = model_rollout(model.eval(), pixels[None])[0].float()
     return _overlay(pixels, heat, mean, std, size, alpha)
 
 
