@@ -13,7 +13,9 @@ Two parts (``--part embed``, ``--part ivf``, or both):
   one-shot build (``build_faiss_index(kind="ivf")``, the local path: train, add everything, write one file)
   against the sharded one (train on a seeded sample of parts, fill the parts in ``--workers`` processes,
   merge the lists on disk, write the index file), each phase timed; the two must hold the same ids in
-  every list when built from the same quantizer (checked, not timed).
+  every list when built from the same quantizer (checked, not timed), except a vector that is a float32 tie
+  between two centroids (score gap <= 1e-5): BLAS blocks a part's rows differently from all rows, so the
+  last bit of a score may differ and such a vector may go to either list. The row counts them.
 
 Usage: ``.venv/bin/python bench/scale_index.py [--part embed|ivf|all] [--model clip-small] [--images 10000]
 [--vectors 1000000] [--dim 128] [--parts 4] [--no-record]``. ``--no-record`` prints the rows only (a try-out on
@@ -123,6 +125,30 @@ def synthetic(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+TIE = 1e-5  # score gap under which two centroids are a float32 tie for a unit vector
+
+
+def moved_ids(merged, reference, trained, ids: np.ndarray, vectors: np.ndarray) -> tuple[int, float]:
+    """How many ids sit in another inverted list in ``merged`` than in ``reference``, and the largest gap
+    between such a vector's scores against its two centroids (0.0 when none moved)."""
+    import faiss
+
+    def list_of(index) -> np.ndarray:
+        where = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+        for k, members in enumerate(ivf.list_ids(index)):
+            where[members] = k
+        return where[ids]
+
+    a, b = list_of(merged), list_of(reference)
+    moved = np.nonzero(a != b)[0]
+    if not len(moved):
+        return 0, 0.0
+    centroids = faiss.extract_index_ivf(trained).quantizer.reconstruct_n(0, faiss.extract_index_ivf(trained).nlist)
+    x = vectors[moved]
+    gaps = np.abs((x * centroids[a[moved]]).sum(1) - (x * centroids[b[moved]]).sum(1))
+    return len(moved), float(gaps.max())
+
+
 def bench_ivf(args: argparse.Namespace) -> None:
     """One-shot ``build_faiss_index(kind="ivf")`` against train-once, fill parts in parallel, merge on disk."""
     import faiss
@@ -155,8 +181,11 @@ def bench_ivf(args: argparse.Namespace) -> None:
         merge_s = sharded_s - train_s - fill_s
 
         reference = ivf.fill(trained, ids, vectors)  # the same quantizer, everything at once: the sameness check
-        same = all(np.array_equal(a, b) for a, b in zip(ivf.list_ids(merged), ivf.list_ids(reference), strict=True))
-        assert same, "the merged IVF differs from the one-shot fill of the same trained quantizer"
+        moved, gap = moved_ids(merged, reference, trained, ids, vectors)
+        # A vector as close to two centroids as float32 can tell (gap ~1e-7) may go to either list, depending
+        # on how BLAS blocks its batch (a part's rows vs all rows): that is a tie, not a difference.
+        same = gap <= TIE
+        assert same, f"the merged IVF differs from the one-shot fill: {moved} ids in other lists (gap {gap:.2e})"
         row = {
             "vectors": args.vectors,
             "dim": args.dim,
@@ -172,6 +201,8 @@ def bench_ivf(args: argparse.Namespace) -> None:
             "sharded / one-shot": sharded_s / one_shot_s,
             "data file MB": (work / "merged.ivfdata").stat().st_size / 1e6,
             "same lists": same,
+            "ids in another list (float ties)": moved,
+            "largest tie gap": gap,
         }
         emit(f"ivf build {args.vectors} x {args.dim}", row, save=args.record)
     finally:

@@ -98,6 +98,8 @@ def test_the_schema_publishes_the_patterns_the_server_checks(app) -> None:
     spec = TestClient(app).get("/openapi.json").json()
     (q,) = [p for p in spec["paths"]["/api/search"]["get"]["parameters"] if p["name"] == "q"]
     assert q["schema"]["pattern"] == QUERY_PATTERN and q["schema"]["maxLength"] == 1000
+    (explain_q,) = [p for p in spec["paths"]["/api/explain/{item_id}"]["get"]["parameters"] if p["name"] == "q"]
+    assert explain_q["schema"]["pattern"] == QUERY_PATTERN and not explain_q["required"]
     form = spec["components"]["schemas"]["Body_classify_image_api_classify_post"]
     assert form["properties"]["labels"]["pattern"] == LABELS_PATTERN
     assert form["oneOf"] == [{"required": ["file"]}, {"required": ["image_id"]}]

@@ -17,7 +17,7 @@ from vitrina.data.fashion_mnist import DEFAULT_ROOT
 from vitrina.data.splits import stratified_split
 from vitrina.errors import UserError
 from vitrina.models.registry import build_model
-from vitrina.train.classify import build_classifier, confusion_matrix
+from vitrina.train.classify import build_classifier, confusion_matrix, predict
 from vitrina.train.classify_data import (
     BatchAugment,
     Preprocess,
@@ -127,6 +127,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "not a classifier checkpoint" in capsys.readouterr().err
 
 
+def test_flip_tta_logits_are_the_mean_of_the_image_and_its_flip():
+    model = build_classifier("vit-fmnist-28-fast", 3, seed=1, in_channels=1)
+    preprocess = Preprocess(28, (0.5,) * 3, (0.5,) * 3, in_channels=1)
+    pixels = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    plain = predict(model, pixels, preprocess, batch_size=2)
+    flipped = predict(model, pixels.flip(-1), preprocess, batch_size=2)
+    tta = predict(model, pixels, preprocess, batch_size=2, tta=True)
+    torch.testing.assert_close(tta, (plain + flipped) / 2)
+    assert not torch.allclose(tta, plain, atol=1e-4)  # the flip mattered: the test can tell the two apart
+
+
 # --- end to end ---------------------------------------------------------------------------------
 
 
@@ -165,6 +176,20 @@ def test_train_classify_then_distill_and_transfer_on_an_image_folder(tmp_path):
         model.blocks[0].attn.qkv.weight, build_model("clip-tiny").visual.blocks[0].attn.qkv.weight
     )
     check_outputs(probe, sorted(CLASSES))
+
+
+def test_train_classify_with_a_time_budget_ema_and_tta(tmp_path):
+    root = make_folder(tmp_path / "shapes", per_class=6)
+    out = tmp_path / "budget"
+    args = ["train", "classify", "--model", "vit-fmnist-28-fast", "--data", str(root), "--batch-size", "4"]
+    assert main([*args, "--minutes", "0.05", "--ema", "0.5", "--tta", "--out", str(out)]) == 0
+    results = check_outputs(out, sorted(CLASSES))
+    assert results["tta"] is True and results["ema"] is True and results["budget_spent"] is True
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["config"]["budget_minutes"] == 0.05 and state["config"]["ema_decay"] == 0.5
+    assert state["elapsed_s"] >= 3.0  # the budget, not the epochs (no limit without --epochs), ended it
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["ema"] for m in metrics if "eval" in m] == [True] * sum("eval" in m for m in metrics)
 
 
 @pytest.mark.skipif(not HAS_FMNIST, reason="Fashion-MNIST not installed (/usr/share/datasets/fashion-mnist)")

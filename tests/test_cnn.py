@@ -85,6 +85,7 @@ STAGE_SHAPES = {
     "resnet-mini-28": [(32, 28, 28), (64, 14, 14), (128, 7, 7), (256, 4, 4)],
     "resnet-mini-64": [(32, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4)],
     "resnet-fmnist-28": [(32, 28, 28), (64, 14, 14), (128, 7, 7)],
+    "resnet-fmnist-28-teacher": [(32, 28, 28), (64, 14, 14), (128, 7, 7)],
 }
 
 
@@ -106,6 +107,17 @@ def test_resnet_mini_28_size_and_grey_input() -> None:
     assert 1e6 <= sum(p.numel() for p in CNN(CNN_PRESETS["resnet-mini-28"]).parameters()) <= 3e6
     grey = CNN(CNNConfig(**{**vars(CNN_PRESETS["resnet-mini-28"]), "in_channels": 1, "num_classes": 10}))
     assert grey(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_fmnist_teacher_preset_size_and_cost() -> None:
+    from vitrina.models.registry import preset_config, preset_cost
+
+    teacher, fast = (
+        preset_cost(preset_config("resnet-fmnist-28-teacher")),
+        preset_cost(preset_config("resnet-fmnist-28")),
+    )
+    assert 0.6e6 <= teacher.parameters <= 0.75e6 and 60e6 <= teacher.macs <= 70e6  # as its comment says
+    assert 1.6 <= teacher.macs / fast.macs <= 2.0
 
 
 def test_learns_a_tiny_task() -> None:

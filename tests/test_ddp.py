@@ -41,7 +41,7 @@ from vitrina.losses import clip_loss, clip_loss_rows
 from vitrina.models.registry import build_model
 from vitrina.train import clip as clip_trainer
 from vitrina.train import distributed
-from vitrina.train.loop import EpochOrder
+from vitrina.train.schedule import EpochOrder
 
 PAIRS = 104  # 8 held out for validation, 96 for training: 3 global batches of 32
 GLOBAL_BATCH = 32

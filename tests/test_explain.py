@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,15 @@ from PIL import Image
 from vitrina.checkpoint import save_model
 from vitrina.cli import main
 from vitrina.errors import UserError
+from vitrina.models.clip import CLIP
 from vitrina.models.explain import (
     attention_rollout,
+    clip_image_tower,
     discard_lowest,
     fuse_heads,
     pos_embed_similarity,
+    query_heatmap,
+    query_similarity,
     rollout_matrix,
     save_pos_embed_similarity,
     save_rollout_overlay,
@@ -158,3 +163,63 @@ def test_cli_explain_refuses_what_has_no_cls_attention(
     assert main([*bad_ratio, "--discard-ratio", "1.5"]) == 2
     assert "--discard-ratio" in capsys.readouterr().err
     assert main(["explain", "--model", "vit-nano-32", str(tmp_path / "missing.png"), "--out", str(tmp_path)]) == 2
+
+
+# ---- query heat map ----------------------------------------------------------------------------------
+
+
+def _text_vector(model, text: str) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.eval().encode_text(model.tokenize([text]))[0]
+
+
+def test_query_map_has_the_patch_grid_shape_is_finite_and_follows_the_query() -> None:
+    model = build_model("clip-tiny").eval()  # 32 px, 8 px patches: a 4 x 4 grid
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    red, boat = _text_vector(model, "a red circle"), _text_vector(model, "a boat at sea")
+    with torch.inference_mode():
+        heat = query_similarity(model.visual, model.image_projection, pixels, red)
+        other = query_similarity(model.visual, model.image_projection, pixels, boat)
+        larger = query_similarity(model.visual, model.image_projection, torch.randn(1, 3, 48, 32), red)
+    assert heat.shape == (2, 4, 4) and larger.shape == (1, 6, 4)  # the grid of this image size
+    assert torch.isfinite(heat).all() and heat.abs().max() <= 1 + 1e-5  # cosines
+    assert (heat - other).abs().max() > 1e-3  # another query, another map
+    # each cell is the cosine of that patch token, projected like the pooled token, with the text
+    with torch.inference_mode():
+        token = model.visual.forward_features(pixels)[1, 1 + 2 * 4 + 3]  # row 2, column 3 of image 1
+        expected = torch.nn.functional.cosine_similarity(model.image_projection(token), red, dim=0)
+    assert torch.allclose(heat[1, 2, 3], expected, atol=1e-5)
+
+
+def test_with_mean_pooling_the_unnormalised_map_averages_to_the_global_score() -> None:
+    config = build_model("clip-tiny").config
+    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, pool="mean"))
+    torch.manual_seed(0)
+    model = CLIP(config).eval()
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    text = _text_vector(model, "a green square")
+    with torch.inference_mode():
+        dots = query_similarity(model.visual, model.image_projection, pixels, text, normalize=False)  # (3, 4, 4)
+        pooled = model.project_image(model.image_features(pixels))  # (3, D): the mean of the projected patches
+        global_cosine = model.encode_image(pixels) @ torch.nn.functional.normalize(text, dim=0)  # (3,)
+    assert torch.allclose(dots.mean(dim=(1, 2)) / pooled.norm(dim=-1), global_cosine, atol=1e-5)
+
+
+def test_query_heatmap_and_overlays(tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture) -> None:
+    model = build_model("clip-tiny")
+    overlay = query_heatmap(model, Image.open(images[0]), _text_vector(model, "a cat").numpy(), size=64)
+    assert overlay.size == (64, 64) and overlay.mode == "RGB" and np.asarray(overlay).std() > 1
+    with pytest.raises(UserError, match="needs a CLIP checkpoint whose image tower is a ViT"):
+        clip_image_tower(build_model("vit-nano-32"))
+    checkpoint = save_model(model, tmp_path / "clip")
+    out = tmp_path / "query-out"
+    args = ["explain", "--model", str(checkpoint), *map(str, images), "--out", str(out)]
+    assert main([*args, "--query", 'a cat -"a dog"^0.5']) == 0
+    assert {"cat-query.png", "dog-query.png", "cat-rollout.png"} <= {p.name for p in out.iterdir()}
+    assert _decodes(out / "cat-query.png")[0] > 100
+    capsys.readouterr()
+    assert main([*args, "--query", "cat -cat"]) == 2
+    assert "cancel each other out" in capsys.readouterr().err
+    vit_args = ["explain", "--model", "vit-nano-32", str(images[0]), "--out", str(tmp_path / "v")]
+    assert main([*vit_args, "--query", "a cat"]) == 2  # a ViT classifier has no text tower
+    assert "needs a CLIP checkpoint" in capsys.readouterr().err

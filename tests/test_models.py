@@ -38,7 +38,7 @@ def test_small_vit_presets_forward_backward(name: str) -> None:
     c = model.config
     x = _pixels(c, 2)
     tokens = model.forward_features(x)
-    assert tokens.shape == (2, 1 + c.num_patches, c.width)
+    assert tokens.shape == (2, c.num_prefix_tokens + c.num_patches, c.width)
     out = model.forward_head(tokens)
     assert out.shape == (2, c.width) and torch.isfinite(out).all()
     out.square().mean().backward()

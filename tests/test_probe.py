@@ -13,7 +13,9 @@ from vitrina.cli import main
 from vitrina.data.fashion_mnist import load_fashion_mnist
 from vitrina.data.splits import stratified_indices
 from vitrina.eval.probe import (
+    LINEAR_BN_PROTOCOL,
     NormalisedPixels,
+    bn_linear_probe,
     cluster_scores,
     extract_features,
     knn_accuracy,
@@ -63,6 +65,31 @@ def test_probes_are_at_chance_on_noise():
     assert abs(linear_probe(train_x, train_y, test_x, test_y)["accuracy"] - chance) < 0.06
     assert abs(knn_accuracy(train_x, train_y, test_x, test_y, k=20) - chance) < 0.06
     assert cluster_scores(test_x, test_y, N_CLASSES)["nmi"] < 0.02
+
+
+def test_bn_probe_solves_separable_features_and_is_at_chance_on_noise():
+    train_x, train_y = blobs(500, separable=True, seed=0)
+    test_x, test_y = blobs(300, separable=True, seed=1)
+    result = bn_linear_probe(train_x, train_y, test_x, test_y, epochs=10)
+    assert result["accuracy"] == 1.0 and result["protocol"] == LINEAR_BN_PROTOCOL
+    noise_train, noise_train_y = blobs(1000, separable=False, seed=1)
+    noise_test, noise_test_y = blobs(1000, separable=False, seed=2)
+    assert abs(bn_linear_probe(noise_train, noise_train_y, noise_test, noise_test_y)["accuracy"] - 0.2) < 0.06
+    again = bn_linear_probe(train_x, train_y, test_x, test_y, epochs=10)
+    assert again == result  # seeded
+
+
+def test_bn_probe_is_blind_to_feature_scale_and_shift():
+    # a non-affine BN standardises each feature first, so rescaled, shifted features probe the same
+    rng = np.random.default_rng(0)
+    train_x, train_y = blobs(401, separable=False, seed=3)  # 401: the last batch of one item is skipped
+    train_y = (train_x[:, 0] + 0.5 * train_x[:, 1] > 0).astype(np.int64)  # a linear rule, learnable
+    test_x = rng.standard_normal((300, 16)).astype(np.float32)
+    test_y = (test_x[:, 0] + 0.5 * test_x[:, 1] > 0).astype(np.int64)
+    scale = rng.uniform(0.1, 100, 16).astype(np.float32)
+    plain = bn_linear_probe(train_x, train_y, test_x, test_y, epochs=10)
+    moved = bn_linear_probe(train_x * scale + 7, train_y, test_x * scale + 7, test_y, epochs=10)
+    assert plain["accuracy"] > 0.9 and abs(moved["accuracy"] - plain["accuracy"]) <= 0.02
 
 
 @pytest.mark.parametrize("k,temperature", [(1, 0.07), (5, 0.07), (20, 0.5), (500, 0.1)])
@@ -129,9 +156,12 @@ def test_cli_pretrains_then_probes(tmp_path, capsys):
     assert main([*args, "--out", str(ckpt), "--epochs", "1", "--batch-size", "64"]) == 0
     assert (ckpt / "model.safetensors").is_file()
     probe = ["eval", "probe", "--ckpt", str(ckpt), "--limit-train", "200", "--limit-test", "100"]
-    assert main([*probe, "--tsne-points", "60", "--out", str(tmp_path / "probe")]) == 0
+    assert main([*probe, "--tsne-points", "60", "--out", str(tmp_path / "probe"), "--probe-bn"]) == 0
     results = json.loads((tmp_path / "probe" / "probe.json").read_text())
     assert results["linear"]["n_train"] == 200 and results["linear"]["n_test"] == 100
+    assert results["linear_bn"]["protocol"] != results["linear"]["protocol"]  # two protocols, side by side
+    assert results["linear_bn"]["n_test"] == 100 and 0 <= results["linear_bn"]["accuracy"] <= 1
+    assert "linear-bn" in capsys.readouterr().out
     assert main(["eval", "probe", "--ckpt", "pixels", "--data", "no-such-source", "--out", str(tmp_path / "x")]) == 2
     assert "not a known source" in capsys.readouterr().err
 

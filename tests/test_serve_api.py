@@ -507,3 +507,53 @@ def test_explain_serves_a_rollout_overlay_by_id(client, stored) -> None:
     missing = client.get("/api/explain/999999")
     assert missing.status_code == 404 and "error" in missing.json()
     assert client.get("/api/explain/..%2f..%2fetc%2fpasswd").status_code == 404
+
+
+def _png_pixels(response) -> np.ndarray:
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(response.content)) as image:
+        assert image.size == (256, 256) and image.mode == "RGB"
+        return np.asarray(image).astype(np.int16)
+
+
+def test_explain_with_a_query_serves_its_patch_similarity_map(client, stored) -> None:
+    path = image_path(stored["root"], "red", "circle-1")
+    item = stored["by_name"][path.relative_to(stored["root"]).as_posix()]
+    rollout = _png_pixels(client.get(f"/api/explain/{item}"))
+    red = _png_pixels(client.get(f"/api/explain/{item}", params={"q": "a red circle"}))
+    boat = _png_pixels(client.get(f"/api/explain/{item}", params={"q": 'a boat -"red"^0.5'}))
+    assert red.std() > 1 and np.abs(red - rollout).max() > 10  # not the rollout
+    assert np.abs(red - boat).max() > 10  # the map follows the query
+    again = _png_pixels(client.get(f"/api/explain/{item}", params={"q": "a red circle"}))
+    assert (again == red).all()
+    cancelled = client.get(f"/api/explain/{item}", params={"q": "cat -cat"})
+    assert cancelled.status_code == 422 and "cancel each other out" in cancelled.json()["error"]
+    negative = client.get(f"/api/explain/{item}", params={"q": "-cat"})  # nothing positive to map
+    assert negative.status_code == 422 and "error" in negative.json()
+
+
+class _NoTowerEncoder:
+    """The clip-tiny encoder seen from outside only (as a wrapped foreign model is): no ViT to look into."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.embed_dim = inner.embed_dim
+
+    identity = property(lambda self: self._inner.identity)
+    image_transform = property(lambda self: self._inner.image_transform)
+
+    def encode_image(self, pixels):
+        return self._inner.encode_image(pixels)
+
+    def encode_text(self, texts):
+        return self._inner.encode_text(texts)
+
+
+def test_explain_says_clearly_when_the_image_tower_is_no_vit(index_dir: Path, encoder, stored, tmp_path) -> None:
+    app = create_app(index_dir, encoder=_NoTowerEncoder(encoder), thumb_dir=tmp_path / "thumbs", reload_s=0)
+    item = int(stored["ids"][0])
+    with TestClient(app) as other:
+        assert other.get("/api/info").json()["model"]["explain"] is False
+        for params in ({}, {"q": "a red circle"}):
+            response = other.get(f"/api/explain/{item}", params=params)
+            assert response.status_code == 409 and "not a ViT" in response.json()["error"]

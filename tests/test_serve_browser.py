@@ -141,6 +141,10 @@ def test_search_click_collapse_upload_and_download(base_url: str, browser, colle
     # every card links to its attention-rollout overlay (clip-tiny's image tower is a ViT)
     links = driver.find_elements(By.CSS_SELECTOR, "#results li.card a.why")
     assert len(links) == 24 and links[0].get_attribute("href").endswith(f"/api/explain/{shown[0]['id']}")
+    # beside it, the query's patch-similarity map for the text typed
+    query_links = driver.find_elements(By.CSS_SELECTOR, "#results li.card a.why-query")
+    href = query_links[0].get_attribute("href")
+    assert len(query_links) == 24 and href.endswith(f"/api/explain/{shown[0]['id']}?q=a+red+circle")
 
     # 2. Hide scores, then show them again.
     driver.find_element(By.ID, "scores").click()
@@ -155,6 +159,7 @@ def test_search_click_collapse_upload_and_download(base_url: str, browser, colle
     assert cards(driver)[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert driver.find_element(By.ID, "example").is_displayed()
     assert driver.find_element(By.ID, "q").get_attribute("value") == ""
+    assert driver.find_elements(By.CSS_SELECTOR, "#results li.card a.why-query") == []  # no text, no query map
 
     # 4. Search by the image that has an exact copy, with near-duplicates folded: one card, "+1" or more.
     ids = {h["name"]: h["id"] for h in api(base_url, "/api/search", q="anything", k=37)["hits"]}

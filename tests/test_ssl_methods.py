@@ -19,6 +19,7 @@ from vitrina.models.registry import build_model
 from vitrina.models.vit import ViT, ViTConfig
 from vitrina.ssl import METHODS, build_method
 from vitrina.ssl.augment import SimCLRAugment, color_jitter, cut_tiles, gaussian_blur, random_resized_crop, rotate90
+from vitrina.ssl.byol import BYOLConfig
 from vitrina.ssl.colorization import ColorizationConfig
 from vitrina.ssl.common import HEADS_FILE, plan_budget, pretrain, to_input
 from vitrina.ssl.data import load_image_set
@@ -27,6 +28,7 @@ from vitrina.ssl.jigsaw import Jigsaw, JigsawConfig, max_hamming_permutations, s
 from vitrina.ssl.mae import MAE, MAEConfig, kept_count, random_masking, save_reconstructions
 from vitrina.ssl.relative_position import NEIGHBOURS, relative_position_pairs
 from vitrina.ssl.rotation import rotation_batch
+from vitrina.ssl.vicreg import VICRegConfig
 
 TINY = ViTConfig(image_size=28, patch_size=4, width=32, depth=1, heads=2)
 
@@ -139,6 +141,8 @@ def test_every_method_is_registered():
         "simclr",
         "deepcluster",
         "mae",
+        "vicreg",
+        "byol",
     }
 
 
@@ -147,6 +151,8 @@ SMALL_OPTIONS = {
     "deepcluster": {"config": DeepClusterConfig(n_clusters=8)},
     "colorization": {"config": ColorizationConfig(bins=4)},
     "mae": {"config": MAEConfig(decoder_width=32, decoder_depth=1, decoder_heads=2)},
+    "vicreg": {"config": VICRegConfig(expander_dims=(64, 64))},
+    "byol": {"config": BYOLConfig(hidden=64, projection_dim=32)},
 }
 
 

@@ -26,10 +26,10 @@ from vitrina.train.loop import (
     CheckpointInfo,
     StepOutput,
     find_checkpoint,
-    lr_factor,
     param_groups_for,
     train,
 )
+from vitrina.train.schedule import lr_factor
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent

@@ -49,10 +49,33 @@ def _use_all_cores() -> None:
 # the names of vitrina.ssl.METHODS, spelt out so that `vitrina --help` needs no torch import
 SSL_METHODS = (
     "rotation", "jigsaw", "relative-position", "inpainting", "colorization", "simclr", "deepcluster", "mae",
+    "vicreg", "byol",
 )  # fmt: skip
 
 
 # --- handlers -------------------------------------------------------------------------------
+
+
+def _schedule_settings(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields of the options ``_add_schedule_options`` adds (every trainer has them)."""
+    from vitrina.train.schedule import BUDGET_EPOCH_LIMIT
+
+    if args.warmup_seconds is not None and args.minutes is None:
+        raise UserError("--warmup-seconds warms up within a time budget: give --minutes too, or leave it out")
+    if args.epochs is None:  # a budget run lasts as long as its budget; otherwise ten passes
+        epochs = BUDGET_EPOCH_LIMIT if args.minutes is not None else DEFAULT_EPOCHS
+    else:
+        epochs = args.epochs
+    settings = {
+        "epochs": epochs,
+        "budget_minutes": args.minutes,
+        "max_minutes": args.max_minutes,
+        "warmup_seconds": args.warmup_seconds,
+        "ema_decay": args.ema,
+    }
+    if args.warmup_fraction is not None:
+        settings["warmup_fraction"] = args.warmup_fraction
+    return settings
 
 
 def cmd_train_clip(args: argparse.Namespace) -> None:
@@ -66,12 +89,11 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
         raise UserError(f"--data {args.data!r} yielded no image-caption pairs: check the spec and the data folder")
     model = build_model(args.preset)
     config = TrainConfig(
-        epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        max_minutes=args.max_minutes,
         num_workers=args.workers,
+        **_schedule_settings(args),
     )
     settings = ClipTrainSettings(in_memory=args.in_memory, duplicate_aware=args.duplicate_aware)
     summary = train_clip(
@@ -84,25 +106,58 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
     print(f"next: vitrina index FOLDER --model {best} --out INDEX_DIR")
 
 
+def cmd_train_rerank(args: argparse.Namespace) -> None:
+    from vitrina.checkpoint import load_model, weights_digest
+    from vitrina.config import TrainConfig
+    from vitrina.data.sources import load_training_pairs
+    from vitrina.models.clip import CLIP
+    from vitrina.models.rerank import reranker_folder
+    from vitrina.train.rerank import RerankSettings, train_reranker
+
+    clip, clip_config = load_model(args.model)
+    if not isinstance(clip, CLIP):
+        raise UserError(
+            f"--model {args.model}: a {clip_config['kind']} checkpoint; the re-ranker reads a CLIP's towers"
+        )
+    pairs = load_training_pairs(args.data, seed=args.seed)
+    out = Path(args.out) if args.out else reranker_folder(args.model)
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes
+    )
+    settings = RerankSettings(hard_pool=args.hard_pool)
+    summary = train_reranker(
+        clip=clip,
+        clip_ref=str(Path(args.model).resolve()),
+        clip_digest=weights_digest(args.model, clip_config),
+        pairs=pairs,
+        out_dir=out,
+        train_config=config,
+        settings=settings,
+        data_spec=args.data,
+    )
+    print(f"re-ranker: {out}  ({summary})")
+    hint = "" if out == reranker_folder(args.model) else f" --reranker {out}"
+    print(f'next: vitrina search INDEX "a query" --rerank 50{hint}')
+
+
 def _classify_train_config(args: argparse.Namespace):
     from vitrina.config import TrainConfig
 
     return TrainConfig(
-        epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
         seed=args.seed,
-        max_minutes=args.minutes,
         num_workers=args.workers,
         precision=args.precision,
+        **_schedule_settings(args),
     )
 
 
 def _classify_settings(args: argparse.Namespace):
     from vitrina.train.classify import ClassifySettings
 
-    return ClassifySettings(label_smoothing=args.label_smoothing, augment=not args.no_augment)
+    return ClassifySettings(label_smoothing=args.label_smoothing, augment=not args.no_augment, tta=args.tta)
 
 
 def _classify_data(args: argparse.Namespace):
@@ -150,6 +205,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
         if args.data is None:
             raise UserError("vitrina distill clip needs --data SPEC (e.g. emoji:apple,google+fashion-mnist:train:6000)")
+        if args.tta:
+            raise UserError("--tta averages class logits over flips: it applies to classifiers, not to distill clip")
         pairs = load_training_pairs(args.data, seed=args.seed)
         settings = ClipDistillSettings(augment=not args.no_augment, similarity_weight=args.similarity_weight)
         summary = distill_clip_tower(
@@ -360,8 +417,13 @@ def cmd_search(args: argparse.Namespace) -> None:
     terms = parse_query(args.query or "", require_positive=args.image is None)
     terms += [Term(" ".join(text.split()), -1.0) for text in args.negatives if text.strip()]
     images = [(Path(args.image), args.image_weight)] if args.image is not None else []
-    query = Query(terms=terms, images=images, k=args.k, collapse=args.collapse)
-    with Searcher(Path(args.index), model_ref=args.model, runtime=args.runtime, precision=args.precision) as searcher:
+    if args.rerank < 0:
+        raise UserError(f"--rerank {args.rerank}: give how many candidates to re-score (0: none)")
+    query = Query(terms=terms, images=images, k=args.k, collapse=args.collapse, rerank=args.rerank)
+    searcher = Searcher(
+        Path(args.index), model_ref=args.model, runtime=args.runtime, precision=args.precision, reranker=args.reranker
+    )
+    with searcher:
         if "torch" in sys.modules:  # the PyTorch path (asked for, or no usable towers)
             _use_all_cores()
         results = searcher.run(query)
@@ -380,19 +442,68 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def cmd_classify(args: argparse.Namespace) -> None:
     from vitrina.checkpoint import load_encoder
-    from vitrina.search import classify
+    from vitrina.search import classify, classify_fewshot
 
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    if len(labels) < 2:
-        raise UserError("--labels needs at least two comma-separated labels, e.g. --labels cat,dog,horse")
-    encoder = load_encoder(args.model)
-    results = classify([Path(p) for p in args.images], labels, encoder, top=args.top)
+    if (args.labels is None) == (args.shots is None):
+        raise UserError("give --labels a,b,c (zero-shot) or --shots DIR (few-shot: one subfolder of images per class)")
+    if args.shots is None and (args.method != "prototype" or args.alpha is not None or args.beta is not None):
+        raise UserError("--method, --alpha and --beta apply to few-shot classification: give --shots DIR too")
+    if args.shots is not None:
+        from vitrina.models.fewshot import read_shots_folder
+
+        read_shots_folder(args.shots)  # a bad folder is reported before the model loads
+        encoder = load_encoder(args.model)
+        _, results = classify_fewshot(
+            [Path(p) for p in args.images],
+            args.shots,
+            encoder,
+            method=args.method,
+            top=args.top,
+            alpha=args.alpha,
+            beta=args.beta,
+        )
+    else:
+        labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+        if len(labels) < 2:
+            raise UserError("--labels needs at least two comma-separated labels, e.g. --labels cat,dog,horse")
+        encoder = load_encoder(args.model)
+        results = classify([Path(p) for p in args.images], labels, encoder, top=args.top)
     if args.json:
         print(json.dumps(results, indent=2))
         return
     for path, ranked in zip(args.images, results, strict=True):
         best = ", ".join(f"{label} {prob:.2f}" for label, prob in ranked)
         print(f"{path}: {best}")
+
+
+def cmd_eval_fewshot(args: argparse.Namespace) -> None:
+    from vitrina.checkpoint import load_encoder
+    from vitrina.eval.fewshot import format_fewshot, run_fewshot_eval
+
+    shots = _int_list(args.shots, "--shots")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = Path(args.out)
+    results = run_fewshot_eval(
+        load_encoder(args.model),
+        [d.strip() for d in args.data.split("+") if d.strip()],
+        shots=shots,
+        seeds=args.seeds,
+        methods=methods,
+        limit_test=args.limit_test,
+        out_dir=out,
+    )
+    print(format_fewshot(results))
+    print(f"written: {out / 'fewshot.json'}, {out / 'fewshot.png'}")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: give comma-separated whole numbers, e.g. 1,2,4,8,16") from None
+    if not values or values[0] < 1:
+        raise UserError(f"{flag} {text!r}: give whole numbers of at least 1, e.g. 1,2,4,8,16")
+    return values
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> None:
@@ -409,17 +520,19 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from vitrina.ssl.run import run_pretraining
 
     if args.minutes is None and args.epochs is None:
-        raise UserError("give --minutes (the run is sized to fit) or --epochs")
+        raise UserError("give --minutes (a time budget: the schedule ends with it) or --epochs")
+    settings = _schedule_settings(args)
     result = run_pretraining(
         args.method,
         backbone=args.backbone,
         data=args.data,
         out_dir=Path(args.out),
-        minutes=args.minutes,
-        epochs=args.epochs,
+        epochs=settings.pop("epochs"),
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
+        train_settings=settings,
+        local_crops=args.local_crops,
     )
     print(f"backbone checkpoint: {args.out}  ({result.summary})")
     print(f"next: vitrina eval probe --ckpt {args.out} --data DATA --out PROBE_DIR")
@@ -443,10 +556,12 @@ def cmd_eval_probe(args: argparse.Namespace) -> None:
     if args.limit_test:
         test = test.subset(stratified_indices(test.labels, args.limit_test, args.seed))
     options = {"seed": args.seed, "label": args.ckpt, "tsne_points": args.tsne_points, "pool": args.pool}
+    options["probe_bn"] = args.probe_bn
     results = probe_representation(model, train, test, Path(args.out), **options)
     knn = ", ".join(f"kNN@{k[1:]} {v:.4f}" for k, v in results["knn"].items())
+    linear_bn = f"linear-bn {results['linear_bn']['accuracy']:.4f}, " if "linear_bn" in results else ""
     print(
-        f"linear {results['linear']['accuracy']:.4f}, {knn}, "
+        f"linear {results['linear']['accuracy']:.4f}, {linear_bn}{knn}, "
         f"NMI {results['cluster']['nmi']:.4f}, ARI {results['cluster']['ari']:.4f}"
     )
     print(f"written: {Path(args.out) / 'probe.json'}, {Path(args.out) / 'tsne.png'}")
@@ -478,11 +593,34 @@ def cmd_explain(args: argparse.Namespace) -> None:
     config = getattr(model, "config", None)  # a CLIP normalises with its own statistics
     mean, std = getattr(config, "image_mean", MEAN), getattr(config, "image_std", STD)
     images = [Path(p) for p in args.images]
+    query_vector = _explain_query_vector(model, args) if args.query is not None else None
     written = explain_images(
         vit, images, Path(args.out), mean=mean, std=std, discard_ratio=args.discard_ratio, head_fusion=args.head_fusion
     )
+    if query_vector is not None:
+        from vitrina.models.explain import explain_query
+
+        written += explain_query(model, images, Path(args.out), query=args.query, text_vector=query_vector)
     for path in written:
         print(f"written: {path}")
+
+
+def _explain_query_vector(model, args: argparse.Namespace):
+    """The unit (D,) vector of ``--query`` (the search query language: weighted and negative terms mixed)."""
+    import torch
+
+    from vitrina.encoder import as_numpy
+    from vitrina.models.explain import clip_image_tower
+    from vitrina.search import combine, parse_query
+
+    clip_image_tower(model, where=f"--model {args.model} (--query)")  # a ViT classifier has no text tower
+    terms = parse_query(args.query)
+    with torch.inference_mode():
+        texts = as_numpy(model.eval().encode_text(model.tokenize([t.text for t in terms])))  # (T, D)
+    vector = combine([(v, t.weight) for v, t in zip(texts, terms, strict=True)])
+    if vector is None:
+        raise UserError(f"--query {args.query!r}: the terms cancel each other out; change their weights")
+    return vector
 
 
 def cmd_data_export(args: argparse.Namespace) -> None:
@@ -501,7 +639,14 @@ def cmd_data_export(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from vitrina.serve import serve
 
-    serve(Path(args.index), host=args.host, port=args.port, model_ref=args.model, precision=args.precision)
+    serve(
+        Path(args.index),
+        host=args.host,
+        port=args.port,
+        model_ref=args.model,
+        precision=args.precision,
+        reranker=args.reranker,
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -513,19 +658,50 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # --- parser ---------------------------------------------------------------------------------
 
 
+DEFAULT_EPOCHS = 10
+
+
+def _add_schedule_options(parser: argparse.ArgumentParser) -> None:
+    """Epochs, time budget and cap, warm-up and weight average: the same for every trainer."""
+    option = parser.add_argument
+    option("--epochs", type=int, metavar="N", help=f"passes over the data ({DEFAULT_EPOCHS}; with --minutes: no limit)")
+    option(
+        "--minutes",
+        type=float,
+        metavar="M",
+        help="time budget: warm-up and cosine decay over M minutes of wall-clock time; the run ends at M",
+    )
+    option(
+        "--max-minutes",
+        type=float,
+        metavar="M",
+        help="stop this invocation cleanly after M minutes, schedule unchanged; run again to continue",
+    )
+    option("--warmup-seconds", type=float, metavar="S", help="--minutes: warm-up length in seconds")
+    option("--warmup-fraction", type=float, metavar="F", help="warm-up as a share of the steps or the budget (0.05)")
+    option(
+        "--ema",
+        type=float,
+        nargs="?",
+        const=0.999,
+        metavar="DECAY",
+        help="evaluate and save a moving average of the weights (decay 0.999 if not given)",
+    )
+
+
 def _add_classify_options(parser: argparse.ArgumentParser, *, lr: float, data_required: bool = True) -> None:
     """Data and training options shared by `train classify` and `distill`."""
     parser.add_argument("--data", required=data_required, help="fashion-mnist, or a folder of class folders")
     parser.add_argument("--fraction", type=float, default=None, help="a stratified share of the images")
     parser.add_argument("--limit", type=int, default=None, help="at most about N images per split (smoke runs)")
     parser.add_argument("--out", required=True, help="checkpoint folder; an existing one is resumed")
-    parser.add_argument("--epochs", type=int, default=10)
+    _add_schedule_options(parser)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--no-augment", action="store_true", help="train on the images as they are")
-    parser.add_argument("--minutes", type=float, default=None, help="stop cleanly after this many minutes")
+    parser.add_argument("--tta", action="store_true", help="evaluate on the mean logits of each image and its flip")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (folders of photos)")
     parser.add_argument(
         "--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast forward (fast CNNs on AVX-512)"
@@ -549,10 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--data", required=True, help="e.g. emoji:apple,google+fashion-mnist:train:10000 or pairs.jsonl")
     clip.add_argument("--preset", default="clip-minilm", help="model preset (see `vitrina models`)")
     clip.add_argument("--out", required=True, help="checkpoint folder; an existing one is resumed")
-    clip.add_argument("--epochs", type=int, default=10)
+    _add_schedule_options(clip)
     clip.add_argument("--batch-size", type=int, default=128)
     clip.add_argument("--lr", type=float, default=1e-3)
-    clip.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this many minutes")
     clip.add_argument("--workers", type=int, default=2, help="data-loading processes (per-sample path only)")
     clip.add_argument(
         "--in-memory",
@@ -568,6 +743,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(handler=cmd_train_clip)
+
+    rerank = train.add_parser("rerank", help="cross-attention re-ranker on a CLIP's hard negatives")
+    rerank.add_argument("--model", required=True, help="the CLIP checkpoint whose frozen towers it reads")
+    rerank.add_argument("--data", required=True, help="e.g. emoji:apple,google,twitter (see `train clip --data`)")
+    rerank.add_argument("--out", default=None, help="re-ranker folder (default: MODEL/reranker, found by search)")
+    rerank.add_argument("--epochs", type=int, default=10)
+    rerank.add_argument("--batch-size", type=int, default=128)
+    rerank.add_argument("--lr", type=float, default=3e-4)
+    rerank.add_argument("--hard-pool", type=int, default=16, help="hard negatives come from the dual encoder's top-k")
+    rerank.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this many minutes")
+    rerank.add_argument("--seed", type=int, default=0)
+    rerank.set_defaults(handler=cmd_train_rerank)
 
     classify = train.add_parser("classify", help="supervised image classification (from scratch or transfer)")
     classify.add_argument("--model", default=None, help="ViT / Swin / CNN preset trained from scratch")
@@ -680,6 +867,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print hits as JSON (with their folded duplicates' ids)")
     search.add_argument("--model", default=None, help="override the model stored in the index (same kind/width)")
     search.add_argument(
+        "--rerank", type=int, default=0, metavar="N", help="re-score the top N with the cross-attention re-ranker"
+    )
+    search.add_argument("--reranker", default=None, help="re-ranker folder (default: the index model's reranker/)")
+    search.add_argument(
         "--runtime",
         default="auto",
         choices=["auto", "onnx", "torch"],
@@ -699,6 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback exposes the index")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model", default=None, help="override the model stored in the index (same kind/width)")
+    serve.add_argument("--reranker", default=None, help="re-ranker folder for rerank=N (default: MODEL/reranker)")
     serve.add_argument(
         "--precision",
         default="fp32",
@@ -707,10 +899,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=cmd_serve)
 
-    classify = sub.add_parser("classify", help="zero-shot classification with prompt ensembles")
+    classify = sub.add_parser(
+        "classify", help="zero-shot (--labels, prompt ensembles) or few-shot (--shots DIR) classification"
+    )
     classify.add_argument("images", nargs="+")
     classify.add_argument("--model", required=True)
-    classify.add_argument("--labels", required=True, help="comma-separated class names")
+    classify.add_argument("--labels", default=None, help="comma-separated class names (zero-shot)")
+    classify.add_argument("--shots", default=None, metavar="DIR", help="one subfolder of labelled images per class")
+    classify.add_argument(
+        "--method",
+        default="prototype",
+        choices=["prototype", "tip-adapter", "linear"],
+        help="--shots: class prototypes, Tip-Adapter (shot cache + zero-shot prompts), or a logistic-regression head",
+    )
+    classify.add_argument("--alpha", type=float, default=None, help="tip-adapter: weight of the shot cache (1.0)")
+    classify.add_argument("--beta", type=float, default=None, help="tip-adapter: sharpness of the affinities (5.5)")
     classify.add_argument("--top", type=int, default=3)
     classify.add_argument("--json", action="store_true")
     classify.set_defaults(handler=cmd_classify)
@@ -723,6 +926,20 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--json-out", default=None, help="default: INDEX/eval.json")
     retrieval.set_defaults(handler=cmd_eval_retrieval)
 
+    fewshot = evaluate.add_parser("fewshot", help="1/2/4/8/16-shot accuracy over seeded draws, beside zero-shot")
+    fewshot.add_argument("--model", required=True, help="CLIP checkpoint folder")
+    fewshot.add_argument(
+        "--data",
+        default="emoji:facebook+fashion-mnist",
+        help="'+'-separated: emoji:STYLE (categories), fashion-mnist (train shots, test images), or a class folder",
+    )
+    fewshot.add_argument("--shots", default="1,2,4,8,16", help="comma-separated shots per class")
+    fewshot.add_argument("--seeds", type=int, default=5, help="seeded draws per shot count (error bars)")
+    fewshot.add_argument("--methods", default="prototype,tip-adapter,linear", help="comma-separated methods")
+    fewshot.add_argument("--limit-test", type=int, default=2000, help="a stratified subset of each test set")
+    fewshot.add_argument("--out", required=True, help="folder for fewshot.json and fewshot.png")
+    fewshot.set_defaults(handler=cmd_eval_fewshot)
+
     probe = evaluate.add_parser("probe", help="linear probe, kNN, k-means NMI/ARI and t-SNE of frozen features")
     probe.add_argument("--ckpt", required=True, help="checkpoint folder, a preset (random init) or 'pixels'")
     probe.add_argument("--data", default="fashion-mnist", help="fashion-mnist, emoji:STYLES or a class folder")
@@ -734,6 +951,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--tsne-points", type=int, default=2000, help="points in the t-SNE plot")
     probe.add_argument("--pool", default=None, choices=["cls", "mean"], help="ViT features: override the pooling")
     probe.add_argument("--image-size", type=int, default=None, help="pixel baseline only: resize images to this")
+    probe.add_argument(
+        "--probe-bn", action="store_true", help="also the BatchNorm(affine=False) + linear probe, as linear_bn"
+    )
     probe.add_argument("--out", required=True, help="folder for probe.json and tsne.png")
     probe.add_argument("--seed", type=int, default=0)
     probe.set_defaults(handler=cmd_eval_probe)
@@ -743,20 +963,29 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--backbone", default="vit-fmnist-28", help="ViT preset (see `vitrina models`)")
     pretrain.add_argument("--data", default="fashion-mnist", help="fashion-mnist[:train[:N]], emoji:STYLES or a folder")
     pretrain.add_argument("--out", required=True, help="checkpoint folder; an existing one is resumed")
-    pretrain.add_argument("--minutes", type=float, default=None, help="time cap; without --epochs the run fits it")
-    pretrain.add_argument("--epochs", type=int, default=None)
+    _add_schedule_options(pretrain)
     pretrain.add_argument("--batch-size", type=int, default=256)
     pretrain.add_argument("--lr", type=float, default=1e-3)
     pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument(
+        "--local-crops", type=int, default=0, help="vicreg, byol: small multi-crop views beside the 2 global ones"
+    )
     pretrain.set_defaults(handler=cmd_pretrain)
 
     models = sub.add_parser("models", help="list model presets with parameters and measured GMACs per image")
     models.set_defaults(handler=cmd_models)
 
-    explain = sub.add_parser("explain", help="attention rollout of images and position-embedding similarity (ViT)")
+    explain = sub.add_parser(
+        "explain", help="attention rollout, position-embedding similarity and query heat maps of images (ViT)"
+    )
     explain.add_argument("images", nargs="+", help="image files")
     explain.add_argument("--model", required=True, help="ViT or CLIP checkpoint folder, or preset name")
-    explain.add_argument("--out", required=True, help="folder for <stem>-rollout.png and pos-embed-similarity.png")
+    explain.add_argument(
+        "--out", required=True, help="folder for <stem>-rollout.png, <stem>-query.png and pos-embed-similarity.png"
+    )
+    explain.add_argument(
+        "--query", default=None, help="CLIP: also map each patch's similarity to this text (search query syntax)"
+    )
     explain.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of faint weights")
     explain.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"])
     explain.set_defaults(handler=cmd_explain)

@@ -29,10 +29,14 @@ class TrainConfig:
     """How to train: optimisation, schedule, seeding, logging and limits.
 
     Warm-up is ``warmup_steps`` when given, else ``warmup_fraction`` of all steps; the learning rate
-    then follows a cosine from ``lr`` down to ``lr * min_lr_ratio``. ``max_minutes`` stops a run
+    then follows a cosine from ``lr`` down to ``lr * min_lr_ratio``. With ``budget_minutes`` the
+    schedule runs over wall-clock time instead: warm-up for ``warmup_seconds`` (or
+    ``warmup_fraction`` of the budget), the cosine's floor reached when the budget is spent, which
+    ends the run (``epochs`` is then only an upper bound). ``max_minutes`` stops one invocation
     cleanly after the step that crosses it (a checkpoint is still written; the next run with the
     same ``out_dir`` resumes from there). ``checkpoint_every_steps`` adds checkpoints inside an
-    epoch, on top of the one written at every epoch end.
+    epoch, on top of the one written at every epoch end. ``ema_decay`` keeps a moving average of the
+    weights that is evaluated and saved as the model (``vitrina.train.ema``).
     """
 
     epochs: int = 10
@@ -49,6 +53,9 @@ class TrainConfig:
     num_workers: int = 0
     log_every: int = 10
     max_minutes: float | None = None
+    budget_minutes: float | None = None
+    warmup_seconds: float | None = None
+    ema_decay: float | None = None
     checkpoint_every_steps: int | None = None
     val_fraction: float = 0.1
     # "bf16" runs the forward pass (and the loss) under CPU autocast to bfloat16: the weights, their
@@ -77,6 +84,19 @@ class TrainConfig:
             (self.num_workers >= 0, "num_workers", "must be >= 0"),
             (self.log_every >= 1, "log_every", "must be at least 1"),
             (self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be positive"),
+            (self.budget_minutes is None or self.budget_minutes > 0, "budget_minutes", "must be positive"),
+            (
+                self.warmup_seconds is None
+                or (self.budget_minutes is not None and 0 <= self.warmup_seconds < self.budget_minutes * 60),
+                "warmup_seconds",
+                "needs a time budget (budget_minutes) and must be in [0, the budget's seconds)",
+            ),
+            (
+                self.budget_minutes is None or self.warmup_steps is None,
+                "warmup_steps",
+                "counts steps; a time budget warms up for warmup_seconds or warmup_fraction of it",
+            ),
+            (self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1), e.g. 0.999"),
             (
                 self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
                 "checkpoint_every_steps",

@@ -2,7 +2,8 @@
 
 One query engine for the CLI and the HTTP API: a ``Query`` holds weighted text terms, example images
 (files, PIL images, indexed items by id, or raw vectors) and how many hits to return; ``Searcher.run``
-encodes it, searches, and folds near-duplicates when asked.
+encodes it, searches, re-ranks the top candidates with a cross-attention model and folds
+near-duplicates when asked.
 
 The text query language (``parse_query``)::
 
@@ -52,12 +53,14 @@ __all__ = [
     "Hit",
     "Query",
     "RankedHit",
+    "RerankUnavailable",
     "Results",
     "Searcher",
     "Served",
     "Term",
     "UnknownItemError",
     "classify",
+    "classify_fewshot",
     "collapse_near_duplicates",
     "combine",
     "encode_images",
@@ -227,13 +230,19 @@ class UnknownItemError(UserError):
         self.item_id = item_id
 
 
+class RerankUnavailable(UserError):
+    """A query asks for re-ranking that cannot be done: no re-ranker, or no text to score images against."""
+
+
 @dataclass
 class Query:
     """What to search by: weighted text terms and example images, mixed into one vector.
 
     ``images`` are files or PIL images (encoded here), ``item_ids`` indexed items (their stored
     vectors), ``vectors`` raw (D,) vectors of any scale; each comes with its weight. ``collapse``
-    shows near-duplicate images as one hit, the others listed as its duplicates.
+    shows near-duplicate images as one hit, the others listed as its duplicates. ``rerank = N``
+    reorders the top N hits by the cross-attention re-ranker's ``sum_i w_i * logit(term_i, image)``
+    over the text terms (it needs one); the N candidates stay the same, only their order changes.
     """
 
     terms: list[Term] = field(default_factory=list)
@@ -242,6 +251,7 @@ class Query:
     vectors: list[tuple[np.ndarray, float]] = field(default_factory=list)
     k: int = 10
     collapse: bool = False
+    rerank: int = 0  # re-score the dual encoder's top ``rerank`` with the re-ranker (0: do not)
 
     @property
     def has_examples(self) -> bool:
@@ -255,6 +265,7 @@ class RankedHit:
 
     hit: Hit
     duplicates: list[int] = field(default_factory=list)
+    rerank_score: float | None = None  # the re-ranker's score, when the query asked for re-ranking
 
 
 @dataclass(frozen=True)
@@ -288,6 +299,8 @@ class Searcher:
     the active version stored; it must be the weights the version was built with (``vitrina.index.encoders``).
     ``runtime``: ``torch`` loads that model; ``auto`` runs the version's exported ONNX towers where they are
     usable (no torch import), ``onnx`` only those (``vitrina.index.encoders.query_encoder``).
+    ``reranker``: the re-ranker folder for ``Query.rerank`` (default: ``reranker/`` in the version's model
+    checkpoint), loaded at the first query that asks for it.
     ``refresh()`` (the server calls it on a background thread) loads a newer published ANN file or a
     newly activated version and swaps it in with one reference assignment: a query in flight keeps
     the state it started with, and no query waits for the load.
@@ -303,8 +316,11 @@ class Searcher:
         precision: str = "fp32",
         text_cache_size: int = TEXT_CACHE_SIZE,
         fast_texts: bool = False,
+        reranker: str | os.PathLike | None = None,
     ) -> None:
         self.index_dir = Path(index_dir)
+        self._reranker_ref = reranker
+        self._rerankers: dict[str | None, object] = {}  # version digest -> its loaded Reranker
         self.store = IndexStore.open(self.index_dir)
         self.text_cache = LRUCache(text_cache_size)  # (model digest, text) -> unit vector
         self._model_ref = model_ref
@@ -460,7 +476,7 @@ class Searcher:
         """Several queries as one: every text term of all of them encoded in one batch (through the cache),
         one ANN search for all their vectors, then each query's own k and collapse.
 
-        A query that cannot run (an unknown image id, k < 1) gets its ``UserError`` in its place; the
+        A query that cannot run (an unknown image id, k < 1, no re-ranker) gets its ``UserError`` in its place; the
         others are answered. All run against one ``Served`` state.
         """
         served = self.served
@@ -472,6 +488,10 @@ class Searcher:
             try:
                 if query.k < 1:
                     raise UserError(f"k must be at least 1, got {query.k}")
+                if query.rerank < 0:
+                    raise UserError(f"rerank must be 0 or more, got {query.rerank}")
+                if query.rerank and not query.terms:
+                    raise RerankUnavailable("rerank: the re-ranker scores text against images; give a text query too")
                 vector = self.query_vector(query, served=served, texts=texts)
             except UserError as error:
                 out[i] = error
@@ -479,25 +499,79 @@ class Searcher:
             if vector is None:
                 out[i] = Results([], count, cancelled=True)
             else:
-                wanted.append((i, vector, query.k * (COLLAPSE_POOL if query.collapse else 1)))
+                wanted.append((i, vector, max(query.k * (COLLAPSE_POOL if query.collapse else 1), query.rerank)))
         if wanted:
             vectors = np.stack([vector for _, vector, _ in wanted])  # (Q, D)
             ranked = self.store.search(vectors, max(k for _, _, k in wanted), view=served.view)
             for (i, _, k), hits in zip(wanted, ranked, strict=True):
-                out[i] = self._finish(queries[i], hits[:k], served, count)
+                try:
+                    pool, scores = self._rerank(queries[i], hits[:k], served)
+                except UserError as error:
+                    out[i] = error
+                    continue
+                out[i] = self._finish(queries[i], pool, served, count, scores)
         return out  # type: ignore[return-value]
 
-    def _finish(self, query: Query, pool: list[Hit], served: Served, count: int) -> Results:
-        """The ranked hits of one query from its candidates: as they are, or with near-duplicates folded."""
+    def reranker(self, served: Served | None = None):
+        """The re-ranker of ``served``'s version (loaded once): ``--reranker``, else MODEL/reranker/."""
+        from vitrina.models.rerank import load_reranker, reranker_folder
+
+        served = served or self.served
+        version = served.version
+        if version.digest not in self._rerankers:
+            folder = Path(self._reranker_ref) if self._reranker_ref else reranker_folder(version.model_ref)
+            if not folder.is_dir():
+                raise RerankUnavailable(
+                    f"{self.index_dir}: no re-ranker for {version.model_ref} (looked for {folder}); train one with "
+                    f"`vitrina train rerank --model {version.model_ref} --data SPEC`, or give --reranker FOLDER"
+                )
+            model = getattr(served.encoder, "model", None)
+            self._rerankers[version.digest] = load_reranker(folder, clip=model, clip_digest=version.digest)
+        return self._rerankers[version.digest]
+
+    def _rerank(self, query: Query, pool: list[Hit], served: Served) -> tuple[list[Hit], dict[int, float]]:
+        """``pool`` with its first ``query.rerank`` hits reordered by the re-ranker -> (hits, id -> its score).
+
+        An image that can no longer be read scores -inf: it stays among the candidates, last.
+        """
+        if not query.rerank or not pool:
+            return pool, {}
+        reranker = self.reranker(served)
+        head, tail = pool[: query.rerank], pool[query.rerank :]
+        images, readable = [], []
+        for row, hit in enumerate(head):
+            try:
+                images.append(load_image(hit.path))
+                readable.append(row)
+            except UserError:  # BadImageError: gone or damaged since it was indexed
+                continue
+        scores = np.full(len(head), -np.inf, dtype=np.float32)  # (N,)
+        if images:
+            tokens = reranker.image_tokens(images)  # (n, M, Cv): once for every term
+            total = sum(t.weight * reranker.score_tokens(t.text, tokens).numpy() for t in query.terms)  # (n,)
+            scores[readable] = total
+        order = np.argsort(-scores, kind="stable")  # ties keep the dual encoder's order
+        head = [head[j] for j in order]
+        return head + tail, {head[j].id: float(scores[order[j]]) for j in range(len(head))}
+
+    def _finish(
+        self, query: Query, pool: list[Hit], served: Served, count: int, reranked: dict[int, float] | None = None
+    ) -> Results:
+        """The ranked hits of one query from its candidates: as they are, or with near-duplicates folded.
+
+        ``reranked``: the re-ranker's score of each re-scored hit by id (reported beside the cosine).
+        """
+        reranked = reranked or {}
         if not query.collapse:
-            return Results([RankedHit(hit) for hit in pool], count)
+            return Results([RankedHit(hit, rerank_score=reranked.get(hit.id)) for hit in pool[: query.k]], count)
         stored = self.store.item_vectors([hit.id for hit in pool], version=served.version.id)
         pool = [hit for hit in pool if hit.id in stored]  # deleted between the two reads
         if not pool:
             return Results([], count)
         vectors = np.stack([stored[hit.id] for hit in pool])  # (N, D)
         groups = collapse_near_duplicates(vectors, query.k, DUPLICATE_COSINE)
-        return Results([RankedHit(pool[row], [pool[d].id for d in dups]) for row, dups in groups], count)
+        hits = [RankedHit(pool[row], [pool[d].id for d in dups], reranked.get(pool[row].id)) for row, dups in groups]
+        return Results(hits, count)
 
 
 class LRUCache:
@@ -560,3 +634,44 @@ def classify(
     probs = class_probabilities(encode_images(images, encoder), class_vectors, logit_scale_of(encoder))  # (B, C)
     order = np.argsort(-probs, axis=1, kind="stable")[:, : top or len(labels)]
     return [[(labels[c], float(row[c])) for c in ranked] for row, ranked in zip(probs, order, strict=True)]
+
+
+def encode_images_batched(images: list[ImageLike], encoder: Encoder, *, batch_size: int = 64) -> np.ndarray:
+    """(B, D) unit vectors of many images, ``batch_size`` at a time (bounded memory)."""
+    chunks = [encode_images(images[i : i + batch_size], encoder) for i in range(0, len(images), batch_size)]
+    return np.concatenate(chunks) if chunks else np.empty((0, encoder.embed_dim), dtype=np.float32)
+
+
+def classify_fewshot(
+    images: list[ImageLike],
+    shots_folder: str | os.PathLike,
+    encoder: Encoder,
+    *,
+    method: str = "prototype",
+    top: int | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+) -> tuple[list[str], list[list[tuple[str, float]]]]:
+    """Few-shot: the classes of ``shots_folder`` (one subfolder of labelled images each) learnt from its images,
+    then each image's (label, probability) pairs, best ``top`` first. Returns (class names, ranked pairs).
+
+    ``method``: prototype, tip-adapter (with the class names' prompt ensembles) or linear (``vitrina.models.fewshot``).
+    """
+    from vitrina.models.fewshot import TIP_ALPHA, TIP_BETA, fit_fewshot, read_shots_folder
+    from vitrina.models.zeroshot import class_embeddings, logit_scale_of
+
+    paths, labels, names = read_shots_folder(shots_folder)
+    text_vectors = class_embeddings(names, encoder) if method == "tip-adapter" else None
+    classifier = fit_fewshot(
+        encode_images_batched(paths, encoder),
+        labels,
+        names,
+        method=method,
+        text_vectors=text_vectors,
+        scale=logit_scale_of(encoder),
+        alpha=TIP_ALPHA if alpha is None else alpha,
+        beta=TIP_BETA if beta is None else beta,
+    )
+    probs = classifier.probabilities(encode_images_batched(images, encoder))  # (B, C)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, : top or len(names)]
+    return names, [[(names[c], float(row[c])) for c in ranked] for row, ranked in zip(probs, order, strict=True)]

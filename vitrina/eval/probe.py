@@ -2,6 +2,11 @@
 
 * ``linear_probe`` — the standard linear evaluation protocol: features standardised, multinomial
   logistic regression (scikit-learn, L-BFGS) on the training features, accuracy on the test ones.
+* ``bn_linear_probe`` — MAE's protocol (He et al., 2022): a ``BatchNorm1d(affine=False)`` in front of
+  a linear layer, trained by SGD on the frozen features (batch statistics while training, running
+  ones at test). Reported as ``linear_bn`` beside ``linear`` (``--probe-bn``): the BN's
+  statistics are learnt from batches, and SGD stops short of the exact optimum that L-BFGS reaches,
+  so the two protocols give different numbers for the same features.
 * ``knn_accuracy`` — the weighted kNN of Wu et al. (2018), as DINO uses it: cosine similarity to
   the k nearest training features, each neighbour voting for its class with ``exp(sim / T)``.
 * ``cluster_scores`` — k-means (scikit-learn) on L2-normalised features with as many clusters as
@@ -34,6 +39,8 @@ from vitrina.ssl.common import to_input
 from vitrina.ssl.data import ImageSet
 
 PIXELS = "pixels"
+LINEAR_PROTOCOL = "linear: standardised features, logistic regression (L-BFGS)"
+LINEAR_BN_PROTOCOL = "linear-bn: BatchNorm1d(affine=False) + linear layer, SGD (MAE)"
 
 
 class NormalisedPixels(Dataset):
@@ -63,6 +70,8 @@ def extract_features(
     if pool is not None:
         if saved_pool is None:
             raise UserError(f"--pool applies to ViT backbones; a {type(model).__name__} pools its own way")
+        if pool == "cls" and getattr(model, "cls_token", None) is None:
+            raise UserError("--pool cls: this ViT pools by sequence pooling and has no [CLS] token; use --pool mean")
         model.config.pool = pool
     model.eval()
     features, labels = [], []
@@ -99,6 +108,62 @@ def linear_probe(
         "train_accuracy": float(classifier.score(scaler.transform(train_x), train_y)),
         "n_train": len(train_y),
         "n_test": len(test_y),
+        "protocol": LINEAR_PROTOCOL,
+    }
+
+
+def bn_linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    *,
+    epochs: int = 30,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``BatchNorm1d(affine=False)`` -> ``Linear``, SGD (momentum 0.9, cosine decay) on the training features.
+
+    The linear layer starts as MAE's (truncated normal, std 0.01; zero bias); batches are seeded
+    shuffles, and a last batch of one item is skipped (BatchNorm needs two). Returns the keys of
+    ``linear_probe``, with ``protocol`` naming this one.
+    """
+    x = torch.from_numpy(np.asarray(train_x, dtype=np.float32))
+    y = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    n_classes = int(max(y.max().item(), int(np.max(test_y)))) + 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = nn.Sequential(nn.BatchNorm1d(x.shape[1], affine=False), nn.Linear(x.shape[1], n_classes))
+        nn.init.trunc_normal_(probe[1].weight, std=0.01)
+        nn.init.zeros_(probe[1].bias)
+        batches = [(start, min(start + batch_size, len(x))) for start in range(0, len(x), batch_size)]
+        batches = [b for b in batches if b[1] - b[0] > 1]
+        optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(batches))
+        probe.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(x))
+            for start, end in batches:
+                chosen = order[start:end]
+                loss = nn.functional.cross_entropy(probe(x[chosen]), y[chosen])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    probe.eval()
+
+    def accuracy(features: np.ndarray, labels: np.ndarray) -> float:
+        with torch.no_grad():
+            predicted = probe(torch.from_numpy(np.asarray(features, dtype=np.float32))).argmax(dim=1).numpy()
+        return float((predicted == np.asarray(labels)).mean())
+
+    return {
+        "accuracy": accuracy(test_x, test_y),
+        "train_accuracy": accuracy(train_x, train_y),
+        "n_train": len(train_y),
+        "n_test": len(test_y),
+        "protocol": LINEAR_BN_PROTOCOL,
     }
 
 
@@ -211,8 +276,12 @@ def probe_representation(
     batch_size: int = 256,
     pool: str | None = None,
     label: str = "",
+    probe_bn: bool = False,
 ) -> dict[str, Any]:
-    """Every measure above for ``model`` (None: raw pixels); writes ``probe.json`` and ``tsne.png``."""
+    """Every measure above for ``model`` (None: raw pixels); writes ``probe.json`` and ``tsne.png``.
+
+    ``probe_bn`` adds the BatchNorm linear probe as ``linear_bn`` beside ``linear``.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -229,6 +298,11 @@ def probe_representation(
     start = time.perf_counter()
     linear = linear_probe(train_x, train_y, test_x, test_y)
     seconds["linear"] = time.perf_counter() - start
+    linear_bn = None
+    if probe_bn:
+        start = time.perf_counter()
+        linear_bn = bn_linear_probe(train_x, train_y, test_x, test_y, seed=seed)
+        seconds["linear_bn"] = time.perf_counter() - start
     start = time.perf_counter()
     knn = {f"k{k}": knn_accuracy(train_x, train_y, test_x, test_y, k=k) for k in knn_ks}
     seconds["knn"] = time.perf_counter() - start
@@ -245,6 +319,7 @@ def probe_representation(
         "feature_dim": int(train_x.shape[1]),
         "pool": "pixels" if model is None else pool or getattr(model.config, "pool", "own"),
         "linear": linear,
+        **({"linear_bn": linear_bn} if linear_bn is not None else {}),
         "knn": knn,
         "cluster": clusters,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},

@@ -112,6 +112,18 @@ class CLIP(nn.Module):
         """``tokenize`` output -> (B, Ct) pooled text-tower features, before the projection."""
         return self.text(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
 
+    def text_token_states(self, tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokenize`` output -> ((B, L, Ct) per-token text-tower states, (B, L) mask, 1 = real token).
+
+        What a cross-attention re-ranker (``vitrina.models.rerank``) reads, beside ``image_tokens``.
+        """
+        mask = tokens["attention_mask"]
+        return self.text.token_states(input_ids=tokens["input_ids"], attention_mask=mask), mask
+
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, P+N, Cv) image-tower tokens ([CLS] and the patches) after its final LayerNorm."""
+        return self.visual.forward_features(pixels)
+
     # --- into the shared space -----------------------------------------------------------
 
     def project_image(self, features: torch.Tensor) -> torch.Tensor:

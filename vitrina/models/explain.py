@@ -4,11 +4,20 @@ Attention rollout (Abnar & Zuidema, 2020, "Quantifying Attention Flow in Transfo
 residual connection carries each token on, so a layer's effective mixing is ``0.5 A + 0.5 I``
 (A the head-fused attention, rows renormalised); multiplying these through the layers gives how
 much each input token flows into each output token. The [CLS] row over the patch tokens is a
-heat map of what the pooled feature looks at.
+heat map of what the pooled feature looks at. A ViT with sequence pooling (``pool="seq"``) has no
+[CLS]: its pooled feature is ``sum_i w_i x_i`` over the last tokens, so its map is the same mix of
+rollout rows, ``sum_i w_i R[i, :]`` with the pooling weights ``w`` of that image
+(``sequence_pool_rollout``): again how much each input patch flows into the pooled feature.
 
 Position-embedding similarity (Dosovitskiy et al., 2020, fig. 7): the cosine similarity of each
 patch's learned position embedding with every other patch's, drawn as one tile per patch; a
 trained ViT shows each tile bright around its own row and column.
+
+Query heat map ("why this match"): the image tower's patch tokens after the final LayerNorm go
+through the same projection as the pooled token into the joint space, are normalised, and are
+dotted with the query's unit text vector: a (grid, grid) map of cosines that says which patches
+resemble the query. With mean pooling the pooled vector is the mean of the projected patches, so
+(before per-patch normalisation) the map's mean is the image's own score times its pooled norm.
 
 Figures are written with matplotlib's Agg backend (no display needed), imported only when drawing.
 """
@@ -43,6 +52,17 @@ def vision_transformer(model: nn.Module, *, where: str = "model") -> ViT:
     raise UserError(
         f"{where}: a {type(model).__name__} has no [CLS] attention; attention rollout needs a ViT "
         "(a ViT or CLIP checkpoint or preset)"
+    )
+
+
+def clip_image_tower(model: nn.Module, *, where: str = "model") -> tuple[ViT, nn.Module]:
+    """A CLIP's ViT image tower and the projection its pooled feature takes into the joint space."""
+    visual, projection = getattr(model, "visual", None), getattr(model, "image_projection", None)
+    if isinstance(visual, ViT) and projection is not None:
+        return visual, projection
+    raise UserError(
+        f"{where}: a {type(model).__name__} has no ViT image tower with a joint-space projection; "
+        "the query heat map needs a CLIP checkpoint whose image tower is a ViT"
     )
 
 
@@ -116,6 +136,34 @@ def attention_rollout(
     if grid * grid != cls_to_patches.shape[-1]:
         raise ValueError(f"{cls_to_patches.shape[-1]} patch tokens do not form a square grid")
     return cls_to_patches.reshape(-1, grid, grid)
+
+
+def sequence_pool_rollout(rollout: torch.Tensor, pool_weights: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) rollout and (B, N) sequence-pooling weights -> (B, grid, grid): ``w^T R``, how much
+    each patch flows into the pooled feature (sums to 1 when the weights and the rows do)."""
+    pooled = (pool_weights.float().unsqueeze(1) @ rollout).squeeze(1)  # (B, 1, N) @ (B, N, N) -> (B, N)
+    grid = math.isqrt(pooled.shape[-1])
+    if grid * grid != pooled.shape[-1]:
+        raise ValueError(f"{pooled.shape[-1]} patch tokens do not form a square grid")
+    return pooled.reshape(-1, grid, grid)
+
+
+def model_rollout(
+    model: ViT, pixels: torch.Tensor, *, discard_ratio: float = 0.0, head_fusion: HeadFusion = "mean"
+) -> torch.Tensor:
+    """(B, C, H, W) normalised pixels -> (B, grid, grid) rollout map of what ``model``'s pooled feature draws from.
+
+    [CLS] pooling (and mean pooling, which keeps a [CLS]): the [CLS] row; sequence pooling: the rows
+    mixed by the image's pooling weights. Call under ``inference_mode`` with the model in eval mode.
+    """
+    attentions = model.forward_attention(pixels)
+    if model.config.pool == "seq":
+        weights = model.seq_pool.weights(model.forward_features(pixels))  # (B, N)
+        rollout = rollout_matrix(attentions, discard_ratio=discard_ratio, head_fusion=head_fusion)
+        return sequence_pool_rollout(rollout, weights)
+    return attention_rollout(
+        attentions, discard_ratio=discard_ratio, head_fusion=head_fusion, num_prefix_tokens=model.num_prefix_tokens
+    )
 
 
 # ---- position embedding ------------------------------------------------------------------------------
@@ -220,10 +268,7 @@ def explain_images(
     for path in image_paths:
         pixels = transform(load_image(path))  # (3, S, S), normalised
         with torch.inference_mode():
-            attentions = model.forward_attention(pixels[None])
-        heat = attention_rollout(
-            attentions, discard_ratio=discard_ratio, head_fusion=head_fusion, num_prefix_tokens=model.num_prefix_tokens
-        )[0]
+            heat = model_rollout(model, pixels[None], discard_ratio=discard_ratio, head_fusion=head_fusion)[0]
         shown = (pixels * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).permute(1, 2, 0)
         # two inputs with one stem (a/cat.png, b/cat.png) must not overwrite each other
         name = path.stem if stems.count(path.stem) == 1 else f"{path.parent.name}-{path.stem}"
@@ -244,17 +289,51 @@ def rollout_heatmap(
 ) -> Image.Image:
     """The model's crop of ``image`` under its attention-rollout map, ``size`` px square (for the web page).
 
-    The map says where the [CLS] token draws from, for this image alone: it is the same whatever the
-    query, so it shows what the model looked at, not why a particular query matched.
+    The map says where the pooled feature ([CLS], or the sequence pool) draws from, for this image
+    alone: it is the same whatever the query, so it shows what the model looked at, not why a
+    particular query matched.
     """
-    from matplotlib import colormaps
-
     from vitrina.data.transforms import EvalTransform
 
     pixels = EvalTransform(model.config.image_size, mean, std)(image)  # (3, S, S), normalised
     with torch.inference_mode():
-        attentions = model.eval().forward_attention(pixels[None])
-    heat = attention_rollout(attentions, num_prefix_tokens=model.num_prefix_tokens)[0].float()
+        heat = model_rollout(model.eval(), pixels[None])[0].float()
+    return _overlay(pixels, heat, mean, std, size, alpha)
+
+
+# ---- query heat map: which patches resemble the query -------------------------------------------------
+
+
+def projected_patches(vit: ViT, projection: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, h, w, D): each patch token after the final norm, through the pooled token's projection.
+
+    Not normalised; (h, w) is the patch grid of this image size.
+    """
+    p = vit.config.patch_size
+    tokens = vit.forward_features(pixels)[:, vit.num_prefix_tokens :]  # (B, N, C), N = h * w
+    projected = projection(tokens)  # (B, N, D)
+    return projected.reshape(pixels.shape[0], pixels.shape[-2] // p, pixels.shape[-1] // p, -1)  # (B, h, w, D)
+
+
+def query_similarity(
+    vit: ViT, projection: nn.Module, pixels: torch.Tensor, text_vector: torch.Tensor, *, normalize: bool = True
+) -> torch.Tensor:
+    """(B, 3, H, W) and a (D,) text vector -> (B, h, w): each patch's cosine with the unit text vector.
+
+    ``normalize=False`` leaves the patches at their projected length (a dot product, not a cosine).
+    """
+    patches = projected_patches(vit, projection, pixels).float()  # (B, h, w, D)
+    if normalize:
+        patches = F.normalize(patches, dim=-1)
+    text = F.normalize(torch.as_tensor(text_vector, dtype=torch.float32).reshape(-1), dim=0)  # (D,)
+    return patches @ text.to(patches.device)  # (B, h, w)
+
+
+def _overlay(pixels: torch.Tensor, heat: torch.Tensor, mean, std, size: int, alpha: float) -> Image.Image:
+    """A normalised (3, S, S) crop under a (h, w) heat map (scaled to [0, 1]), ``size`` px square, as RGB."""
+    from matplotlib import colormaps
+
+    heat = heat.detach().float().cpu()
     heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp(min=1e-12)
     heat = F.interpolate(heat[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
     shown = (pixels * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
@@ -262,3 +341,84 @@ def rollout_heatmap(
     colours = colormaps["inferno"](heat.clamp(0, 1).numpy())[..., :3]  # (size, size, 3)
     blended = (1 - alpha) * shown.numpy() + alpha * colours
     return Image.fromarray((np.clip(blended, 0, 1) * 255).round().astype(np.uint8), "RGB")
+
+
+def query_heatmap(
+    model: nn.Module,
+    image: Image.Image,
+    text_vector,
+    *,
+    size: int = 256,
+    alpha: float = 0.55,
+) -> Image.Image:
+    """A CLIP's crop of ``image`` under the query's patch-similarity map, ``size`` px square (for the web page).
+
+    Unlike the rollout, the map depends on the query: bright patches are those most like the text.
+    """
+    from vitrina.data.transforms import EvalTransform
+
+    vit, projection = clip_image_tower(model)
+    mean, std = model.config.image_mean, model.config.image_std
+    pixels = EvalTransform(vit.config.image_size, mean, std)(image)  # (3, S, S), normalised
+    with torch.inference_mode():
+        heat = query_similarity(vit.eval(), projection, pixels[None], text_vector)[0]  # (h, w)
+    return _overlay(pixels, heat, mean, std, size, alpha)
+
+
+def save_query_overlay(
+    image: np.ndarray, heat: torch.Tensor, path: str | os.PathLike, *, query: str, title: str = "", alpha: float = 0.55
+) -> Path:
+    """Side by side: ``image`` (H, W, 3) in [0, 1], and it under the (h, w) cosine map of ``query``; write a PNG."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    H, W = image.shape[:2]
+    heat = heat.detach().float()
+    low, high = float(heat.min()), float(heat.max())
+    scaled = (heat - low) / max(high - low, 1e-12)
+    scaled = F.interpolate(scaled[None, None], size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+    blended = (1 - alpha) * image + alpha * colormaps["inferno"](scaled.clamp(0, 1).numpy())[..., :3]
+    fig = _figure(7.0, 3.4)
+    for i, (picture, label) in enumerate([(image, "input"), (blended, f"similarity to “{query}”")]):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.imshow(np.clip(picture, 0, 1))
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    # the colour bar gives the real cosines the colours stand for (the map is stretched per image)
+    bar = ScalarMappable(norm=Normalize(low, high), cmap="inferno")
+    fig.colorbar(bar, ax=fig.axes[-1], label="patch cosine", fraction=0.046)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    out = Path(path)
+    fig.savefig(out, bbox_inches="tight")
+    return out
+
+
+def explain_query(
+    model: nn.Module,
+    image_paths: list[Path],
+    out_dir: Path,
+    *,
+    query: str,
+    text_vector,
+) -> list[Path]:
+    """Write ``<stem>-query.png`` (the image beside its patch-similarity map to ``query``) per image; the paths."""
+    from vitrina.data.images import load_image
+    from vitrina.data.transforms import EvalTransform
+
+    vit, projection = clip_image_tower(model)
+    mean, std = model.config.image_mean, model.config.image_std
+    transform = EvalTransform(vit.config.image_size, mean, std)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stems = [p.stem for p in image_paths]
+    written = []
+    for path in image_paths:
+        pixels = transform(load_image(path))  # (3, S, S), normalised
+        with torch.inference_mode():
+            heat = query_similarity(vit.eval(), projection, pixels[None], text_vector)[0]  # (h, w)
+        shown = (pixels * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).permute(1, 2, 0)
+        name = path.stem if stems.count(path.stem) == 1 else f"{path.parent.name}-{path.stem}"
+        out = out_dir / f"{name}-query.png"
+        written.append(save_query_overlay(shown.numpy(), heat, out, query=query, title=path.name))
+    return written

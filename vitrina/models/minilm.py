@@ -87,7 +87,10 @@ class MiniLMTower(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids and mask -> (B, 384) mean-pooled features (not normalised)."""
+        return mean_pool(self.token_states(input_ids, attention_mask), attention_mask)
+
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and mask -> (B, L, 384) every token's last hidden state (for the re-ranker)."""
         grad = torch.no_grad() if self.locked else contextlib.nullcontext()
         with grad:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-            return mean_pool(out.last_hidden_state, attention_mask)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

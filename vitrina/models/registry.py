@@ -56,6 +56,14 @@ VIT_PRESETS: dict[str, ViTConfig] = {
     "vit-fmnist-28": ViTConfig(image_size=28, patch_size=4, width=192, depth=6, heads=3),
     # A smaller, faster one: 7 px patches -> 4 x 4 = 16 tokens, for smoke runs and quick students.
     "vit-fmnist-28-fast": ViTConfig(image_size=28, patch_size=7, width=128, depth=4, heads=4),
+    # Hybrid ViTs for Fashion-MNIST: a conv stem (28 -> 14 -> 7, channels 48, 96, then 1x1 to the width) gives
+    # the same 7 x 7 tokens as vit-fmnist-28's 4 px patches. The first drops one block for the stem's cost, as
+    # "Early convolutions help transformers see better" does; it keeps [CLS], so it takes a DeiT token.
+    "vit-hybrid-fmnist": ViTConfig(image_size=28, patch_size=4, width=192, depth=5, heads=3, stem="conv"),
+    # A Compact Convolutional Transformer-like one: sequence pooling, no [CLS], the size of vit-fmnist-28-fast.
+    "vit-hybrid-fmnist-seqpool": ViTConfig(
+        image_size=28, patch_size=4, width=128, depth=4, heads=4, mlp_ratio=2.0, stem="conv", pool="seq"
+    ),
 }
 
 CLIP_PRESETS: dict[str, CLIPConfig] = {
@@ -155,7 +163,12 @@ def preset_cost(config: ModelConfig) -> PresetCost:
 def _shape_summary(config: ModelConfig) -> str:
     if isinstance(config, ViTConfig):
         extra = ", distilled" if config.distilled else ""
-        return f"patch {config.patch_size}, width {config.width}, depth {config.depth}, heads {config.heads}{extra}"
+        extra += ", seq pool" if config.pool == "seq" else ""
+        if config.stem == "conv":
+            stem = f"conv stem {'-'.join(map(str, config.conv_stem_channels))} (stride {config.patch_size})"
+        else:
+            stem = f"patch {config.patch_size}"
+        return f"{stem}, width {config.width}, depth {config.depth}, heads {config.heads}{extra}"
     if isinstance(config, SwinConfig):
         return f"patch {config.patch_size}, C {config.embed_dim}, depths {config.depths}, window {config.window_size}"
     if isinstance(config, CNNConfig):
@@ -170,13 +183,14 @@ def _shape_summary(config: ModelConfig) -> str:
 
 def describe_presets() -> str:
     """Every preset with kind, image size, parameters, measured GMACs per image and shape (``vitrina models``)."""
-    lines = [f"{'preset':<19} {'kind':<5} {'image':>6} {'params':>8} {'GMACs':>7}  shape"]
+    names = max(len(name) for name in ALL_PRESETS)
+    lines = [f"{'preset':<{names}} {'kind':<5} {'image':>6} {'params':>8} {'GMACs':>7}  shape"]
     for name, config in ALL_PRESETS.items():
         cost = preset_cost(config)
         kind = kind_of(config)
         gmacs = f"{cost.macs / 1e9:.3f}" + ("*" if kind == "clip" else " ")
         lines.append(
-            f"{name:<19} {kind:<5} {cost.image_size:>4}px {cost.parameters / 1e6:>7.2f}M {gmacs:>8} "
+            f"{name:<{names}} {kind:<5} {cost.image_size:>4}px {cost.parameters / 1e6:>7.2f}M {gmacs:>8} "
             f"{_shape_summary(config)}"
         )
     lines.append("GMACs: multiply-accumulates of one image, counted by torch's FlopCounterMode (FLOPs / 2).")

@@ -202,11 +202,26 @@ class TextTransformer(nn.Module):
             length = int(eot.max()) + 1
             if length > self.config.context_length:
                 raise ValueError(f"{length} tokens exceed the text context length {self.config.context_length}")
-        x = self.token_embedding(input_ids[:, :length]) + self.positional_embedding[:length]  # (B, L, C)
+        x = self._states(input_ids[:, :length])  # (B, L, C)
+        return x[torch.arange(x.shape[0], device=x.device), eot]  # (B, C)
+
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and mask -> (B, L, C): every token's state after the final LayerNorm (for the re-ranker).
+
+        Attention is causal, so the padding after a text's EOT changes none of its real tokens' states;
+        the mask says which rows are real.
+        """
+        if input_ids.shape[1] > self.config.context_length:
+            raise ValueError(f"{input_ids.shape[1]} tokens exceed the text context length {self.config.context_length}")
+        return self._states(input_ids)
+
+    def _states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, L, C) causal transformer states after ``ln_final``."""
+        L = input_ids.shape[1]
+        x = self.token_embedding(input_ids) + self.positional_embedding[:L]  # (B, L, C)
         for block in self.blocks:
             x = block(x, is_causal=True)
-        x = self.ln_final(x)
-        return x[torch.arange(x.shape[0], device=x.device), eot]  # (B, C)
+        return self.ln_final(x)
 
     def eos_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids and mask -> (B,) index of each text's end-of-text token (see ``TextConfig``)."""

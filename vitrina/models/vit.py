@@ -21,6 +21,14 @@ Position embeddings follow the image size: ``resize_pos_embed`` resamples the pa
 another image size is loaded (``load_state_dict`` resizes ``pos_embed`` to this model's grid) and
 when ``forward`` gets images of another size than the config's (any multiple of the patch size).
 
+Hybrid ViT (``vitrina.models.hybrid``): ``ViTConfig(stem="conv")`` puts a convolutional stem
+(stride-2 3x3 conv-BN-GELU per halving, then a 1x1 conv to the width) where the patch embedding was;
+its output grid is the token grid (``image_size / patch_size`` per side, the patch size being the
+stem's total stride). ``ViTConfig(pool="seq")`` pools by sequence pooling (an attention-weighted
+mean of the output tokens, as the Compact Convolutional Transformer) and has no [CLS] token, so
+``num_prefix_tokens`` is 0. Both are config fields at defaults that leave a plain ViT as it was:
+same parameters, same names, same outputs.
+
 ``patchify``/``unpatchify`` cut images into flat patches in MAE's layout, and
 ``ViT.forward_attention`` returns every block's attention weights (for rollout, see
 ``vitrina.models.explain``) while ``forward`` keeps the fused attention kernel.
@@ -37,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitrina.models.hybrid import ConvStem, SequencePool, default_stem_channels, stem_strides
+
 
 @dataclass
 class ViTConfig:
@@ -52,24 +62,39 @@ class ViTConfig:
     qkv_bias: bool = True
     num_classes: int = 0
     layer_norm_eps: float = 1e-6
-    pool: Literal["cls", "mean"] = "cls"
+    pool: Literal["cls", "mean", "seq"] = "cls"  # seq: sequence pooling (CCT), no [CLS] token
     distilled: bool = False  # DeiT: a distillation token and head beside [CLS] (see the module docstring)
     # Options of pretrained CLIP image towers (vitrina.models.pretrained); the defaults are timm's plain ViT.
     pre_norm: bool = False  # LayerNorm on the embedded tokens before the blocks (CLIP's ln_pre, timm's norm_pre)
     act: Literal["gelu", "quick_gelu"] = "gelu"  # MLP activation; OpenAI's CLIP uses quick_gelu
     patch_bias: bool = True  # CLIP's patch projection has no bias
+    # Hybrid ViT: "conv" puts a convolutional stem (log2(patch_size) stride-2 convs) where the patch embedding was
+    stem: Literal["patch", "conv"] = "patch"
+    stem_channels: tuple[int, ...] = ()  # channels of each stride-2 conv of a conv stem; () doubles up to width/2
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        if self.pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool not in ("cls", "mean", "seq"):
+            raise ValueError(f"pool must be 'cls', 'mean' or 'seq', got {self.pool!r}")
         if self.distilled and self.pool != "cls":
             raise ValueError("a distilled ViT reads its [CLS] and distillation tokens: pool must be 'cls'")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {', '.join(ACTIVATIONS)}, got {self.act!r}")
+        self.stem_channels = tuple(self.stem_channels)  # JSON gives a list
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
+        if self.stem == "conv":
+            halvings = stem_strides(self.patch_size)
+            if self.stem_channels and len(self.stem_channels) != halvings:
+                raise ValueError(
+                    f"stem_channels {self.stem_channels}: a conv stem for patch_size {self.patch_size} "
+                    f"has {halvings} stride-2 convs, one channel count each"
+                )
+        elif self.stem_channels:
+            raise ValueError("stem_channels applies to stem='conv' only")
 
     @property
     def grid_size(self) -> int:
@@ -82,8 +107,15 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patches: [CLS], and DeiT's distillation token when ``distilled``."""
+        """Tokens before the patches: [CLS] (none with sequence pooling), and DeiT's [DIST] when ``distilled``."""
+        if self.pool == "seq":
+            return 0
         return 2 if self.distilled else 1
+
+    @property
+    def conv_stem_channels(self) -> tuple[int, ...]:
+        """Channels of the conv stem's stride-2 convs (the configured ones, or the default doubling)."""
+        return self.stem_channels or default_stem_channels(self.patch_size, self.width)
 
 
 # ---- tensor surgery: small pure functions ------------------------------------------------------
@@ -273,18 +305,23 @@ class ViT(nn.Module):
     """Vision Transformer: ``forward_features`` -> (B, P+N, C) tokens, ``forward_head`` -> pooled/logits.
 
     P = ``num_prefix_tokens``: 1 ([CLS]), or 2 ([CLS], [DIST]) for a distilled (DeiT) ViT, whose
-    ``forward`` returns ``(cls_logits, dist_logits)`` in training mode and their average in eval mode.
+    ``forward`` returns ``(cls_logits, dist_logits)`` in training mode and their average in eval mode;
+    0 with sequence pooling. ``patch_embed`` is the patch embedding or, for a hybrid, the conv stem.
     """
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
+        config.__post_init__()  # fields set after construction (e.g. build_classifier's overrides) are checked too
         self.config = config
         c = config
         self.num_prefix_tokens = c.num_prefix_tokens
-        self.patch_embed = PatchEmbed(
-            patch_size=c.patch_size, in_channels=c.in_channels, width=c.width, bias=c.patch_bias
-        )
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width))
+        if c.stem == "conv":
+            self.patch_embed = ConvStem(channels=c.conv_stem_channels, in_channels=c.in_channels, width=c.width)
+        else:
+            self.patch_embed = PatchEmbed(
+                patch_size=c.patch_size, in_channels=c.in_channels, width=c.width, bias=c.patch_bias
+            )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width)) if c.pool != "seq" else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, c.width)) if c.distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + c.num_patches, c.width))
         self.blocks = nn.ModuleList(
@@ -303,6 +340,8 @@ class ViT(nn.Module):
         self.head = nn.Linear(c.width, c.num_classes) if c.num_classes > 0 else nn.Identity()
         if c.distilled:
             self.head_dist = nn.Linear(c.width, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        if c.pool == "seq":
+            self.seq_pool = SequencePool(c.width)
         self.reset_parameters()
 
     @property
@@ -315,14 +354,16 @@ class ViT(nn.Module):
         if self.pos_embed.is_meta:  # shapes only (e.g. counting parameters): nothing to fill
             return
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
         if self.dist_token is not None:
             nn.init.trunc_normal_(self.dist_token, std=0.02)  # DeiT's init
         self.apply(init_transformer_weights)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that AdamW should not decay."""
-        return {"pos_embed", "cls_token"} | ({"dist_token"} if self.dist_token is not None else set())
+        tokens = {name for name in ("cls_token", "dist_token") if getattr(self, name) is not None}
+        return {"pos_embed"} | tokens
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         # Weights saved at another image size: resample their position embedding to this grid, so
@@ -347,7 +388,7 @@ class ViT(nn.Module):
         if H % p or W % p:
             raise ValueError(f"image {H}x{W} is not a multiple of the patch size {p}")
         x = self.patch_embed(pixels)  # (B, N, C)
-        prefix = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
+        prefix = [token for token in (self.cls_token, self.dist_token) if token is not None]
         prefix = [token.expand(x.shape[0], -1, -1) for token in prefix]  # P x (B, 1, C)
         x = torch.cat([*prefix, x], dim=1)  # (B, P+N, C)
         pos_embed = self.pos_embed
@@ -367,9 +408,9 @@ class ViT(nn.Module):
 
         With [CLS] pooling that is the prefix tokens alone, (B, P, C): the last block then computes
         only their outputs, as the patch tokens' outputs would be dropped (the same numbers for about
-        1/depth less work). With mean pooling, every token (B, P+N, C).
+        1/depth less work). With mean or sequence pooling, every token (B, P+N, C).
         """
-        if self.config.pool == "mean" or not self.blocks:
+        if self.config.pool != "cls" or not self.blocks:
             return self.forward_features(pixels)
         x = self.embed(pixels)
         for block in self.blocks[:-1]:
@@ -386,9 +427,14 @@ class ViT(nn.Module):
         return attentions
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, P+N, C) -> (B, C): [CLS] (the mean of [CLS] and [DIST] if distilled), or the mean of the patch tokens."""
+        """(B, P+N, C) -> (B, C): [CLS] (the mean of [CLS] and [DIST] if distilled), the mean of the patch
+        tokens, or their sequence pooling (weights from ``seq_pool``)."""
         if self.config.pool == "mean":
             return x[:, self.num_prefix_tokens :].mean(dim=1)
+        if self.config.pool == "seq":
+            return self.seq_pool(x)
+        if self.cls_token is None:
+            raise ValueError("this ViT pools by sequence pooling and has no [CLS] token to read")
         if self.dist_token is not None:
             return (x[:, 0] + x[:, 1]) / 2
         return x[:, 0]

@@ -52,6 +52,7 @@ def serve(
     model_ref: str | None = None,
     threads: int = SERVE_THREADS,
     precision: str = "fp32",
+    reranker: str | None = None,
 ) -> None:
     """Serve ``index_dir`` at ``http://host:port/`` until interrupted; the model is loaded once, first.
 
@@ -64,7 +65,7 @@ def serve(
     if threads < 1:
         raise UserError(f"--threads {threads}: must be at least 1")
     torch.set_num_threads(threads)
-    app = create_app(Path(index_dir), model_ref=model_ref, precision=precision)
+    app = create_app(Path(index_dir), model_ref=model_ref, precision=precision, reranker=reranker)
     if not _is_loopback(host):
         print(
             f"warning: listening on {host}: anyone who can reach it can search and view the indexed images "

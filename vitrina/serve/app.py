@@ -11,6 +11,7 @@ documents in the OpenAPI schema (statuses, limits, patterns) is kept true by ``c
 
 Routes: ``/`` (the page), ``/static/*``, ``/api/search`` (GET text, POST JSON text/image id/both),
 ``/api/search/image`` (multipart upload), ``/api/images/{id}``, ``/api/thumbs/{id}``,
+``/api/explain/{id}`` (attention rollout; with ``?q=`` the query's patch-similarity map),
 ``/api/classify``, ``/api/info``, ``/healthz``, ``/metrics``; the OpenAPI schema at ``/openapi.json``.
 """
 
@@ -38,17 +39,21 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vitrina.data.images import BadImageError, load_image
-from vitrina.encoder import Encoder
+from vitrina.encoder import Encoder, as_numpy
 from vitrina.errors import UserError
 from vitrina.index.store import Hit, IndexStore, choose_index_kind
 from vitrina.search import (
     MAX_ABS_WEIGHT,
     QUERY_PATTERN,
     TERMS_PATTERN,
+    RerankUnavailable,
     Results,
     Searcher,
+    Served,
+    Term,
     UnknownItemError,
     classify,
+    combine,
     encode_images,
     parse_query,
 )
@@ -74,6 +79,7 @@ log = logging.getLogger("vitrina.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_QUERY_CHARS = 1000
 MAX_K = 1000
+MAX_RERANK = 200  # candidates the cross-attention re-ranker may re-score per query (it reads each image)
 DEFAULT_K = 24
 WEAK_SCORE = 0.15  # a text query whose best cosine is below this "matches nothing well"
 MULTIPART_SLACK = 64 * 2**10  # boundaries and part headers around an upload of MAX_UPLOAD_BYTES
@@ -83,6 +89,7 @@ PAGE_HEADERS = {
     **NOSNIFF,
 }
 IMAGE_HEADERS = {"Cache-Control": "private, max-age=3600", **NOSNIFF}
+RERANK_HELP = "re-score the top N with the cross-attention re-ranker (0: off); it only reorders those N"
 ItemId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="id of an indexed image")]
 
 
@@ -117,6 +124,7 @@ class SearchBody(BaseModel):
     image_weight: float = Field(1.0, ge=-MAX_ABS_WEIGHT, le=MAX_ABS_WEIGHT, description="weight of the image")
     k: int = Field(DEFAULT_K, ge=1, le=MAX_K)
     collapse: bool = Field(False, description="show near-duplicate images as one result")
+    rerank: int = Field(0, ge=0, le=MAX_RERANK, description=RERANK_HELP)
 
 
 def _index_info(store: IndexStore) -> dict:
@@ -212,16 +220,25 @@ def create_app(
     batch_window_ms: float = WINDOW_MS,
     heavy_slots: int = HEAVY_SLOTS,
     precision: str = "fp32",
+    reranker: str | None = None,
 ) -> FastAPI:
     """A FastAPI app serving the index in ``index_dir``; the model is loaded now and kept warm.
 
     ``encoder`` (else ``model_ref``, else the model recorded in the index) must match the index's
-    kind and width. Thumbnails are cached in ``thumb_dir`` (default ``INDEX_DIR/thumbs``).
+    kind and width. Thumbnails are cached in ``thumb_dir`` (default ``INDEX_DIR/thumbs``). ``reranker``: the
+    re-ranker folder for ``rerank=N`` (default: the index model's ``reranker/``), loaded at its first use.
     """
     index_dir = Path(index_dir)
     searcher_worker: Worker[Searcher] = Worker(
         "vitrina-search",
-        lambda: Searcher(index_dir, encoder, model_ref=model_ref, precision=precision, fast_texts=encoder is None),
+        lambda: Searcher(
+            index_dir,
+            encoder,
+            model_ref=model_ref,
+            precision=precision,
+            fast_texts=encoder is None,
+            reranker=reranker,
+        ),
         close=Searcher.close,
     )
     meta: Worker[IndexStore] = Worker("vitrina-meta", lambda: IndexStore.open(index_dir), close=IndexStore.close)
@@ -264,7 +281,7 @@ def create_app(
     _add_error_handlers(app)
     refine_openapi(app, one_of={("/api/classify", "post"): ["file", "image_id"]})
 
-    def hit_json(hit: Hit, duplicates: list[int]) -> dict:
+    def hit_json(hit: Hit, duplicates: list[int], rerank_score: float | None) -> dict:
         try:
             name = Path(hit.path).relative_to(root).as_posix()
         except ValueError:
@@ -278,6 +295,7 @@ def create_app(
             "image_url": f"/api/images/{hit.id}",
             "thumb_url": f"/api/thumbs/{hit.id}",
             "duplicates": duplicates,
+            "rerank_score": None if rerank_score is None else round(rerank_score, 6),
         }
 
     async def answer(query: SearchQuery, echo: dict) -> dict:
@@ -289,7 +307,7 @@ def create_app(
             "terms": [{"text": t.text, "weight": t.weight} for t in query.terms],
             "k": query.k,
             "count": results.count,
-            "hits": [hit_json(ranked.hit, ranked.duplicates) for ranked in results.hits],
+            "hits": [hit_json(ranked.hit, ranked.duplicates, ranked.rerank_score) for ranked in results.hits],
             "weak": results.cancelled or bool(not query.has_examples and results.hits and best < weak_score),
             "note": "the terms cancel each other out: nothing to rank by" if results.cancelled else None,
             "took_ms": round(1000 * (time.perf_counter() - start), 2),
@@ -344,7 +362,7 @@ def create_app(
             "swaps": reloader.swaps if reloader is not None else 0,
         }
 
-    @app.get("/api/search", tags=["search"], responses=errors(422))
+    @app.get("/api/search", tags=["search"], responses=errors(409, 422))
     async def search_get(
         q: Annotated[
             str,
@@ -356,6 +374,7 @@ def create_app(
         ],
         k: Annotated[int, Query(ge=1, le=MAX_K)] = DEFAULT_K,
         collapse: Annotated[bool, Query(description="show near-duplicate images as one result")] = False,
+        rerank: Annotated[int, Query(ge=0, le=MAX_RERANK, description=RERANK_HELP)] = 0,
     ) -> dict:
         """Text query. Words form one phrase; ``-word`` / ``-"a phrase"`` push away; ``word^0.5`` weighs.
 
@@ -363,9 +382,10 @@ def create_app(
         """
         if not q:  # the pattern rules it out too; no minLength beside it, which makes generators slow
             raise ApiError(422, "q: give a text query")
-        return await answer(SearchQuery(terms=parse_query(q), k=k, collapse=collapse), {"q": q})
+        query = SearchQuery(terms=parse_query(q), k=k, collapse=collapse, rerank=rerank)
+        return await answer(query, {"q": q, **({"rerank": rerank} if rerank else {})})
 
-    @app.post("/api/search", tags=["search"], responses=errors(400, 404, 413, 422))
+    @app.post("/api/search", tags=["search"], responses=errors(400, 404, 409, 413, 422))
     async def search_post(body: SearchBody) -> dict:
         """A text query, an indexed image by id, or both mixed (``image_weight`` scales the image).
 
@@ -374,11 +394,11 @@ def create_app(
         if body.image_id is None:
             if body.q is None:
                 raise ApiError(422, "give q (a text query), image_id (an indexed image), or both")
-            query = SearchQuery(terms=parse_query(body.q), k=body.k, collapse=body.collapse)
+            query = SearchQuery(terms=parse_query(body.q), k=body.k, collapse=body.collapse, rerank=body.rerank)
         else:
             terms = parse_query(body.q or "", require_positive=False)
             item_ids = [(body.image_id, body.image_weight)]
-            query = SearchQuery(terms=terms, item_ids=item_ids, k=body.k, collapse=body.collapse)
+            query = SearchQuery(terms=terms, item_ids=item_ids, k=body.k, collapse=body.collapse, rerank=body.rerank)
         return await answer(query, body.model_dump(exclude_defaults=True))
 
     @app.post("/api/search/image", tags=["search"], responses=errors(400, 413, 415, 422, 503))
@@ -435,12 +455,27 @@ def create_app(
         response_class=Response,
         responses={200: {"content": {"image/png": {}}}, **errors(404, 409, 422, 503)},
     )
-    async def explain_image(item_id: ItemId) -> Response:
-        """PNG: an indexed image under the image tower's attention-rollout map (ViT image towers only)."""
+    async def explain_image(
+        item_id: ItemId,
+        q: Annotated[
+            str | None,
+            Query(
+                max_length=MAX_QUERY_CHARS,
+                description="a text query (search syntax): map each patch's similarity to it instead of the rollout",
+                json_schema_extra={"pattern": QUERY_PATTERN},
+            ),
+        ] = None,
+    ) -> Response:
+        """PNG: an indexed image under the image tower's attention-rollout map, or with ``q`` under the
+        query's patch-similarity map: which patches resemble the text (ViT image towers only)."""
         if not model_info()["explain"]:
-            raise ApiError(409, "this model's image tower is not a ViT: it has no attention map to show")
+            raise ApiError(409, "this model's image tower is not a ViT: it has no attention or patch map to show")
+        terms = parse_query(q) if q else None
         image = await indexed_image(item_id)
-        png = await heavy.run(lambda s: _heatmap_png(s.encoder, image))
+        if terms is None:
+            png = await heavy.run(lambda s: _heatmap_png(s.encoder, image))
+        else:
+            png = await heavy.run(lambda s: _query_heatmap_png(s.served, terms, image))
         return Response(png, media_type="image/png", headers=IMAGE_HEADERS)
 
     @app.post("/api/classify", tags=["search"], responses=errors(400, 404, 413, 415, 422, 503))
@@ -506,6 +541,23 @@ def _heatmap_png(encoder: Encoder, image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def _query_heatmap_png(served: Served, terms: list[Term], image: Image.Image) -> bytes:
+    """In the heavy lane: the overlay of the query's patch-similarity map as PNG bytes.
+
+    The query vector is the search's own (weighted terms combined), encoded by the served text tower.
+    """
+    from vitrina.models.explain import query_heatmap
+
+    texts = as_numpy(served.texts.encode_text([t.text for t in terms]))  # (T, D)
+    vector = combine([(v, t.weight) for v, t in zip(texts, terms, strict=True)])
+    if vector is None:
+        raise ApiError(422, "q: the terms cancel each other out; nothing to map (change their weights)")
+    overlay = query_heatmap(served.encoder.model, image, vector)
+    buffer = io.BytesIO()
+    overlay.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error as ``{"error": "one line"}``."""
 
@@ -528,6 +580,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnknownItemError)
     async def unknown_item(_: Request, exc: UnknownItemError) -> JSONResponse:
         return error(404, str(exc))
+
+    @app.exception_handler(RerankUnavailable)
+    async def no_rerank(_: Request, exc: RerankUnavailable) -> JSONResponse:
+        return error(409, str(exc))
 
     @app.exception_handler(UserError)
     async def user_error(_: Request, exc: UserError) -> JSONResponse:

@@ -35,7 +35,8 @@ _LABELS_RE = re.compile(LABELS_PATTERN)
 _DESCRIPTIONS = {
     400: "The request body cannot be read: broken JSON or multipart, or an empty or broken image",
     404: "No such image in the index, or it can no longer be read",
-    409: "The model cannot do this (no attention map: the image tower is not a ViT)",
+    409: "The model cannot do this (no attention map: the image tower is not a ViT; rerank without a re-ranker "
+    "or without a text)",
     413: "The request body or the image is too large",
     415: "The upload is not an image of a supported type",
     422: "A parameter breaks the schema or the query syntax",

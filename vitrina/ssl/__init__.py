@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from vitrina.errors import UserError
 from vitrina.models.vit import ViT
+from vitrina.ssl.byol import BYOL
 from vitrina.ssl.colorization import Colorization
 from vitrina.ssl.common import SSLMethod
 from vitrina.ssl.deepcluster import DeepCluster
@@ -17,9 +18,11 @@ from vitrina.ssl.mae import MAE
 from vitrina.ssl.relative_position import RelativePosition
 from vitrina.ssl.rotation import Rotation
 from vitrina.ssl.simclr import SimCLR
+from vitrina.ssl.vicreg import VICReg
 
 METHODS: dict[str, type[SSLMethod]] = {
-    m.name: m for m in (Rotation, Jigsaw, RelativePosition, Inpainting, Colorization, SimCLR, DeepCluster, MAE)
+    m.name: m
+    for m in (Rotation, Jigsaw, RelativePosition, Inpainting, Colorization, SimCLR, DeepCluster, MAE, VICReg, BYOL)
 }
 
 

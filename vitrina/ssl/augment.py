@@ -7,7 +7,7 @@ loop), so a run is reproducible and the whole batch is transformed in a few tens
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,16 @@ def rotate90(x: torch.Tensor, quarter_turns: torch.Tensor) -> torch.Tensor:
 
 
 def random_resized_crop(
-    x: torch.Tensor, *, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5
+    x: torch.Tensor,
+    *,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip_p: float = 0.5,
+    size: int | None = None,
 ) -> torch.Tensor:
-    """Crop a random box (area share in ``scale``, aspect in ``ratio``), resize it back to H x W,
-    and mirror it left-right with probability ``flip_p`` — one affine resampling per image."""
+    """Crop a random box (area share in ``scale``, aspect in ``ratio``), resize it to ``size`` x ``size``
+    (default: back to H x W), and mirror it left-right with probability ``flip_p`` — one affine
+    resampling per image. (B, C, H, W) -> (B, C, size, size)."""
     b = x.shape[0]
     area = torch.empty(b).uniform_(*scale)
     log_ratio = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]))
@@ -41,7 +47,8 @@ def random_resized_crop(
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = width * flip, centre_x
     theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)  # (B, H, W, 2)
+    out_shape = list(x.shape) if size is None else [*x.shape[:2], size, size]
+    grid = F.affine_grid(theta.to(x.dtype), out_shape, align_corners=False)  # (B, size, size, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -101,15 +108,46 @@ class SimCLRAugment:
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 1.0)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> one random view of each image, same shape."""
-        x = random_resized_crop(x, scale=self.crop_scale, flip_p=self.flip_p)
+    def __call__(
+        self, x: torch.Tensor, *, scale: tuple[float, float] | None = None, size: int | None = None
+    ) -> torch.Tensor:
+        """(B, C, H, W) -> one random view of each image, (B, C, size, size) (default: same shape).
+
+        ``scale`` overrides ``crop_scale`` (multi-crop's small local views)."""
+        x = random_resized_crop(x, scale=scale or self.crop_scale, flip_p=self.flip_p, size=size)
         x = color_jitter(
             x, brightness=self.brightness, contrast=self.contrast, saturation=self.saturation, p=self.jitter_p
         )
         if x.shape[1] == 3 and self.grayscale_p > 0:
             x = random_grayscale(x, p=self.grayscale_p)
         return gaussian_blur(x, sigma=self.blur_sigma, p=self.blur_p)
+
+
+@dataclass
+class MultiCrop:
+    """Multi-crop (Caron et al., 2020, SwAV): 2 global views at full size plus ``local_views`` small views,
+    each cropped from a small share of the image (``local_scale``) and resized to ``local_size`` px.
+
+    ``local_size`` must be set (``vitrina.ssl.multicrop.fit_crops`` sets it for a backbone) when
+    there are local views. Every view otherwise draws from ``view``'s distribution (flip, colour
+    jitter, grey, blur). Local views are cheap (a 16 px view of a 4 px-patch ViT is 16 tokens
+    instead of 49), so they add positive pairs at little cost; the methods compare them only with
+    the global views.
+    """
+
+    local_views: int = 0
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    local_size: int | None = None  # px; None: about half the image, in whole patches (see vitrina.ssl.multicrop)
+    view: SimCLRAugment = field(default_factory=SimCLRAugment)
+
+    def __call__(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(B, C, H, W) -> ([2 global views (B, C, H, W)], [``local_views`` views (B, C, s, s)])."""
+        if self.local_views and self.local_size is None:
+            raise ValueError("MultiCrop.local_size is unset: fit it to the backbone first (multicrop.fit_crops)")
+        globals_ = [self.view(x, scale=self.global_scale) for _ in range(2)]
+        locals_ = [self.view(x, scale=self.local_scale, size=self.local_size) for _ in range(self.local_views)]
+        return globals_, locals_
 
 
 def cut_tiles(x: torch.Tensor, *, grid: int, tile: int, jitter: bool) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vitrina.errors import UserError
 from vitrina.models.vit import Block, ViT, init_transformer_weights, patchify, unpatchify
 from vitrina.ssl.common import SSLMethod
 
@@ -71,6 +72,9 @@ class MAE(SSLMethod):
         super().__init__(backbone)
         self.config = c = config or MAEConfig()
         v = backbone.config
+        if v.stem != "patch" or v.num_prefix_tokens != 1:
+            # a conv stem's tokens see their neighbours' pixels, so hiding a token would not hide its patch
+            raise UserError("MAE masks patches of a plain patch-embedding ViT with one [CLS]; pick e.g. vit-fmnist-28")
         self.decoder_embed = nn.Linear(v.width, c.decoder_width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_width))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + v.num_patches, c.decoder_width))

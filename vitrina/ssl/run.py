@@ -16,11 +16,15 @@ from vitrina.errors import UserError
 from vitrina.models.registry import build_model
 from vitrina.models.vit import ViT
 from vitrina.ssl import build_method
+from vitrina.ssl.augment import MultiCrop
+from vitrina.ssl.byol import BYOLConfig
 from vitrina.ssl.common import SSLMethod, measure_images_per_second, plan_budget, pretrain, to_input
 from vitrina.ssl.data import load_image_set
 from vitrina.ssl.deepcluster import DeepCluster
 from vitrina.ssl.mae import MAE, save_reconstructions
-from vitrina.train.loop import STATE_JSON, TrainSummary, find_checkpoint
+from vitrina.ssl.vicreg import VICRegConfig
+from vitrina.train.checkpointing import STATE_JSON, find_checkpoint
+from vitrina.train.loop import TrainSummary
 
 DEFAULT_EPOCHS = 10
 
@@ -45,6 +49,18 @@ def _saved_plan(out_dir: Path) -> tuple[int, int] | None:
     return meta["config"]["epochs"], meta["identity"]["items"]
 
 
+MULTI_CROP_CONFIGS = {"vicreg": VICRegConfig, "byol": BYOLConfig}
+
+
+def multi_crop_config(method_name: str, local_views: int) -> VICRegConfig | BYOLConfig:
+    """The default config of a joint-embedding method with ``local_views`` small crops; ``UserError`` for others."""
+    if method_name not in MULTI_CROP_CONFIGS:
+        raise UserError(f"--local-crops: multi-crop applies to {', '.join(MULTI_CROP_CONFIGS)}, not {method_name}")
+    if local_views < 0:
+        raise UserError(f"--local-crops {local_views}: give a count >= 0")
+    return MULTI_CROP_CONFIGS[method_name](crops=MultiCrop(local_views=local_views))
+
+
 def run_pretraining(
     method_name: str,
     *,
@@ -59,6 +75,8 @@ def run_pretraining(
     seed: int = 0,
     max_items: int | None = None,
     method_options: dict | None = None,
+    train_settings: dict | None = None,
+    local_crops: int = 0,
     progress: bool = True,
 ) -> PretrainResult:
     """Pretrain ``method_name`` on ``data`` with a fresh ``backbone`` preset into ``out_dir``.
@@ -67,14 +85,20 @@ def run_pretraining(
     epochs, or one pass over a seeded subset when not even one epoch fits), so the learning-rate
     schedule completes; ``minutes`` also stops the loop as a safety net. ``max_items``: pretrain on a
     seeded random subset of at most this many images (chosen without labels), e.g. so that
-    DeepCluster fits several clustering rounds into the cap.
+    DeepCluster fits several clustering rounds into the cap. ``train_settings``: more ``TrainConfig``
+    fields (e.g. ``budget_minutes``, a time budget that ends the schedule and the run whatever the
+    step rate: then give ``epochs`` as an upper bound, not ``minutes``; ``ema_decay``). ``local_crops``:
+    small multi-crop views beside the two global ones (joint-embedding methods: vicreg, byol).
     """
     out = Path(out_dir)
     model = build_model(backbone, seed=seed)
     if not isinstance(model, ViT):
         raise UserError(f"--backbone {backbone}: self-supervised pretraining takes a ViT preset (e.g. vit-fmnist-28)")
+    method_options = dict(method_options or {})
+    if local_crops:  # checked before the data is read
+        method_options["config"] = multi_crop_config(method_name, local_crops)
     images = load_image_set(data, model.config.image_size, seed=seed)
-    method = build_method(method_name, model, **(method_options or {}))
+    method = build_method(method_name, model, **method_options)
 
     pixels, reference = images.pixels, images.labels
     if max_items is not None and max_items < len(pixels):
@@ -102,15 +126,9 @@ def run_pretraining(
     if isinstance(method, DeepCluster):
         method.reference_labels = reference  # only for the logged NMI
 
+    settings = {"max_minutes": minutes, "warmup_fraction": 0.05, **(train_settings or {})}
     config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-        max_minutes=minutes,
-        val_fraction=0.0,
-        warmup_fraction=0.05,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, val_fraction=0.0, **settings
     )
     summary = pretrain(method, pixels, out, config, data_name=data, progress=progress)
     if isinstance(method, MAE):

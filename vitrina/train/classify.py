@@ -9,6 +9,10 @@
 4. At the end the best model is evaluated on the test split: ``OUT/results.json`` (accuracy,
    per-class accuracy, confusion matrix) and ``OUT/confusion.png``.
 
+With ``ClassifySettings.tta`` every evaluation (validation and test) averages the logits of each
+image and of its horizontal flip (``results.json``: ``"tta": true``). With ``TrainConfig.ema_decay``
+the model evaluated and saved is the loop's weight average (``"ema": true``).
+
 Under ``torchrun`` the loop trains data-parallel (``--batch-size`` is the global batch); rank 0
 keeps ``OUT/best``, runs the test and writes the results, which every rank returns.
 
@@ -37,6 +41,7 @@ from vitrina.config import TrainConfig, to_dict
 from vitrina.errors import UserError
 from vitrina.models.registry import build_from_config, kind_of, preset_config
 from vitrina.train import distributed
+from vitrina.train.checkpointing import STATE_JSON
 from vitrina.train.classify_data import (
     BatchAugment,
     ClassificationData,
@@ -44,7 +49,7 @@ from vitrina.train.classify_data import (
     Preprocess,
     unit_pixels,
 )
-from vitrina.train.loop import STATE_JSON, CheckpointInfo, StepOutput, TrainSummary, train
+from vitrina.train.loop import CheckpointInfo, StepOutput, TrainSummary, train
 
 BEST = "best"
 RESULTS = "results.json"
@@ -60,7 +65,8 @@ class ClassifySettings:
 
     ``augment``: crop/flip/erasing for in-memory images, random resized crop + flip for files.
     ``crop_pad``: max shift in px of the in-memory random crop. ``erasing``: probability of random
-    erasing per image. ``eval_batch_size``: images per forward pass when evaluating.
+    erasing per image. ``eval_batch_size``: images per forward pass when evaluating. ``tta``:
+    evaluate on the mean logits of each image and its horizontal flip.
     """
 
     label_smoothing: float = 0.1
@@ -68,6 +74,7 @@ class ClassifySettings:
     crop_pad: int = 2
     erasing: float = 0.25
     eval_batch_size: int = 500
+    tta: bool = False
 
     def validate(self) -> None:
         if not 0 <= self.label_smoothing < 1:
@@ -102,13 +109,21 @@ def logits_of(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     return (output[0] + output[1]) / 2 if isinstance(output, tuple) else output
 
 
+def flip_tta_logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Mean logits of ``inputs`` (B, C, H, W) and of their horizontal flips: flip test-time augmentation."""
+    return (logits_of(model(inputs)) + logits_of(model(inputs.flip(-1)))) / 2
+
+
 @torch.no_grad()
-def predict(model: nn.Module, pixels: torch.Tensor, preprocess: Preprocess, batch_size: int = 500) -> torch.Tensor:
-    """(N, C, H, W) pixels (uint8 or [0, 1]) -> (N, classes) logits, in eval mode."""
+def predict(
+    model: nn.Module, pixels: torch.Tensor, preprocess: Preprocess, batch_size: int = 500, *, tta: bool = False
+) -> torch.Tensor:
+    """(N, C, H, W) pixels (uint8 or [0, 1]) -> (N, classes) logits, in eval mode (``tta``: with flips)."""
     was_training = model.training
     model.eval()
+    forward = (lambda x: flip_tta_logits(model, x)) if tta else (lambda x: logits_of(model(x)))
     try:
-        chunks = [logits_of(model(preprocess(x))) for x in pixels.split(batch_size)]
+        chunks = [forward(preprocess(x)) for x in pixels.split(batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
@@ -198,11 +213,17 @@ def keep_best(out_dir: Path) -> Callable[[CheckpointInfo], None]:
 
 
 def test_report(
-    model: nn.Module, data: ClassificationData, preprocess: Preprocess, out_dir: Path, *, batch_size: int = 500
+    model: nn.Module,
+    data: ClassificationData,
+    preprocess: Preprocess,
+    out_dir: Path,
+    *,
+    batch_size: int = 500,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Accuracy, per-class accuracy and confusion matrix on the test split; writes the JSON and the PNG."""
     pixels = unit_pixels(data.test, preprocess.image_size)
-    logits = predict(model, pixels, preprocess, batch_size)
+    logits = predict(model, pixels, preprocess, batch_size, tta=tta)
     labels = data.test.labels
     predicted = logits.argmax(dim=1)
     matrix = confusion_matrix(labels, predicted, len(data.class_names))
@@ -211,6 +232,7 @@ def test_report(
         "test_acc": float((predicted == labels).float().mean()),
         "test_loss": float(F.cross_entropy(logits, labels)),
         "test_images": len(labels),
+        "tta": tta,
         "per_class_acc": {name: float(a) for name, a in zip(data.class_names, per_class, strict=True)},
         "class_names": data.class_names,
         "confusion": matrix.tolist(),
@@ -221,14 +243,14 @@ def test_report(
 
 
 def make_eval_fn(
-    classifier: nn.Module, data: ClassificationData, preprocess: Preprocess, batch_size: int
+    classifier: nn.Module, data: ClassificationData, preprocess: Preprocess, batch_size: int, *, tta: bool = False
 ) -> Callable[[nn.Module], dict[str, float]]:
     """The loop's ``eval_fn``: validation accuracy and loss of ``classifier`` (pixels fixed once)."""
     pixels = unit_pixels(data.val, preprocess.image_size)
     labels = data.val.labels
 
     def evaluate(_: nn.Module) -> dict[str, float]:
-        logits = predict(classifier, pixels, preprocess, batch_size)
+        logits = predict(classifier, pixels, preprocess, batch_size, tta=tta)
         return {
             "val/acc": float((logits.argmax(dim=1) == labels).float().mean()),
             "val/loss": float(F.cross_entropy(logits, labels)),
@@ -284,7 +306,8 @@ def fit_classifier(
 
     ``classifier`` is what is evaluated and saved. ``train_dataset`` replaces the default image
     dataset (e.g. cached features), ``prepare_batch`` the default augmentation and ``eval_fn`` the
-    validation of ``classifier`` on the val images (it must report ``val/acc``).
+    validation of ``classifier`` on the val images (it must report ``val/acc``; with ``settings.tta``
+    the default one and the test report use flip TTA, a replacement decides for itself).
     """
     settings = settings or ClassifySettings()
     settings.validate()
@@ -308,7 +331,8 @@ def fit_classifier(
     run_identity = {
         "model": to_dict(classifier.config),
         "data": {"source": data.source, "train": len(data.train), "val": len(data.val)},
-        "settings": to_dict(settings),
+        # tta picks the best epoch, so it is part of the run; left out when off, as runs before it were
+        "settings": {k: v for k, v in to_dict(settings).items() if k != "tta" or v},
         **(identity or {}),
     }
     summary = train(
@@ -318,7 +342,7 @@ def fit_classifier(
         out_dir=out_dir,
         config=train_config,
         save_fn=save,
-        eval_fn=eval_fn or make_eval_fn(classifier, data, preprocess, settings.eval_batch_size),
+        eval_fn=eval_fn or make_eval_fn(classifier, data, preprocess, settings.eval_batch_size, tta=settings.tta),
         param_groups=param_groups,
         run_identity=run_identity,
         best_metric="val/acc",
@@ -330,13 +354,15 @@ def fit_classifier(
     results = None
     if distributed.is_main():  # under torchrun rank 0 tests and writes; the others receive its results
         best, _ = load_model(best_dir)
-        results = test_report(best, data, preprocess, out_dir, batch_size=settings.eval_batch_size)
+        results = test_report(best, data, preprocess, out_dir, batch_size=settings.eval_batch_size, tta=settings.tta)
         results.update(
+            ema=train_config.ema_decay is not None,
             best_epoch=summary.best["epoch"] if summary.best else None,
             best_val_acc=summary.best["value"] if summary.best else None,
             train_minutes=summary.total_minutes,
             epochs_done=summary.epochs_done,
             stopped_early=summary.stopped_early,
+            budget_spent=summary.budget_spent,
         )
         (out_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
     return ClassifyOutcome(summary, distributed.broadcast_json(results), best_dir)

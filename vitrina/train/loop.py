@@ -1,52 +1,25 @@
 """The one training loop every trainer in vitrina reuses (CLIP, classification, distillation, SSL).
 
 A trainer supplies a model, a ``step_fn(model, batch) -> StepOutput`` and a training ``Dataset``;
-the loop owns everything else: seeding, the data order, AdamW with a warm-up + cosine schedule,
-gradient clipping, a tqdm bar with img/s, the JSONL metrics log, checkpoints and resume.
+the loop owns everything else: seeding and the data order and the learning-rate schedule
+(``vitrina.train.schedule``), AdamW, gradient clipping, an optional moving average of the weights
+(``vitrina.train.ema``), a tqdm bar with img/s, the JSONL metrics log, evaluation, and checkpoints
+with resume (``vitrina.train.checkpointing``).
 
-Data order
-----------
-Epoch ``e`` visits the items in a permutation drawn from ``(seed, e)`` alone, in batches of
-``batch_size`` (the last partial batch is dropped: a contrastive batch of 1 teaches nothing).
-Because the order is a function of the epoch, a run resumed from any checkpoint meets the same
-batches as an uninterrupted one; with ``num_workers=0`` (augmentations drawn from the saved global
-RNG) it follows the same trajectory exactly, from epoch ends and from mid-epoch checkpoints alike.
-With worker processes the augmentation draws are reproduced exactly from epoch boundaries only.
+When it stops
+-------------
+A run ends after ``epochs`` epochs, or, with a time budget (``budget_minutes``), when the budget is
+spent, whichever comes first; either way it is complete and a rerun with the same folder does
+nothing more. ``max_minutes`` is a cap on one invocation: the run stops cleanly after the step that
+crosses it, with a checkpoint, and the next invocation with the same folder continues it.
 
-Checkpoint layout and protocol (a kill at any moment leaves one complete checkpoint)
-------------------------------------------------------------------------------------
-::
-
-    out_dir/
-      model.safetensors -> checkpoints/current/model.safetensors   one relative link per file
-      config.json       -> checkpoints/current/config.json         of the current checkpoint
-      train_state.safetensors, train_state.json -> …               (model files come from save_fn)
-      metrics.jsonl                                                append-only log (a real file)
-      checkpoints/
-        current -> step-00000120                                   the single switch
-        step-00000120/                                             a complete checkpoint
-
-Writing the checkpoint of step ``s``:
-
-1. ``save_fn`` and the loop write every file into ``checkpoints/tmp-<s>/``; each file and the
-   folder are fsynced.
-2. ``tmp-<s>`` is renamed to ``step-<s>`` (a ``step-*`` folder is complete by construction).
-3. A new symlink ``checkpoints/current.new -> step-<s>`` is renamed over ``current``: rename(2) is
-   atomic, so ``current`` names either the old or the new complete checkpoint, never a mix.
-4. Top-level links are added for files the new checkpoint brings (they point through
-   ``current``, so readers of ``out_dir/model.safetensors`` always see one complete set);
-   links to files it lacks are removed; older ``step-*`` folders are deleted.
-
-A kill before step 3 leaves ``current`` on the previous checkpoint; leftovers (``tmp-*``, extra
-``step-*``) are removed when the next run starts. ``train_state.safetensors`` holds the model's
-whole state dict (``model/<name>``, frozen weights too) and the optimizer
-tensors (``optim/<param index>/<key>``); ``train_state.json`` holds the position (epoch, batch,
-step), the scheduler state, the RNG states as lists, the optimizer's scalar settings, the best
-metric, the last evaluation and the config. Nothing is pickled.
-
-Resume: when ``out_dir`` holds a checkpoint whose run identity (the ``TrainConfig`` fields that
-decide the numbers, the data size, and the caller's ``run_identity``) equals this run's, training
-continues from it. A different identity, or ``resume=False``, is a ``UserError``.
+Weight average
+--------------
+With ``ema_decay`` the loop keeps a moving average of the trainable weights, updated after every
+step. Evaluations and the model files of every checkpoint (``save_fn``) see the average: the
+published model *is* the average, and the metrics log marks those evaluations ``"ema": true``. The
+train state keeps the live weights too (``ema/<name>`` beside ``model/<name>``), so resume continues
+both; when ``train`` returns, the model holds the average.
 
 Several processes (``torchrun``, see ``vitrina.train.distributed``)
 -------------------------------------------------------------------
@@ -57,43 +30,58 @@ so a checkpoint resumes with any N that divides the batch. Rank 0 takes the fold
 evaluates (the others receive its results) and writes every checkpoint; the others wait for it.
 The RNG state saved is rank 0's; on a start or resume rank r > 0 reseeds from ``(seed, step, r)``,
 so the ranks draw different augmentations and dropout masks. Those draws depend on N; with
-deterministic steps everything else agrees with one process to float summation order.
+deterministic steps everything else agrees with one process to float summation order. A time
+budget's clock is the mean of the ranks' clocks, taken at every step, so every rank applies the
+same learning rate and stops at the same step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
-import random
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vitrina.atomic import atomic_write_text
 from vitrina.config import TrainConfig, to_dict
 from vitrina.errors import UserError
 from vitrina.train import distributed
+from vitrina.train.checkpointing import (
+    METRICS_FILE,
+    STATE_FORMAT,
+    STATE_JSON,
+    STATE_TENSORS,
+    check_out_dir,
+    clean_leftovers,
+    exclusive,
+    find_checkpoint,
+    load_train_state,
+    optimizer_param_names,
+    save_train_state,
+    write_checkpoint,
+)
+from vitrina.train.ema import WeightAverage
+from vitrina.train.schedule import EpochOrder, LRSchedule, mix_seeds, rng_preserved, seed_everything
 
-CHECKPOINTS = "checkpoints"
-CURRENT = "current"
-METRICS_FILE = "metrics.jsonl"
-LOCK_FILE = ".lock"
-STATE_JSON = "train_state.json"
-STATE_TENSORS = "train_state.safetensors"
-STATE_FORMAT = 1
+# find_checkpoint lives in checkpointing; it stays importable from here for train/clip.py
+__all__ = [
+    "CheckpointInfo",
+    "StepOutput",
+    "TrainSummary",
+    "find_checkpoint",
+    "param_groups_for",
+    "train",
+]
 
 # Parameter names (last component) that are never weight-decayed, besides every 0/1-d tensor
 # (biases, norm scales) and nn.Embedding tables: decaying these pulls positions and special
@@ -134,43 +122,31 @@ class TrainSummary:
     stopped_early: bool
     resumed_from_step: int | None
     best: dict[str, Any] | None
+    budget_minutes: float | None = None  # the run's time budget, if it had one
+    budget_spent: bool = False  # the time budget ended the run
 
     def __str__(self) -> str:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items() if isinstance(v, (int, float)))
-        text = f"{self.epochs_done}/{self.epochs} epochs, {self.steps} steps, {self.minutes:.1f} min"
+        epochs = f"{self.epochs_done}" if self.budget_minutes is not None else f"{self.epochs_done}/{self.epochs}"
+        text = f"{epochs} epochs, {self.steps} steps, {self.minutes:.1f} min"
+        if self.budget_minutes is not None:
+            text += f" ({self.total_minutes:.1f} of a {self.budget_minutes:g}-min budget)"
         if shown:
             text += f"; {shown}"
         if self.stopped_early:
             text += "; stopped at the time cap: run again with the same output folder to continue"
+        elif self.budget_spent:
+            text += "; the time budget is spent"
         return text
 
 
 StepFn = Callable[[nn.Module, Any], StepOutput]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 SaveFn = Callable[[nn.Module, Path], None]
+Clock = Callable[[], float]  # seconds from an arbitrary origin (time.perf_counter; tests pass a fake)
 
 
-# --- schedule, optimizer, seeding -----------------------------------------------------------
-
-
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
-    """Multiplier of the base learning rate for 0-based optimizer step ``step``.
-
-    Linear warm-up ``(step + 1) / warmup_steps`` (so the first step already learns), then a cosine
-    from 1 down to ``min_lr_ratio`` reached at the last step ``total_steps - 1``.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - 1 - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def warmup_steps_for(config: TrainConfig, total_steps: int) -> int:
-    """``warmup_steps`` when set, else ``warmup_fraction`` of ``total_steps`` (rounded)."""
-    if config.warmup_steps is not None:
-        return config.warmup_steps
-    return round(config.warmup_fraction * total_steps)
+# --- optimizer ------------------------------------------------------------------------------
 
 
 def param_groups_for(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -198,218 +174,6 @@ def param_groups_for(model: nn.Module, weight_decay: float) -> list[dict[str, An
             decay.append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """The global RNG states of Python, NumPy and torch as JSON-ready lists."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state().tolist(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` returned."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-
-
-def _mix(*values: int) -> int:
-    """A well-spread 63-bit seed from several integers (seed, epoch, ...)."""
-    return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-class EpochOrder(Sampler[int]):
-    """Item order of one epoch: a permutation drawn from ``(seed, epoch)``, minus the first ``skip``."""
-
-    def __init__(self, n: int, *, seed: int, epoch: int, skip: int = 0) -> None:
-        self.n, self.seed, self.epoch, self.skip = n, seed, epoch, skip
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-        yield from torch.randperm(self.n, generator=g)[self.skip :].tolist()
-
-    def __len__(self) -> int:
-        return self.n - self.skip
-
-
-# --- checkpoint files -----------------------------------------------------------------------
-
-
-def find_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The current complete checkpoint folder inside ``out_dir``, or None when there is none."""
-    current = Path(out_dir) / CHECKPOINTS / CURRENT
-    if not current.is_symlink():
-        return None
-    target = current.parent / os.readlink(current)
-    return target if (target / STATE_JSON).is_file() else None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _clean_leftovers(out_dir: Path) -> None:
-    """Remove half-written (``tmp-*``) and superseded checkpoint folders from an earlier run."""
-    root = out_dir / CHECKPOINTS
-    if not root.is_dir():
-        return
-    keep = find_checkpoint(out_dir)
-    for child in root.iterdir():
-        if child.name == CURRENT or (keep is not None and child.resolve() == keep.resolve()):
-            continue
-        if child.is_symlink() or child.is_file():
-            child.unlink()
-        else:
-            shutil.rmtree(child)
-
-
-def _publish(out_dir: Path, folder: Path) -> None:
-    """Steps 3 and 4 of the protocol: switch ``current`` to ``folder``, then fix the top-level links."""
-    root = out_dir / CHECKPOINTS
-    link = root / f"{CURRENT}.new"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    os.symlink(folder.name, link)
-    os.replace(link, root / CURRENT)
-    _fsync_dir(root)
-    prefix = f"{CHECKPOINTS}/{CURRENT}/"
-    names = {p.name for p in folder.iterdir()}
-    for name in names:
-        top = out_dir / name
-        if not top.is_symlink():
-            if top.exists():
-                raise UserError(f"{top} is in the way of the checkpoint's link; move it out of {out_dir}")
-            os.symlink(prefix + name, top)
-    for top in out_dir.iterdir():
-        if top.is_symlink() and os.readlink(top).startswith(prefix) and top.name not in names:
-            top.unlink()
-    _fsync_dir(out_dir)
-    for child in root.iterdir():
-        if child.name == CURRENT or child == folder:
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
-def _optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
-
-
-def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict, frozen weights included: a resumed run must not depend on the caller
-    rebuilding frozen (e.g. randomly initialised, locked) weights exactly as before."""
-    # clone: safetensors refuses tensors that share memory (tied weights, views)
-    return {n: t.detach().clone().contiguous() for n, t in model.state_dict().items()}
-
-
-def _save_train_state(folder: Path, *, model, optimizer, scheduler, meta: dict[str, Any]) -> None:
-    tensors = {f"model/{n}": t for n, t in _model_tensors(model).items()}
-    optim_state = optimizer.state_dict()
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, values in optim_state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim/{index}/{key}"] = value.detach().clone().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    save_file(tensors, str(folder / STATE_TENSORS))
-    meta = {
-        **meta,
-        "optimizer": {"param_groups": to_dict(optim_state["param_groups"]), "scalars": scalars},
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
-    }
-    (folder / STATE_JSON).write_text(json.dumps(meta, indent=1))
-
-
-def _load_train_state(folder: Path, *, model, optimizer, scheduler) -> dict[str, Any]:
-    meta = json.loads((folder / STATE_JSON).read_text())
-    tensors = load_file(str(folder / STATE_TENSORS))
-    model_tensors = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
-    expected = set(model.state_dict())
-    if set(model_tensors) != expected:
-        missing = sorted(expected - set(model_tensors))[:3]
-        raise UserError(
-            f"{folder / STATE_TENSORS} does not match this model (e.g. {missing or 'extra tensors'}); "
-            "use a new output folder"
-        )
-    model.load_state_dict(model_tensors)
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            _, index, name = key.split("/", 2)
-            state.setdefault(int(index), {})[name] = value
-    for index, values in meta["optimizer"]["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    set_rng_state(meta["rng"])
-    return meta
-
-
-def _identity_diff(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(saved) | set(wanted)):
-        a, b = saved.get(key), wanted.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _identity_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return diffs
-
-
-def _check_out_dir(out_dir: Path, identity: dict[str, Any], resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuse what would overwrite another run."""
-    checkpoint = find_checkpoint(out_dir)
-    if checkpoint is None:
-        ours = {METRICS_FILE, CHECKPOINTS, LOCK_FILE}
-        foreign = [p.name for p in out_dir.iterdir() if p.name not in ours] if out_dir.is_dir() else []
-        if foreign:
-            raise UserError(
-                f"{out_dir} already holds files ({', '.join(sorted(foreign)[:3])}) but no training "
-                "checkpoint; choose a new or empty output folder"
-            )
-        return None
-    meta = json.loads((checkpoint / STATE_JSON).read_text())
-    where = f"{out_dir} holds a checkpoint (epoch {meta['epoch']}, step {meta['global_step']})"
-    if not resume:
-        raise UserError(f"{where}; resume it, choose another output folder, or delete it to start over")
-    diffs = _identity_diff(meta.get("identity", {}), json.loads(json.dumps(identity)))
-    if diffs:
-        raise UserError(
-            f"{where} of a run with other settings ({'; '.join(diffs[:4])}); "
-            "use a new output folder, or delete this one to start over"
-        )
-    return checkpoint
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -478,43 +242,15 @@ class _Window:
         }
 
 
-@contextlib.contextmanager
-def _rng_preserved() -> Iterator[None]:
-    """Leave every global RNG as it was: evaluation, saving and hooks must not shift the training
-    trajectory (a resumed run does not redo them, and a hook may build models)."""
-    saved = rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(saved)
-
-
 def _evaluate(model: nn.Module, eval_fn: EvalFn) -> dict[str, float]:
     """Run ``eval_fn`` in eval mode without gradients, RNGs preserved."""
     was_training = model.training
     model.eval()
     try:
-        with _rng_preserved(), torch.no_grad():
+        with rng_preserved(), torch.no_grad():
             return {k: float(v) for k, v in eval_fn(model).items()}
     finally:
         model.train(was_training)
-
-
-@contextlib.contextmanager
-def _exclusive(out_dir: Path) -> Iterator[None]:
-    """Hold ``out_dir/.lock`` so two runs never write one folder (the OS drops it if we are killed)."""
-    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(
-            f"{out_dir}: another training run is writing to this folder; wait for it or use another"
-        ) from None
-    try:
-        yield
-    finally:
-        os.close(fd)
 
 
 class _Run:
@@ -538,37 +274,36 @@ class _Run:
         higher_is_better,
         on_checkpoint,
         progress,
+        clock,
     ) -> None:
         self.model, self.step_fn, self.train_data, self.out_dir = model, step_fn, train_data, out_dir
         self.config, self.save_fn, self.eval_fn, self.collate_fn = config, save_fn, eval_fn, collate_fn
         self.identity, self.steps_per_epoch = identity, steps_per_epoch
         self.best_metric, self.higher_is_better = best_metric, higher_is_better
-        self.on_checkpoint, self.progress = on_checkpoint, progress
+        self.on_checkpoint, self.progress, self.clock = on_checkpoint, progress, clock
 
-        total_steps = config.epochs * steps_per_epoch
-        warmup = warmup_steps_for(config, total_steps)
         groups = list(param_groups) if param_groups is not None else param_groups_for(model, config.weight_decay)
         self.optimizer = torch.optim.AdamW(
             groups, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
         )
-
-        def schedule(step: int) -> float:
-            return lr_factor(step, warmup_steps=warmup, total_steps=total_steps, min_lr_ratio=config.min_lr_ratio)
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.schedule = LRSchedule.of(config, total_steps=config.epochs * steps_per_epoch)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]  # per group (layer-wise decay)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.param_names = _optimizer_param_names(model, self.optimizer)
+        self.param_names = optimizer_param_names(model, self.optimizer)
+        self.ema = WeightAverage(model, config.ema_decay) if config.ema_decay is not None else None
 
         self.epoch = self.batch = self.step = 0  # completed epochs, batches of the current one, steps
         self.elapsed_before = 0.0
+        self.last_elapsed = 0.0  # the training clock when the last step read it
         self.best: dict[str, Any] | None = None
         self.last_eval: dict[str, float] = {}
         self.last_train: dict[str, float] = {}
         self.resumed_from_step: int | None = None
         self.stopped_early = False
         self.window = _Window()
-        self.start = time.perf_counter()
+        self.start = clock()
         self.cap_s = config.max_minutes * 60 if config.max_minutes is not None else math.inf
+        self.budget_s = self.schedule.budget_s if self.schedule.by_time else math.inf
         self.rank, self.world, self.main = distributed.rank(), distributed.world_size(), distributed.is_main()
         self.forward: nn.Module | None = None  # the DDP-wrapped step, with several processes
 
@@ -578,14 +313,16 @@ class _Run:
             seed_everything(self.config.seed)
             self._reseed_rank()
             return
-        meta = _load_train_state(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        meta, extra = load_train_state(checkpoint, model=self.model, optimizer=self.optimizer)
+        if self.ema is not None:
+            self.ema.load_state_tensors(extra, where=str(checkpoint / STATE_TENSORS))
         if meta.get("param_names") != self.param_names:
             raise UserError(f"{checkpoint}: the optimizer's parameters differ from this model's; use a new folder")
         self.epoch, self.step = meta["epoch"], meta["global_step"]
         # the position in global samples: the same global batches with any number of processes
         self.batch = meta.get("epoch_samples", meta["batch"] * self.config.batch_size) // self.config.batch_size
         self._reseed_rank()
-        self.elapsed_before = meta["elapsed_s"]
+        self.elapsed_before = self.last_elapsed = meta["elapsed_s"]
         self.best, self.last_eval = meta.get("best"), meta.get("last_eval", {})
         self.last_train = meta.get("last_train", {})
         self.resumed_from_step = self.step
@@ -593,14 +330,26 @@ class _Run:
     def _reseed_rank(self) -> None:
         """Rank r > 0 draws from its own stream, a function of the seed, the step and r (rank 0 keeps the saved one)."""
         if self.rank > 0:
-            seed_everything(_mix(self.config.seed, self.step, self.rank) % 2**32)
+            seed_everything(mix_seeds(self.config.seed, self.step, self.rank) % 2**32)
 
     def elapsed_total(self) -> float:
         """Seconds of training over every run that built this checkpoint."""
-        return self.elapsed_before + time.perf_counter() - self.start
+        return self.elapsed_before + self.clock() - self.start
+
+    def budget_spent(self) -> bool:
+        """Whether the time budget (if any) was used up at the last step: the run is complete.
+
+        Judged on the clock as the last step read it (the same on every rank), not on a fresh reading.
+        """
+        return self.last_elapsed >= self.budget_s
+
+    def agreed_elapsed(self) -> float:
+        """``elapsed_total``, the same on every rank (their mean): the budget's LR and stop agree."""
+        elapsed = self.elapsed_total()
+        return distributed.mean_over_ranks([elapsed])[0] if self.world > 1 else elapsed
 
     def run(self) -> TrainSummary:
-        """Train the remaining epochs (or until the time cap); return the summary."""
+        """Train the remaining epochs (or until the time budget or cap); return the summary."""
         if self.main:
             self.log = _MetricsLog(self.out_dir / METRICS_FILE, keep_up_to_step=self.resumed_from_step)
         else:
@@ -609,10 +358,12 @@ class _Run:
             self.forward = distributed.data_parallel(self.model, self.step_fn)
         try:
             self.model.train()
-            while self.epoch < self.config.epochs and not self.stopped_early:
+            while self.epoch < self.config.epochs and not self.stopped_early and not self.budget_spent():
                 self.run_epoch()
         finally:
             self.log.close()
+        if self.ema is not None:
+            self.ema.copy_to_model()  # what the checkpoints published is what the caller holds
         distributed.barrier()  # every file rank 0 writes is complete when any rank returns
         metrics = {**({"train/loss": self.last_train["loss"]} if self.last_train else {}), **self.last_eval}
         return TrainSummary(
@@ -620,22 +371,24 @@ class _Run:
             epochs_done=self.epoch,
             epochs=self.config.epochs,
             steps=self.step,
-            minutes=(time.perf_counter() - self.start) / 60,
+            minutes=(self.clock() - self.start) / 60,
             total_minutes=self.elapsed_total() / 60,
             metrics=metrics,
             stopped_early=self.stopped_early,
             resumed_from_step=self.resumed_from_step,
             best=self.best,
+            budget_minutes=self.config.budget_minutes,
+            budget_spent=self.budget_spent(),
         )
 
     def loader(self) -> DataLoader:
         """The rest of the current epoch: its fixed order, minus the batches already done."""
         c = self.config
         order = EpochOrder(len(self.train_data), seed=c.seed, epoch=self.epoch, skip=self.batch * c.batch_size)
-        seed = _mix(c.seed, self.epoch, self.batch)
+        seed = mix_seeds(c.seed, self.epoch, self.batch)
         if self.world > 1:  # this rank's block of every global batch; its workers draw their own numbers
             order = distributed.ShardedOrder(order, batch_size=c.batch_size, rank=self.rank, world_size=self.world)
-            seed = _mix(c.seed, self.epoch, self.batch, self.rank)
+            seed = mix_seeds(c.seed, self.epoch, self.batch, self.rank)
         return DataLoader(
             self.train_data,
             batch_size=c.batch_size // self.world,
@@ -653,7 +406,7 @@ class _Run:
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=self.batch,
-            desc=f"epoch {self.epoch + 1}/{c.epochs}",
+            desc=f"epoch {self.epoch + 1}/{c.epochs}" if c.budget_minutes is None else f"epoch {self.epoch + 1}",
             unit="batch",
             disable=not (self.progress and self.main),
             dynamic_ncols=True,
@@ -667,12 +420,16 @@ class _Run:
             # the bar shows the rate since this epoch's first batch: steady, unlike a per-step rate
             rate = items / max(time.perf_counter() - epoch_start, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
-            over_time = time.perf_counter() - self.start > self.cap_s
+            over_time = self.clock() - self.start > self.cap_s
             if self.world > 1 and self.cap_s < math.inf:
                 over_time = distributed.any_rank(over_time)  # the ranks stop at the same step
             if self.batch == self.steps_per_epoch:
                 # the epoch-end checkpoint below saves this step; stop after it unless it was the last
-                self.stopped_early = over_time and self.epoch + 1 < c.epochs
+                self.stopped_early = over_time and self.epoch + 1 < c.epochs and not self.budget_spent()
+                break
+            if self.budget_spent():  # the schedule is at its end: the run is complete
+                self.evaluate()
+                self.checkpoint(epoch_complete=False)
                 break
             if over_time:
                 self.stopped_early = True
@@ -712,9 +469,16 @@ class _Run:
         if self.config.grad_clip_norm is not None:
             # the norm before clipping, logged: spikes show instability before the loss does
             extra["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip_norm))
+        # a budget's clock is read after the backward pass: the step's LR is that of the time it is applied
+        elapsed = self.agreed_elapsed() if self.schedule.by_time else self.elapsed_total()
+        factor = self.schedule.factor(step=self.step, elapsed_s=elapsed)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * factor
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
-        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
+        self.last_elapsed = elapsed
         self.step += 1
         self.batch += 1
         self.window.add(logged, loss, time.perf_counter() - seconds_since, extra)
@@ -737,57 +501,55 @@ class _Run:
         if self.eval_fn is None:
             return
         # rank 0 evaluates; the others take its numbers (they decide the best checkpoint alike)
-        self.last_eval = distributed.broadcast_json(_evaluate(self.model, self.eval_fn) if self.main else None)
+        with self.weights_to_publish():
+            results = _evaluate(self.model, self.eval_fn) if self.main else None
+        self.last_eval = distributed.broadcast_json(results)
         elapsed = round(self.elapsed_total(), 3)
-        self.log.write({"step": self.step, "epoch": self.epoch, "elapsed_s": elapsed, "eval": self.last_eval})
+        record = {"step": self.step, "epoch": self.epoch, "elapsed_s": elapsed, "eval": self.last_eval}
+        self.log.write({**record, **({"ema": True} if self.ema is not None else {})})
         if self.best_metric is not None and self.best_metric in self.last_eval:
             value = self.last_eval[self.best_metric]
             best = self.best
             if best is None or (value > best["value"] if self.higher_is_better else value < best["value"]):
                 self.best = {"metric": self.best_metric, "value": value, "epoch": self.epoch, "step": self.step}
 
+    def weights_to_publish(self) -> contextlib.AbstractContextManager:
+        """The model as evaluated and saved: the weight average when there is one, else as it is."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+
     def checkpoint(self, *, epoch_complete: bool) -> None:
-        """Write a checkpoint of the current position (the protocol in the module docstring); rank 0 only."""
+        """Write a checkpoint of the current position (the protocol in ``checkpointing``); rank 0 only."""
         if not self.main:
             distributed.barrier()
             return
-        root = self.out_dir / CHECKPOINTS
-        root.mkdir(exist_ok=True)
-        tmp = root / f"tmp-{self.step:08d}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        with _rng_preserved():
-            self.save_fn(self.model, tmp)
-        clash = {STATE_JSON, STATE_TENSORS} & {p.name for p in tmp.iterdir()}
-        if clash:
-            raise RuntimeError(f"save_fn wrote reserved file(s) {sorted(clash)}")
-        meta = {
-            "format": STATE_FORMAT,
-            "epoch": self.epoch,
-            "batch": self.batch,  # global batches of this epoch done
-            "epoch_samples": self.batch * self.config.batch_size,
-            "global_step": self.step,
-            "world_size": self.world,  # how it was trained; a resume may use another
-            "elapsed_s": self.elapsed_total(),
-            "identity": self.identity,
-            "config": to_dict(self.config),
-            "param_names": self.param_names,
-            "best": self.best,
-            "last_eval": self.last_eval,
-            "last_train": self.last_train,
-        }
-        _save_train_state(tmp, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, meta=meta)
-        _fsync_tree(tmp)
-        final = root / f"step-{self.step:08d}"
-        n = 0
-        while final.exists():  # a step saved before, e.g. by a run stopped at the cap right there
-            n += 1
-            final = root / f"step-{self.step:08d}.{n}"
-        os.rename(tmp, final)
-        _publish(self.out_dir, final)
+
+        def fill(folder: Path) -> None:
+            with rng_preserved(), self.weights_to_publish():
+                self.save_fn(self.model, folder)
+            clash = {STATE_JSON, STATE_TENSORS} & {p.name for p in folder.iterdir()}
+            if clash:
+                raise RuntimeError(f"save_fn wrote reserved file(s) {sorted(clash)}")
+            meta = {
+                "format": STATE_FORMAT,
+                "epoch": self.epoch,
+                "batch": self.batch,  # global batches of this epoch done
+                "epoch_samples": self.batch * self.config.batch_size,
+                "global_step": self.step,
+                "world_size": self.world,  # how it was trained; a resume may use another
+                "elapsed_s": self.elapsed_total(),
+                "identity": self.identity,
+                "config": to_dict(self.config),
+                "param_names": self.param_names,
+                "best": self.best,
+                "last_eval": self.last_eval,
+                "last_train": self.last_train,
+            }
+            extra = self.ema.state_tensors() if self.ema is not None else None
+            save_train_state(folder, model=self.model, optimizer=self.optimizer, meta=meta, extra_tensors=extra)
+
+        final = write_checkpoint(self.out_dir, self.step, fill)
         if self.on_checkpoint is not None:
-            with _rng_preserved():
+            with rng_preserved(), self.weights_to_publish():
                 self.on_checkpoint(CheckpointInfo(final, self.epoch, self.step, epoch_complete))
         distributed.barrier()
 
@@ -809,6 +571,7 @@ def train(
     higher_is_better: bool = False,
     on_checkpoint: Callable[[CheckpointInfo], None] | None = None,
     progress: bool = True,
+    clock: Clock = time.perf_counter,
 ) -> TrainSummary:
     """Train ``model`` for ``config.epochs`` epochs, checkpointing into ``out_dir``; resume when possible.
 
@@ -819,6 +582,7 @@ def train(
     ``no_grad``. ``param_groups`` replaces the default AdamW groups (``param_groups_for``).
     ``run_identity`` is anything else that must match for a resume (model and data settings).
     ``best_metric`` names an eval result to track. ``on_checkpoint`` is called after each checkpoint.
+    ``clock`` times the run (the time cap and a time budget's schedule; tests pass a fake one).
 
     Started by torchrun with several processes, the run is data-parallel (module docstring):
     ``config.batch_size`` is then the global batch and must be a multiple of the process count.
@@ -849,13 +613,13 @@ def train(
     main = distributed.is_main()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out_dir) if main else contextlib.nullcontext():
-        checkpoint = _check_out_dir(out_dir, identity, resume)
+    with exclusive(out_dir) if main else contextlib.nullcontext():
+        checkpoint = check_out_dir(out_dir, identity, resume)
         if world > 1:  # every rank resumes from the checkpoint rank 0 resumes from
             step = json.loads((checkpoint / STATE_JSON).read_text())["global_step"] if checkpoint else None
             distributed.same_on_every_rank(step, f"checkpoints in {out_dir}")
         if main:
-            _clean_leftovers(out_dir)
+            clean_leftovers(out_dir)
         run = _Run(
             model=model,
             step_fn=step_fn,
@@ -872,6 +636,7 @@ def train(
             higher_is_better=higher_is_better,
             on_checkpoint=on_checkpoint,
             progress=progress,
+            clock=clock,
         )
         run.restore(checkpoint)
         return run.run()

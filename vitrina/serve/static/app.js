@@ -160,15 +160,34 @@ function card(hit, rank) {
   item.append(button);
   if (state.explain) {
     // the attention-rollout overlay: where the image tower looked (the same for every query)
-    const why = document.createElement("a");
-    why.className = "why";
-    why.href = `/api/explain/${hit.id}`;
-    why.target = "_blank";
-    why.rel = "noopener";
-    why.textContent = "where the model looks";
-    item.append(why);
+    const links = document.createElement("div");
+    links.className = "explain";
+    links.append(explainLink("why", `/api/explain/${hit.id}`, "where the model looks"));
+    const q = textQuery();
+    if (q) {
+      // beside it, the query's patch-similarity map: which parts of this image resemble the text
+      const url = `/api/explain/${hit.id}?${new URLSearchParams({ q })}`;
+      links.append(explainLink("why-query", url, "what matches the query"));
+    }
+    item.append(links);
   }
   return item;
+}
+
+function explainLink(className, href, text) {
+  const a = document.createElement("a");
+  a.className = className;
+  a.href = href;
+  a.target = "_blank";
+  a.rel = "noopener";
+  a.textContent = text;
+  return a;
+}
+
+// The text of the results shown, when they answer a text query alone (not mixed with an image).
+function textQuery() {
+  const echo = (state.last && state.last.query) || {};
+  return echo.q && echo.image_id === undefined && echo.image === undefined ? echo.q : null;
 }
 
 function badge(className, text) {

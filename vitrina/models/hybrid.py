@@ -1,0 +1,84 @@
+"""The hybrid ViT's two parts: a convolutional stem in place of the patch embedding, and sequence pooling.
+
+Convolutional stem (Xiao et al., 2021, "Early convolutions help transformers see better"): a stack
+of 3x3 stride-2 convolutions, each followed by BatchNorm and an activation, then one 1x1
+convolution to the transformer's width. ``log2(patch)`` stride-2 convs shrink the image by the
+patch size, so the stem's output grid is the same token grid as the patch embedding's, and the rest
+of the ViT (position embedding, blocks) is unchanged. The paper's stem uses ReLU and doubles the
+channels per conv up to the width; we use GELU (the transformer's activation) and the same doubling.
+
+Sequence pooling (Hassani et al., 2021, "Escaping the Big Data Paradigm with Compact
+Transformers"): the pooled feature is an attention-weighted mean of the output tokens,
+``softmax(x W) ^T x`` with one learned scoring vector W, instead of a [CLS] token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def stem_strides(patch_size: int) -> int:
+    """How many stride-2 convs reach ``patch_size``: log2 of it; ``ValueError`` when it is not a power of 2."""
+    n = int(math.log2(patch_size)) if patch_size > 1 else 0
+    if patch_size < 2 or 2**n != patch_size:
+        raise ValueError(
+            f"a convolutional stem halves the image per conv: patch_size must be 2, 4, 8, ..., got {patch_size}"
+        )
+    return n
+
+
+def default_stem_channels(patch_size: int, width: int) -> tuple[int, ...]:
+    """Channels of each stride-2 conv: doubling up to half the width, as the paper's stems (e.g. 48, 96 for 192)."""
+    n = stem_strides(patch_size)
+    return tuple(max(16, width // 2 ** (n - i)) for i in range(n))
+
+
+class ConvStem(nn.Module):
+    """``(B, C_in, H, W) -> (B, N, width)``, N = (H/p)(W/p): stride-2 3x3 conv-BN-GELU per halving, 1x1 conv to width.
+
+    Module names (``convs.i.{conv,bn}``, ``proj``) are this stem's own: a patch-embedding checkpoint
+    does not load into it, nor it into one.
+    """
+
+    def __init__(self, *, channels: tuple[int, ...], in_channels: int, width: int) -> None:
+        super().__init__()
+        ins = (in_channels, *channels[:-1])
+        self.convs = nn.ModuleList(ConvBNAct(cin, cout) for cin, cout in zip(ins, channels, strict=True))
+        self.proj = nn.Conv2d(channels[-1], width, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = conv(x)  # (B, c_i, H/2^(i+1), W/2^(i+1))
+        x = self.proj(x)  # (B, width, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, width), row-major like PatchEmbed
+
+
+class ConvBNAct(nn.Module):
+    """``(B, C_in, H, W) -> (B, C_out, H/2, W/2)``: 3x3 stride-2 conv (no bias: BN follows), BatchNorm, GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class SequencePool(nn.Module):
+    """``(B, N, C) -> (B, C)``: the tokens' mean weighted by ``softmax`` of one learned score per token."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(width, 1)
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N): each token's share of the pooled feature; every row sums to 1."""
+        return self.score(x).squeeze(-1).softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weights(x).unsqueeze(1) @ x).squeeze(1)  # (B, 1, N) @ (B, N, C) -> (B, C)
