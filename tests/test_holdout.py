@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vitrina.data.holdout import HoldOutRule, held_out_concepts, split_held_out
+from vitrina.data.holdout import HoldOutRule, held_out_concepts, selection_split, split_held_out
 from vitrina.data.sources import load_training_items
 from vitrina.errors import UserError
 
@@ -46,3 +46,17 @@ def test_the_rule_is_seeded_and_never_holds_out_every_class():
     assert a == b and a != held_out_concepts(concepts, HoldOutRule(seed=4))
     assert len([c for c in a if c.startswith("emoji:")]) == 4 and "a caption" not in a
     assert len([c for c in held_out_concepts(concepts, HoldOutRule(fashion_classes=5)) if "fashion" in c]) == 2
+
+
+def test_the_selection_split_keeps_each_concept_on_one_side_and_is_seeded():
+    pairs, concepts = load_training_items("emoji:facebook", seed=0)
+    selection, report, chosen = selection_split(pairs, concepts, seed=0)
+    assert len(selection) + len(report) == len(pairs)
+    assert abs(len(chosen) - len(set(concepts)) / 2) <= 1
+    side = {c: (c in chosen) for c in concepts}
+    assert sum(side.values()) == len(chosen)
+    assert {id(p) for p in selection}.isdisjoint({id(p) for p in report})
+    assert all((c in chosen) == any(p is q for q in selection) for p, c in zip(pairs[:50], concepts[:50], strict=True))
+    again, _, chosen_again = selection_split(pairs, concepts, seed=0)
+    assert chosen_again == chosen and [p for p in again] == selection
+    assert selection_split(pairs, concepts, seed=1)[2] != chosen

@@ -72,3 +72,22 @@ def split_held_out(
             train_concepts.append(concept)
     labels = sorted(c.removeprefix(FASHION_CONCEPT) for c in held if c.startswith(FASHION_CONCEPT))
     return train, train_concepts, kept_out, HeldOut(sorted(held), labels, sorted(captions))
+
+
+SELECTION_NAMESPACE = "selection"
+
+
+def selection_split(
+    pairs: Sequence[Pair], concepts: Sequence[str], *, seed: int = 0, fraction: float = 0.5
+) -> tuple[list[Pair], list[Pair], set[str]]:
+    """Split an evaluation set by concept into (selection pairs, report pairs, selection concepts).
+
+    A run may pick its best epoch on the selection part; a number it reports is honest only on the
+    report part, which no choice ever looked at. Concepts, not pairs, are drawn (seeded), so one
+    concept's images are all on one side.
+    """
+    keys = sorted(set(concepts))
+    chosen = set(_draw(keys, round(fraction * len(keys)), seed, SELECTION_NAMESPACE))
+    selection = [p for p, c in zip(pairs, concepts, strict=True) if c in chosen]
+    report = [p for p, c in zip(pairs, concepts, strict=True) if c not in chosen]
+    return selection, report, chosen
