@@ -39,8 +39,20 @@ def _step(console: Console, number: int, title: str) -> None:
     console.rule(f"[bold]{number}/5 {title}")
 
 
-def run_demo(*, out_dir: Path, train_minutes: float = 8.0, held_out_style: str = "facebook", seed: int = 0) -> dict:
-    """Run the five steps; returns the evaluation results (also written to ``out_dir/eval.json``)."""
+def run_demo(
+    *,
+    out_dir: Path,
+    train_minutes: float = 8.0,
+    held_out_style: str = "facebook",
+    seed: int = 0,
+    settings=None,
+    caption_variants: bool = False,
+) -> dict:
+    """Run the five steps; returns the evaluation results (also written to ``out_dir/eval.json``).
+
+    ``settings`` (a ``ClipTrainSettings``) and ``caption_variants`` (train on several phrasings of each
+    emoji, keywords included, instead of one caption) are the knobs ``bench/retrieval_quality.py`` ablates.
+    """
     from vitrina.checkpoint import load_encoder
     from vitrina.config import TrainConfig, to_dict
     from vitrina.data.emoji import export_emoji
@@ -71,7 +83,8 @@ def run_demo(*, out_dir: Path, train_minutes: float = 8.0, held_out_style: str =
     console.print(f"Fashion-MNIST test set: {n_fashion} images → {fashion_folder}")
 
     _step(console, 2, "train")
-    spec = f"emoji:{','.join(train_styles)}+fashion-mnist:train:{FASHION_TRAIN_IMAGES}"
+    variants = ":variants" if caption_variants else ""
+    spec = f"emoji:{','.join(train_styles)}{variants}+fashion-mnist:train:{FASHION_TRAIN_IMAGES}"
     all_pairs, all_concepts = load_training_items(spec, seed=seed)
     rule = HoldOutRule(seed=seed)
     pairs, concepts, held_pairs, held_out = split_held_out(
@@ -100,7 +113,7 @@ def run_demo(*, out_dir: Path, train_minutes: float = 8.0, held_out_style: str =
         concepts=concepts,
         out_dir=checkpoint,
         train_config=config,
-        settings=ClipTrainSettings(),
+        settings=settings or ClipTrainSettings(),
         watch_sets={HELD_OUT_STYLE_SET: selection_pairs, "held-out-concepts": held_pairs},
         extra_config={"held_out": {"rule": to_dict(rule), **to_dict(held_out)}},
     )

@@ -1,0 +1,186 @@
+"""Retrieval quality within the demo's budget: one trainer configuration per row, measured on what it never saw.
+
+Each row runs ``vitrina demo``'s whole job (``vitrina.demo.run_demo``: data, a CLIP trained for ``--minutes`` on
+three emoji styles + Fashion-MNIST minus the held-out concepts, index, evaluate) into its own folder, with one
+trainer knob changed (``--row``), then measures the best checkpoint (the epoch with the best R@10 on the
+*selection half* of the held-out style, ``vitrina.data.holdout.selection_split``):
+
+* **held-out style** (facebook emoji, 1,860 images, a drawing style never trained on), text -> image R@1/5/10
+  over the whole style, for two kinds of query: the index's captions ("an emoji of a grinning face, smileys &
+  emotion") and the plain emoji names ("grinning face"); an image is relevant when its caption (name) is the
+  query. Given for the **report half** (concepts no choice ever looked at: the headline), the selection half
+  (optimistic: the best epoch was picked on it) and the held-out concepts (never trained on in any style);
+* **zero-shot**, only on what was held out of training (the held-out Fashion-MNIST classes among all ten, the
+  held-out emoji concepts' captions), beside its chance level, and **prompted classification (seen classes)**,
+  from the demo's own ``eval.json``;
+* train minutes, steps and img/s of the run.
+
+Rows (one trainer change each, everything else as ``vitrina demo``):
+  demo                 the demo's trainer: images in memory with batched crops/flips, duplicate-aware targets
+  caption-variants     + several phrasings per emoji (name, "X emoji", subcategory, keywords)
+  no-duplicate-aware   - duplicate-aware targets (every other pair of a batch is a negative)
+  no-in-memory         - images in memory (per-image decode and transforms in DataLoader workers)
+
+Targets (issue 13): held-out-style R@10 >= 0.55 with captions and >= 0.50 with plain names in the 10-minute budget.
+
+    .venv/bin/python bench/retrieval_quality.py --row demo                # 10 minutes of training + ~3 of the rest
+    .venv/bin/python bench/retrieval_quality.py --row demo --minutes 0.3 --dry-run   # smoke: prints, records nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench._report import record  # noqa: E402
+from vitrina.checkpoint import load_encoder  # noqa: E402
+from vitrina.data.emoji import emoji_caption, load_emoji  # noqa: E402
+from vitrina.data.holdout import selection_split  # noqa: E402
+from vitrina.data.images import load_image  # noqa: E402
+from vitrina.data.sources import EMOJI_CONCEPT, load_training_items  # noqa: E402
+from vitrina.demo import run_demo  # noqa: E402
+from vitrina.eval.retrieval import first_relevant_rank  # noqa: E402
+from vitrina.train.clip import ClipTrainSettings, best_checkpoint  # noqa: E402
+
+BENCHMARK = "retrieval_quality"
+STYLE = "facebook"
+KS = (1, 5, 10)
+ROWS = {
+    "demo": {},
+    "caption-variants": {"caption_variants": True},
+    "no-duplicate-aware": {"settings": ClipTrainSettings(duplicate_aware=False)},
+    "no-in-memory": {"settings": ClipTrainSettings(in_memory=False)},
+}
+
+
+def image_vectors(encoder, paths: list[Path], batch: int = 256) -> np.ndarray:
+    """(N, D) unit vectors of the images at ``paths``."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(paths), batch):
+            pixels = torch.stack([encoder.image_transform(load_image(p)) for p in paths[i : i + batch]])
+            out.append(torch.as_tensor(encoder.encode_image(pixels)).float().numpy())
+    return np.concatenate(out)
+
+
+def recalls(encoder, gallery: np.ndarray, item_keys: list[str], queries: list[str]) -> dict[str, float]:
+    """Text -> image R@K of each distinct query in ``queries`` over ``gallery``; relevant: item key == query."""
+    queries = sorted(set(queries))
+    if not queries:
+        return {}
+    with torch.inference_mode():
+        text = np.concatenate(
+            [
+                torch.as_tensor(encoder.encode_text(queries[i : i + 512])).float().numpy()
+                for i in range(0, len(queries), 512)
+            ]
+        )
+    keys = np.asarray(item_keys, dtype=object)
+    relevant = keys[None, :] == np.asarray(queries, dtype=object)[:, None]  # (Q, N)
+    ranks = first_relevant_rank(text @ gallery.T, relevant)
+    return {"queries": len(queries), **{f"R@{k}": float(np.mean(ranks < k)) for k in KS}}
+
+
+def held_out_style_recalls(model_dir: Path, held_out_concepts: set[str], seed: int) -> dict[str, dict]:
+    """R@K on the held-out style for captions and plain names, per part (report half, selection half, held out)."""
+    encoder = load_encoder(str(model_dir))
+    items = load_emoji(STYLE)
+    concepts = [EMOJI_CONCEPT + item.unified for item in items]
+    captions = [emoji_caption(item) for item in items]
+    names = [item.name.lower() for item in items]
+    gallery = image_vectors(encoder, [item.path for item in items])
+    # the same split as the demo's: its seen concepts, halved by the same seeded draw
+    pairs, style_concepts = load_training_items(f"emoji:{STYLE}", seed=seed)
+    seen = [c for c in style_concepts if c not in held_out_concepts]
+    _, _, selection = selection_split(seen, seen, seed=seed)
+    part_of = {
+        c: "held_out_concepts" if c in held_out_concepts else "selection_half" if c in selection else "report_half"
+        for c in concepts
+    }
+    out: dict[str, dict] = {}
+    for kind, keys in (("captions", captions), ("names", names)):
+        out[kind] = {"all": recalls(encoder, gallery, keys, keys)}
+        for part in ("report_half", "selection_half", "held_out_concepts"):
+            chosen = [k for k, c in zip(keys, concepts, strict=True) if part_of[c] == part]
+            out[kind][part] = recalls(encoder, gallery, keys, chosen)
+    return out
+
+
+def run_stats(checkpoint: Path) -> dict:
+    """Train minutes, steps and median img/s of the run, from its metrics log."""
+    lines = [json.loads(x) for x in (checkpoint / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    stats = {
+        "steps": max((x["step"] for x in lines if isinstance(x.get("step"), int)), default=None),
+        "train_minutes": max((x["elapsed_s"] for x in lines if "elapsed_s" in x), default=0.0) / 60,
+    }
+    rates = [x["img_per_s"] for x in lines if isinstance(x.get("img_per_s"), int | float)]
+    if rates:
+        stats["img/s"] = float(np.median(rates))
+    return stats
+
+
+def zero_shot_rows(results: dict) -> dict:
+    """The demo's eval.json, flattened to what the table shows: zero-shot (held out) and prompted (seen)."""
+    out = {}
+    for name in ("fashion", "emoji"):
+        labels = results.get(name, {}).get("labels", {})
+        for key in ("zero_shot", "prompted_seen"):
+            block = labels.get(key)
+            if isinstance(block, dict):
+                for metric in ("accuracy", "chance", "classes"):
+                    if metric in block:
+                        out[f"{name} {key} {metric}"] = block[metric]
+        captions = results.get(name, {}).get("captions", {}).get("zero_shot")
+        if isinstance(captions, dict):
+            for metric, value in captions.items():
+                if isinstance(value, int | float):
+                    out[f"{name} zero-shot captions {metric}"] = value
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--row", choices=list(ROWS), default="demo")
+    parser.add_argument("--minutes", type=float, default=10.0, help="the training budget (the demo's: 10)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "retrieval-quality"))
+    parser.add_argument("--keep", action="store_true", help="reuse the row's folder (resume) instead of a fresh one")
+    parser.add_argument("--dry-run", action="store_true", help="print the row, record nothing")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    folder = Path(args.out) / f"{args.row}-seed{args.seed}"
+    if folder.exists() and not args.keep:
+        shutil.rmtree(folder)
+    results = run_demo(out_dir=folder, train_minutes=args.minutes, seed=args.seed, **ROWS[args.row])
+    checkpoint = folder / "clip"
+    model_dir = best_checkpoint(checkpoint)
+    held = json.loads((model_dir / "config.json").read_text()).get("held_out", {})
+    quality = held_out_style_recalls(model_dir, set(held.get("concepts", [])), args.seed)
+    row = {
+        "budget_minutes": args.minutes,
+        **run_stats(checkpoint),
+        # the table's columns: the report half (the honest headline) and the whole style; every part in the JSON
+        **{f"{kind} report R@{k}": quality[kind]["report_half"].get(f"R@{k}") for kind in quality for k in KS},
+        **{f"{kind} all R@10": quality[kind]["all"].get("R@10") for kind in quality},
+        **{f"{kind} held-out concepts R@10": quality[kind]["held_out_concepts"].get("R@10") for kind in quality},
+        **zero_shot_rows(results),
+        "held_out_style": quality,
+        "seed": args.seed,
+    }
+    print(json.dumps({k: v for k, v in row.items() if k != "held_out_style"}, indent=1))
+    if not args.dry_run:
+        record(BENCHMARK, f"{args.row} · {args.minutes:g} min · seed {args.seed}", row)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
