@@ -7,6 +7,7 @@ drawn images indexed with it, and a re-ranker trained on that collection through
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastapi.testclient import TestClient
-from test_index import write_collection
+from test_index import draw, image_path, write_collection
 
+import vitrina.search
 from vitrina.checkpoint import load_encoder, load_model, save_model
 from vitrina.cli import main as cli
 from vitrina.data.images import load_image
 from vitrina.data.sources import load_training_pairs
 from vitrina.errors import UserError
 from vitrina.index.embed import index_folder
+from vitrina.index.rerank_tokens import MANIFEST, prepare_tokens, tokens_dir
 from vitrina.models.registry import build_model
 from vitrina.models.rerank import (
     CrossAttentionReranker,
@@ -187,3 +190,129 @@ def test_api_rerank_answers_the_same_ids_reordered(setup) -> None:
     with TestClient(create_app(bare_index, reload_s=0)) as client:
         answer = client.get("/api/search", params={"q": "a red circle", "rerank": 5})
     assert answer.status_code == 409 and "no re-ranker" in answer.json()["error"]
+
+
+# --- the token file: image tokens stored once per item -------------------------------------------
+
+
+@pytest.fixture
+def own_index(setup, tmp_path: Path):
+    """(checkpoint, a fresh index of a copy of the collection, that copy): free to grow and to prepare."""
+    ckpt, _, root, _ = setup
+    photos = tmp_path / "photos"
+    shutil.copytree(root, photos)
+    index_dir = tmp_path / "index"
+    index_folder(photos, load_encoder(ckpt), index_dir, model_ref=str(ckpt), progress=False, workers=0)
+    return ckpt, index_dir, photos
+
+
+def decoded_paths(monkeypatch) -> list[str]:
+    """Every image path the search decodes from now on (the cold path's work)."""
+    seen: list[str] = []
+    real = vitrina.search.load_image
+
+    def counting(path, *args, **kwargs):
+        seen.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(vitrina.search, "load_image", counting)
+    return seen
+
+
+def reranked(index_dir: Path, text: str, n: int = 24) -> dict[int, float]:
+    """Item id -> re-ranker score of a text query re-ranking the top ``n``, in rank order."""
+    with Searcher(index_dir, runtime="torch") as searcher:
+        results = searcher.run(Query(terms=[Term(text, 1.0)], k=n, rerank=n))
+    return {r.hit.id: r.rerank_score for r in results.hits}
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_token_file_scores_equal_the_cold_path_and_decode_nothing(own_index, monkeypatch, capsys) -> None:
+    _, index_dir, _ = own_index
+    text = "a red circle"
+    cold = reranked(index_dir, text)
+    assert cli(["rerank-prepare", str(index_dir)]) == 0
+    assert "24 items (0 reused, 24 embedded, 0 unreadable)" in capsys.readouterr().out
+    manifest = json.loads((tokens_dir(index_dir, 1) / MANIFEST).read_text())
+    assert manifest["shape"][0] == 24 and manifest["bytes_per_item"] == manifest["shape"][1] * manifest["shape"][2] * 2
+    seen = decoded_paths(monkeypatch)
+    warm = reranked(index_dir, text)
+    assert seen == []  # every candidate's image side came from the file
+    assert set(warm) == set(cold)
+    tolerance = 1e-3  # both paths score float16 image embeddings; only the float32 work around them may differ
+    np.testing.assert_allclose([warm[i] for i in cold], list(cold.values()), rtol=0, atol=tolerance)
+    # every two candidates the cold path tells apart by more than twice that are in the same order
+    ids = list(cold)
+    apart = [(a, b) for n, a in enumerate(ids) for b in ids[n + 1 :] if cold[a] - cold[b] > 2 * tolerance]
+    assert len(apart) > 0.9 * len(ids) * (len(ids) - 1) / 2  # nearly all pairs: the check is not vacuous
+    assert all(warm[a] > warm[b] for a, b in apart)
+
+
+def test_items_added_or_changed_after_the_file_are_decoded_and_reranked(own_index, monkeypatch) -> None:
+    ckpt, index_dir, photos = own_index
+    assert cli(["rerank-prepare", str(index_dir)]) == 0
+    new = photos / "red" / "extra.png"
+    draw((220, 20, 20), "circle", 5).save(new)
+    changed = image_path(photos, "blue", "square-0")
+    draw((20, 20, 220), "triangle", 3).save(changed, quality=95)  # same path (same id), new pixels
+    index_folder(photos, load_encoder(ckpt), index_dir, model_ref=str(ckpt), progress=False, workers=0)
+    seen = decoded_paths(monkeypatch)
+    scores = reranked(index_dir, "a red circle", n=25)
+    assert sorted(seen) == sorted([str(new), str(changed)])  # the other 23 from the file
+    assert len(scores) == 25 and all(np.isfinite(s) for s in scores.values())
+    reranker = load_reranker(ckpt / "reranker")
+    with Searcher(index_dir, runtime="torch") as searcher:
+        ids = {hit.path: hit.id for hit in (searcher.store.get(i) for i in scores)}
+    expected = reranker.score("a red circle", [load_image(new), load_image(changed)]).numpy()
+    np.testing.assert_allclose([scores[ids[str(new)]], scores[ids[str(changed)]]], expected, rtol=0, atol=1e-5)
+    # preparing again reuses the 23 rows still current and embeds the two
+    report = prepare_tokens(index_dir, reranker)
+    assert (report.rows, report.reused, report.embedded) == (25, 23, 2)
+    assert sorted(p.name for p in tokens_dir(index_dir, 1).iterdir()) == ["items-g2.npy", "tokens-g2.npy", MANIFEST]
+
+
+def test_a_token_file_of_other_weights_is_not_used(own_index, monkeypatch) -> None:
+    _, index_dir, _ = own_index
+    cold = reranked(index_dir, "a green triangle")
+    assert cli(["rerank-prepare", str(index_dir)]) == 0
+    folder = tokens_dir(index_dir, 1)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    np.load(folder / manifest["tokens"], mmap_mode="r+")[:] = 0  # rows that would change every score if read
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "reranker_digest": "0" * 64}))
+    seen = decoded_paths(monkeypatch)
+    again = reranked(index_dir, "a green triangle")
+    assert len(seen) == 24  # every candidate decoded: the file was ignored
+    assert list(again) == list(cold)
+    np.testing.assert_allclose(list(again.values()), list(cold.values()), rtol=0, atol=1e-6)
+
+
+def test_a_reranked_search_writes_nothing(own_index) -> None:
+    _, index_dir, _ = own_index
+    assert cli(["rerank-prepare", str(index_dir)]) == 0
+    with Searcher(index_dir, runtime="torch") as searcher:
+        searcher.run(Query(terms=[Term("a blue square", 1.0)], k=3))  # opened and searched once
+        before = folder_bytes(index_dir)
+        results = searcher.run(Query(terms=[Term("a blue square", 1.0)], k=24, rerank=24))
+        assert searcher._token_file(searcher.served, searcher.reranker()) is not None
+        # compared while open: SQLite itself removes its empty WAL file when the last connection closes
+        assert folder_bytes(index_dir) == before
+    assert all(r.rerank_score is not None for r in results.hits)
+
+
+def test_train_rerank_with_an_index_prepares_its_tokens(own_index, tmp_path: Path, capsys) -> None:
+    ckpt, index_dir, photos = own_index
+    out = tmp_path / "other-reranker"
+    argv = ["train", "rerank", "--model", str(ckpt), "--data", str(photos), "--epochs", "1", "--batch-size", "16"]
+    assert cli([*argv, "--out", str(out), "--index", str(index_dir)]) == 0
+    assert "re-ranker tokens of v1: 24 items" in capsys.readouterr().out
+    manifest = json.loads((tokens_dir(index_dir, 1) / MANIFEST).read_text())
+    assert manifest["reranker_digest"] == load_reranker(out).digest
+    # the index model's own re-ranker (another digest) does not use it
+    with Searcher(index_dir, runtime="torch") as searcher:
+        assert searcher._token_file(searcher.served, searcher.reranker()) is None
+    with Searcher(index_dir, runtime="torch", reranker=out) as searcher:
+        assert searcher._token_file(searcher.served, searcher.reranker()) is not None

@@ -137,7 +137,28 @@ def cmd_train_rerank(args: argparse.Namespace) -> None:
     )
     print(f"re-ranker: {out}  ({summary})")
     hint = "" if out == reranker_folder(args.model) else f" --reranker {out}"
+    if args.index:
+        from vitrina.index.rerank_tokens import prepare_tokens
+        from vitrina.models.rerank import load_reranker
+
+        reranker = load_reranker(out, clip=clip, clip_digest=weights_digest(args.model, clip_config))
+        print(prepare_tokens(Path(args.index), reranker, progress=True).summary())
+        print(f'next: vitrina search {args.index} "a query" --rerank 50{hint}')
+        return
     print(f'next: vitrina search INDEX "a query" --rerank 50{hint}')
+    print(f"      vitrina rerank-prepare INDEX{hint}   (re-ranked queries then skip decoding their candidates)")
+
+
+def cmd_rerank_prepare(args: argparse.Namespace) -> None:
+    from vitrina.index.rerank_tokens import prepare_tokens
+    from vitrina.index.store import IndexStore
+    from vitrina.models.rerank import load_reranker, reranker_folder
+
+    index_dir = Path(args.index)
+    with IndexStore.open(index_dir) as store:
+        version = store.version(args.version) if args.version else store.active_version()
+    reranker = load_reranker(Path(args.reranker) if args.reranker else reranker_folder(version.model_ref))
+    print(prepare_tokens(index_dir, reranker, version=args.version, progress=True).summary())
 
 
 def _classify_train_config(args: argparse.Namespace):
@@ -754,6 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--hard-pool", type=int, default=16, help="hard negatives come from the dual encoder's top-k")
     rerank.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this many minutes")
     rerank.add_argument("--seed", type=int, default=0)
+    rerank.add_argument(
+        "--index", default=None, help="then store its image tokens of this index's items (see rerank-prepare)"
+    )
     rerank.set_defaults(handler=cmd_train_rerank)
 
     classify = train.add_parser("classify", help="supervised image classification (from scratch or transfer)")
@@ -848,6 +872,15 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("--root", default=None, help="where the collection's images are here (default: as exported)")
     import_.add_argument("--model", default=None, help="the model's reference here; checked against the digest")
     import_.set_defaults(handler=cmd_import)
+
+    prepare = sub.add_parser(
+        "rerank-prepare",
+        help="store the re-ranker's image tokens of every item, so --rerank N reads them instead of the images",
+    )
+    prepare.add_argument("index")
+    prepare.add_argument("--reranker", default=None, help="re-ranker folder (default: the index model's reranker/)")
+    prepare.add_argument("--version", default=None, help="default: the active version")
+    prepare.set_defaults(handler=cmd_rerank_prepare)
 
     search = sub.add_parser(
         "search",

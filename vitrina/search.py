@@ -321,6 +321,7 @@ class Searcher:
         self.index_dir = Path(index_dir)
         self._reranker_ref = reranker
         self._rerankers: dict[str | None, object] = {}  # version digest -> its loaded Reranker
+        self._token_files: dict[tuple[int, str], tuple] = {}  # (version, re-ranker digest) -> (stamp, TokenFile)
         self.store = IndexStore.open(self.index_dir)
         self.text_cache = LRUCache(text_cache_size)  # (model digest, text) -> unit vector
         self._model_ref = model_ref
@@ -532,27 +533,64 @@ class Searcher:
     def _rerank(self, query: Query, pool: list[Hit], served: Served) -> tuple[list[Hit], dict[int, float]]:
         """``pool`` with its first ``query.rerank`` hits reordered by the re-ranker -> (hits, id -> its score).
 
+        Each term's text states are computed once and scored against all N candidates in one forward pass.
         An image that can no longer be read scores -inf: it stays among the candidates, last.
         """
         if not query.rerank or not pool:
             return pool, {}
         reranker = self.reranker(served)
         head, tail = pool[: query.rerank], pool[query.rerank :]
-        images, readable = [], []
-        for row, hit in enumerate(head):
-            try:
-                images.append(load_image(hit.path))
-                readable.append(row)
-            except UserError:  # BadImageError: gone or damaged since it was indexed
-                continue
+        embedded, rows = self._candidate_images(head, served, reranker)
         scores = np.full(len(head), -np.inf, dtype=np.float32)  # (N,)
-        if images:
-            tokens = reranker.image_tokens(images)  # (n, M, Cv): once for every term
-            total = sum(t.weight * reranker.score_tokens(t.text, tokens).numpy() for t in query.terms)  # (n,)
-            scores[readable] = total
+        if rows:
+            total = sum(
+                t.weight * reranker.score_embedded(reranker.text_states(t.text), embedded).numpy() for t in query.terms
+            )  # (n,)
+            scores[rows] = total
         order = np.argsort(-scores, kind="stable")  # ties keep the dual encoder's order
         head = [head[j] for j in order]
         return head + tail, {head[j].id: float(scores[order[j]]) for j in range(len(head))}
+
+    def _candidate_images(self, head: list[Hit], served: Served, reranker):
+        """The re-ranker's (n, M, W) float16 image side of the readable hits of ``head``, and their rows in ``head``.
+
+        From the version's token file (``vitrina.index.rerank_tokens``) where it holds the item as it is now;
+        the others (added or changed since the file was made, or no file) decoded and embedded here.
+        """
+        import torch
+
+        tokens = self._token_file(served, reranker)
+        stored = tokens.rows([h.id for h in head], self.store.content_hashes([h.id for h in head])) if tokens else {}
+        stored_at = [row for row, hit in enumerate(head) if hit.id in stored]
+        images, fresh_at = [], []
+        for row, hit in enumerate(head):
+            if hit.id in stored:
+                continue
+            try:
+                images.append(load_image(hit.path))
+                fresh_at.append(row)
+            except UserError:  # BadImageError: gone or damaged since it was indexed
+                continue
+        parts = []
+        if stored_at:
+            parts.append(torch.from_numpy(tokens.gather([stored[head[row].id] for row in stored_at])))
+        if images:
+            parts.append(reranker.embed_images(images))
+        return (torch.cat(parts) if parts else None), stored_at + fresh_at
+
+    def _token_file(self, served: Served, reranker):
+        """The version's token file for this re-ranker's weights, or None; looked up again when its manifest changes
+        (a writer published a new one), so a long-running server picks it up without a restart."""
+        from vitrina.index.rerank_tokens import manifest_stamp, open_tokens
+
+        version = served.version
+        key = (version.id, reranker.digest)
+        stamp = manifest_stamp(self.index_dir, version.id)
+        cached = self._token_files.get(key)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, None if stamp is None else open_tokens(self.index_dir, version, reranker.digest))
+            self._token_files[key] = cached
+        return cached[1]
 
     def _finish(
         self, query: Query, pool: list[Hit], served: Served, count: int, reranked: dict[int, float] | None = None

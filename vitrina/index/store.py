@@ -607,6 +607,15 @@ class IndexStore:
             return None
         return Hit(id=row[0], path=item_location(self.root, row[1]), score=1.0, label=row[2], caption=row[3])
 
+    def content_hashes(self, ids: list[int]) -> dict[int, str]:
+        """The content hash of each of these item ids (absent ids left out)."""
+        found: dict[int, str] = {}
+        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+            part = [int(i) for i in ids[start : start + 900]]
+            marks = ",".join("?" * len(part))
+            found.update(self._conn.execute(f"SELECT id, content_hash FROM items WHERE id IN ({marks})", part))
+        return found
+
     def item_vectors(self, ids: list[int], *, version: int | None = None) -> dict[int, np.ndarray]:
         """Stored (D,) vectors of these item ids in ``version`` (default: the active one); absent ids left out."""
         version = self._version_or_active(version)

@@ -131,13 +131,24 @@ class CrossAttentionReranker(nn.Module):
         self.itm_head = nn.Linear(c.width, 1)
         self.apply(init_transformer_weights)
 
+    def embed_image(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, M, Cv) image-tower tokens -> (B, M, W): what the fusion blocks read, text-independent
+        (so an index can store it once per item: ``vitrina.index.rerank_tokens``)."""
+        return self.image_norm(self.image_in(image_tokens))
+
     def forward_features(
         self, text_states: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor
     ) -> torch.Tensor:
         """(B, L, Ct), (B, L) mask (1 = real), (B, M, Cv) -> (B, W) pooled fused text features."""
-        mask = text_mask.bool()  # (B, L)
-        text = self.text_in(text_states)  # (B, L, W)
-        image = self.image_norm(self.image_in(image_tokens))  # (B, M, W)
+        return self.fuse(text_states, text_mask, self.embed_image(image_tokens))
+
+    def fuse(self, text_states: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """(B, L, Ct) or (1, L, Ct) text states, their (B, L) or (1, L) mask, (B, M, W) embedded images
+        -> (B, W) pooled fused text features. One text against B images: give it once (batch 1); its
+        input projection runs once and is broadcast to the B images."""
+        n = image.shape[0]
+        mask = text_mask.bool().expand(n, -1)  # (B, L)
+        text = self.text_in(text_states).expand(n, -1, -1)  # (B, L, W)
         for block in self.blocks:
             text = block(text, mask, image)
         text = self.norm(text)
@@ -147,6 +158,10 @@ class CrossAttentionReranker(nn.Module):
     def forward(self, text_states: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """-> (B,) logits: log-odds that image b shows text b."""
         return self.itm_head(self.forward_features(text_states, text_mask, image_tokens)).squeeze(-1)
+
+    def score_embedded(self, text_states: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """``forward`` from embedded images (B, M, W) (``embed_image``) -> (B,) logits."""
+        return self.itm_head(self.fuse(text_states, text_mask, image)).squeeze(-1)
 
 
 def config_for(clip: CLIP, **shape: Any) -> RerankConfig:
@@ -215,9 +230,16 @@ def load_cross_model(folder: str | os.PathLike) -> tuple[CrossAttentionReranker,
 
 
 class Reranker:
-    """A frozen CLIP's towers + a trained ``CrossAttentionReranker``: one text, N images -> N logits."""
+    """A frozen CLIP's towers + a trained ``CrossAttentionReranker``: one text, N images -> N logits.
 
-    def __init__(self, clip: CLIP, model: CrossAttentionReranker, *, source: str = "") -> None:
+    ``digest``: the sha256 of the re-ranker's weights file ("" for a model built in memory), and
+    ``clip_digest`` the weights digest of the CLIP it was trained on: the keys a stored token file
+    (``vitrina.index.rerank_tokens``) must carry to be used with it.
+    """
+
+    def __init__(
+        self, clip: CLIP, model: CrossAttentionReranker, *, source: str = "", digest: str = "", clip_digest: str = ""
+    ) -> None:
         from vitrina.data.transforms import eval_transform
 
         c = clip.config
@@ -227,6 +249,7 @@ class Reranker:
                 f"-wide towers, the CLIP has {clip.text.width}/{clip.visual.width}; retrain it for this CLIP"
             )
         self.clip, self.model, self.source = clip.eval(), model.eval(), source
+        self.digest, self.clip_digest = digest, clip_digest
         self.transform = eval_transform(c.vision.image_size, c.image_mean, c.image_std)
 
     def text_states(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,18 +262,26 @@ class Reranker:
         with torch.inference_mode():
             return self.clip.image_tokens(torch.stack([self.transform(img) for img in images]))
 
-    def score_tokens(self, text: str, image_tokens: torch.Tensor) -> torch.Tensor:
-        """One text against (N, M, Cv) image tokens -> (N,) matching logits."""
-        states, mask = self.text_states(text)  # (1, L, Ct), (1, L)
-        n = image_tokens.shape[0]
+    def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """N RGB images -> (N, M, W) float16: the re-ranker's image-side input, as a token file stores it.
+
+        Every candidate is scored from float16 embeddings, stored or made now, so a query scores an item
+        the same whether or not the index's token file holds it.
+        """
         with torch.inference_mode():
-            return self.model(states.expand(n, -1, -1), mask.expand(n, -1), image_tokens).float()
+            return self.model.embed_image(self.image_tokens(images)).to(torch.float16)
+
+    def score_embedded(self, states: tuple[torch.Tensor, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """One text's ``text_states`` against (N, M, W) embedded images (any float dtype) -> (N,) logits,
+        all N in one forward pass."""
+        with torch.inference_mode():
+            return self.model.score_embedded(states[0], states[1], images.float()).float()
 
     def score(self, text: str, images: list[Image.Image]) -> torch.Tensor:
         """One text against N images -> (N,) matching logits (higher: a better match)."""
         if not images:
             return torch.empty(0)
-        return self.score_tokens(text, self.image_tokens(images))
+        return self.score_embedded(self.text_states(text), self.embed_images(images))
 
 
 def reranker_folder(model_ref: str) -> Path:
@@ -272,7 +303,7 @@ def load_reranker(folder: str | os.PathLike, *, clip: CLIP | None = None, clip_d
     wanted = config["clip"]["digest"]
     if clip is None or clip_digest != wanted:
         clip = _recorded_clip(folder, config["clip"]["ref"], wanted)
-    return Reranker(clip, model, source=str(folder))
+    return Reranker(clip, model, source=str(folder), digest=file_sha256(folder / WEIGHTS), clip_digest=wanted)
 
 
 def _recorded_clip(folder: Path, ref: str, digest: str) -> CLIP:
