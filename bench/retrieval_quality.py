@@ -21,6 +21,10 @@ Rows (one trainer change each, everything else as ``vitrina demo``):
   no-duplicate-aware   - duplicate-aware targets (every other pair of a batch is a negative)
   no-in-memory         - images in memory (per-image decode and transforms in DataLoader workers)
 
+With ``--fewshot``: the row's model also gets ``vitrina eval fewshot`` (1/2/4/8/16 shots per class, 5 seeded draws,
+prototype / Tip-Adapter / linear head, beside zero-shot) on the held-out style's categories and on Fashion-MNIST;
+one row per task and method, the curve as ``bench/results/retrieval_quality-fewshot.png``.
+
 Targets (issue 13): held-out-style R@10 >= 0.55 with captions and >= 0.50 with plain names in the 10-minute budget.
 
     .venv/bin/python bench/retrieval_quality.py --row demo                # 10 minutes of training + ~3 of the rest
@@ -147,6 +151,33 @@ def zero_shot_rows(results: dict) -> dict:
     return out
 
 
+def fewshot_rows(model_dir: Path, folder: Path, row_name: str, *, seeds: int = 5) -> None:
+    """``vitrina eval fewshot`` on the row's model; one recorded row per task and method, and the plot."""
+    from vitrina.eval.fewshot import run_fewshot_eval
+    from vitrina.models.fewshot import FEWSHOT_METHODS
+
+    shots = [1, 2, 4, 8, 16]
+    encoder = load_encoder(str(model_dir))
+    results = run_fewshot_eval(
+        encoder,
+        [f"emoji:{STYLE}", "fashion-mnist"],
+        shots=shots,
+        seeds=seeds,
+        methods=list(FEWSHOT_METHODS),
+        limit_test=2000,
+        out_dir=folder / "fewshot",
+    )
+    shutil.copyfile(folder / "fewshot" / "fewshot.png", REPO / "bench" / "results" / f"{BENCHMARK}-fewshot.png")
+    for task in results:
+        for method, curve in task["methods"].items():
+            row = {"zero-shot (prompted, all classes)": task["zero_shot"], "test images": task["test_images"]}
+            for n, mean, std in zip(task["shots"], curve["mean"], curve["std"], strict=True):
+                row[f"{n}-shot"] = mean
+                row[f"{n}-shot std"] = std
+            row["seeds"] = task["seeds"]
+            record(BENCHMARK, f"few-shot · {task['task']} · {method} · model of {row_name}", row)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--row", choices=list(ROWS), default="demo")
@@ -155,6 +186,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "retrieval-quality"))
     parser.add_argument("--keep", action="store_true", help="reuse the row's folder (resume) instead of a fresh one")
     parser.add_argument("--dry-run", action="store_true", help="print the row, record nothing")
+    parser.add_argument("--fewshot", action="store_true", help="also the few-shot curve of the row's model")
     args = parser.parse_args()
     torch.set_num_threads(2)
     folder = Path(args.out) / f"{args.row}-seed{args.seed}"
@@ -178,7 +210,10 @@ def main() -> int:
     }
     print(json.dumps({k: v for k, v in row.items() if k != "held_out_style"}, indent=1))
     if not args.dry_run:
-        record(BENCHMARK, f"{args.row} · {args.minutes:g} min · seed {args.seed}", row)
+        name = f"{args.row} · {args.minutes:g} min · seed {args.seed}"
+        record(BENCHMARK, name, row)
+        if args.fewshot:
+            fewshot_rows(model_dir, folder, name)
     return 0
 
 
