@@ -61,6 +61,19 @@ def record(benchmark: str, row: str, metrics: dict, command: str | None = None) 
     return path
 
 
+def check_recipe(benchmark: str, row: str, recipe: dict) -> None:
+    """``SystemExit`` when ``row`` holds seeds of another recipe (call it before a long run, too)."""
+    path = RESULTS_DIR / f"{benchmark}.json"
+    old = json.loads(path.read_text()).get(row, {}) if path.exists() else {}
+    if old.get("per_seed") and old.get("recipe") != recipe:
+        saved = old.get("recipe", {})
+        differ = sorted(k for k in {*saved, *recipe} if saved.get(k) != recipe.get(k))
+        raise SystemExit(
+            f"{path}: row {row!r} holds seeds {sorted(old['per_seed'])} of another recipe ({', '.join(differ)} "
+            "differ); give this run its own row (--name NEW_ROW), or delete that row"
+        )
+
+
 def record_seed(
     benchmark: str,
     row: str,
@@ -81,17 +94,10 @@ def record_seed(
     again replaces its own entry. A row that holds seeds of another recipe is not mixed into: that
     is a ``SystemExit`` naming the settings that differ.
     """
+    check_recipe(benchmark, row, recipe)
     path = RESULTS_DIR / f"{benchmark}.json"
     table = json.loads(path.read_text()) if path.exists() else {}
-    old = table.get(row, {})
-    per_seed = dict(old.get("per_seed", {}))
-    if per_seed and old.get("recipe") != recipe:
-        saved = old.get("recipe", {})
-        differ = sorted(k for k in {*saved, *recipe} if saved.get(k) != recipe.get(k))
-        raise SystemExit(
-            f"{path}: row {row!r} holds seeds {sorted(per_seed)} of another recipe ({', '.join(differ)} differ); "
-            "give this run its own row (--name NEW_ROW), or delete that row"
-        )
+    per_seed = dict(table.get(row, {}).get("per_seed", {}))
     per_seed[str(seed)] = metrics
     per_seed = dict(sorted(per_seed.items(), key=lambda item: int(item[0])))
     means = {}

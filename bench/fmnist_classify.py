@@ -204,12 +204,11 @@ def teacher_minutes(teacher: Path) -> float | None:
     return json.loads(results.read_text()).get("train_minutes")
 
 
-def recipe_of(run: Run, args, params: int) -> dict:
+def recipe_of(run: Run, args) -> dict:
     """What every seed of a row shares: it decides the numbers, so seeds of different recipes never mix."""
     recipe = {
         "kind": run.kind,
         "preset": run.model,
-        "params": params,
         "budget_minutes": None if args.epochs else args.minutes,
         "fixed_epochs": args.epochs,
         "ema": run.ema,
@@ -321,6 +320,8 @@ def main() -> None:
         report.RESULTS_DIR = Path(args.results_dir)
         report.MARKDOWN = report.RESULTS_DIR / "BENCHMARKS.md"
 
+    recipe = recipe_of(run, args)
+    report.check_recipe(BENCHMARK, name, recipe)  # before the run, not after it
     out = out_root / name / f"seed{args.seed}"
     data = load_classification_data("fashion-mnist", limit=args.limit, seed=SPLIT_SEED)
     epochs = args.epochs or run.epochs
@@ -328,7 +329,7 @@ def main() -> None:
     outcome = execute(run, data, out, config, teacher, Path(args.clip))
     r = outcome.results
     params = count_parameters(load_best(outcome.best_dir))[0]
-    seed_row = {"test_acc": r["test_acc"], "train_minutes": r["train_minutes"]}
+    seed_row = {"test_acc": r["test_acc"], "params": params, "train_minutes": r["train_minutes"]}
     if teacher is not None:  # beside the student's own minutes: what the whole recipe cost
         spent = teacher_minutes(teacher)
         seed_row["teacher_minutes"] = spent
@@ -349,8 +350,7 @@ def main() -> None:
         (int(p.name[4:]), p / "metrics.jsonl") for p in (out_root / name).glob("seed*") if p.name[4:].isdigit()
     )
     learning_curves([(s, m) for s, m in seeds if m.is_file()], png, f"{name}: seed {args.seed} {r['test_acc']:.2%}")
-    recipe = recipe_of(run, args, params)
-    shown = ("preset", "params", "budget_minutes", "ema", "tta")
+    shown = ("preset", "budget_minutes", "ema", "tta")
     path = report.record_seed(BENCHMARK, name, args.seed, seed_row, recipe=recipe, shown=shown)
     print(f"{name} seed {args.seed}: test accuracy {r['test_acc']:.4f}; written {path} and {png}")
 
