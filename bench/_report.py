@@ -104,7 +104,8 @@ def record_seed(
     for key in metrics:
         values = [m.get(key) for m in per_seed.values()]
         if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-            means[key] = sum(values) / len(values)
+            # a value every seed shares (parameters, batch size) stays as it is: an int stays an int
+            means[key] = values[0] if len(set(values)) == 1 else sum(values) / len(values)
             if key in listed:
                 means[f"{key}_per_seed"] = values
     merged = {"n_seeds": len(per_seed), "seeds": [int(s) for s in per_seed], **means}
