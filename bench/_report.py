@@ -61,9 +61,66 @@ def record(benchmark: str, row: str, metrics: dict, command: str | None = None) 
     return path
 
 
+def check_recipe(benchmark: str, row: str, recipe: dict) -> None:
+    """``SystemExit`` when ``row`` holds seeds of another recipe (call it before a long run, too)."""
+    path = RESULTS_DIR / f"{benchmark}.json"
+    old = json.loads(path.read_text()).get(row, {}) if path.exists() else {}
+    if old.get("per_seed") and old.get("recipe") != recipe:
+        saved = old.get("recipe", {})
+        differ = sorted(k for k in {*saved, *recipe} if saved.get(k) != recipe.get(k))
+        raise SystemExit(
+            f"{path}: row {row!r} holds seeds {sorted(old['per_seed'])} of another recipe ({', '.join(differ)} "
+            "differ); give this run its own row (--name NEW_ROW), or delete that row"
+        )
+
+
+def record_seed(
+    benchmark: str,
+    row: str,
+    seed: int,
+    metrics: dict,
+    *,
+    recipe: dict,
+    listed: tuple[str, ...] = ("test_acc",),
+    shown: tuple[str, ...] = (),
+    command: str | None = None,
+) -> Path:
+    """Merge one seed's ``metrics`` into ``row``, whose headline numbers are the mean over its seeds.
+
+    The row holds ``recipe`` (what every seed shares: model, budget, options), ``n_seeds`` and
+    ``seeds``, the mean of every numeric metric, ``<key>_per_seed`` lists for the ``listed`` keys, and
+    ``per_seed`` ``{seed: metrics}``; nested values stay in the JSON, out of the markdown table,
+    where the ``shown`` recipe fields appear as columns of their own. A seed run
+    again replaces its own entry. A row that holds seeds of another recipe is not mixed into: that
+    is a ``SystemExit`` naming the settings that differ.
+    """
+    check_recipe(benchmark, row, recipe)
+    path = RESULTS_DIR / f"{benchmark}.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    per_seed = dict(table.get(row, {}).get("per_seed", {}))
+    per_seed[str(seed)] = metrics
+    per_seed = dict(sorted(per_seed.items(), key=lambda item: int(item[0])))
+    means = {}
+    for key in metrics:
+        values = [m.get(key) for m in per_seed.values()]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            # a value every seed shares (parameters, batch size) stays as it is: an int stays an int
+            means[key] = values[0] if len(set(values)) == 1 else sum(values) / len(values)
+            if key in listed:
+                means[f"{key}_per_seed"] = values
+    merged = {"n_seeds": len(per_seed), "seeds": [int(s) for s in per_seed], **means}
+    merged |= {k: recipe[k] for k in shown} | {"recipe": recipe}
+    # the headline metrics and their per-seed values first, then how many seeds they are the mean of
+    headline = [name for k in listed for name in (k, f"{k}_per_seed") if name in merged]
+    ordered = {k: merged.pop(k) for k in headline} | merged
+    return record(benchmark, row, {**ordered, "per_seed": per_seed}, command=command)
+
+
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list):  # per-seed values
+        return " / ".join(_cell(v) for v in value)
     return str(value)
 
 
@@ -79,8 +136,9 @@ def write_markdown() -> None:
     for path in sorted(RESULTS_DIR.glob("*.json")):
         table = json.loads(path.read_text())
         columns: list[str] = []
-        for metrics in table.values():
-            columns += [k for k in metrics if k not in PROVENANCE and k not in columns]
+        for metrics in table.values():  # nested details (a row's per-seed results, its recipe) stay in the JSON
+            shown = [k for k, v in metrics.items() if not isinstance(v, dict) and k not in PROVENANCE]
+            columns += [k for k in shown if k not in columns]
         parts.append(f"\n## {path.stem}\n")
         notes = BENCH_DIR / "notes" / f"{path.stem}.md"
         if notes.exists():

@@ -1,21 +1,24 @@
 """Fashion-MNIST classification: from scratch, distilled from a CNN teacher, and transferred from CLIP.
 
-One named configuration per invocation (so runs can go one at a time, in the background), each on
-the real 10k test set with fixed seeds, merged into ``bench/results/fmnist_classify.json`` as
-``{run: {"test_acc", "train_minutes", "params", ...}}`` beside the other runs, plus a learning-curve
-PNG ``bench/results/fmnist_classify-<run>.png``; BENCHMARKS.md is rebuilt by ``bench/_report.py``.
+One named configuration and one seed per invocation (so runs can go one at a time, in the
+background), each on the real 10k test set, merged into ``bench/results/fmnist_classify.json``: a
+row per configuration holds every seed's results (``per_seed``), their mean (``test_acc`` ...) and
+how many seeds that is (``n_seeds``), beside a learning-curve PNG of all its seeds
+(``bench/results/fmnist_classify-<row>.png``); BENCHMARKS.md is rebuilt by ``bench/_report.py``.
 
-Each run is sized to the time cap: a short calibration run of the very same configuration measures
-the training img/s on this machine, and the epoch count is chosen so the whole warm-up + cosine
-schedule fits into ``--minutes`` (minus time for the per-epoch validation). The loop's
-``max_minutes`` stays on as a safety stop. The measured img/s is reported with the result.
+Every row trains under a time budget (``TrainConfig.budget_minutes``): warm-up, then a cosine that
+reaches its floor when ``--minutes`` of wall-clock time are spent, evaluations included, which ends
+the run whatever the step rate. ``train_img_per_s`` is the median logged training rate of the run
+itself. EMA of the weights and flip TTA are options of each row (``--ema``/``--no-ema``,
+``--tta``/``--no-tta``), recorded in it. A distillation row learns from its teacher row's checkpoint
+of the same seed; the teacher's training minutes stand beside it, with the total.
 
-    .venv/bin/python bench/fmnist_classify.py --run cnn-teacher          # first: the KD runs need it
-    .venv/bin/python bench/fmnist_classify.py --run vit-kd-response      # --teacher defaults to its best/
-    .venv/bin/python bench/fmnist_classify.py --run vit-scratch-p7 --minutes 15 --name vit-scratch-p7-15min
+    .venv/bin/python bench/fmnist_classify.py --run cnn-teacher-deep --seed 0   # first: the KD rows need it
+    .venv/bin/python bench/fmnist_classify.py --run hybrid-kd-deit --seed 0     # its teacher: that seed's
+    .venv/bin/python bench/fmnist_classify.py --run hybrid-scratch --seed 1 --no-ema --name hybrid-scratch-no-ema
 
 Smoke test (tiny, results kept out of bench/results):
-    .venv/bin/python bench/fmnist_classify.py --run vit-scratch --minutes 0.5 --limit 2000 \
+    .venv/bin/python bench/fmnist_classify.py --run hybrid-scratch --minutes 0.3 --limit 2000 \\
         --out /tmp/fmnist-smoke --results-dir /tmp/fmnist-smoke/results
 """
 
@@ -23,10 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,16 +39,24 @@ import bench._report as report  # noqa: E402
 from vitrina.config import TrainConfig  # noqa: E402
 from vitrina.distill.trainer import DistillSettings, KDKind, distill_classifier  # noqa: E402
 from vitrina.train.classify import ClassifySettings, build_classifier, count_parameters, train_classifier  # noqa: E402
-from vitrina.train.classify_data import ImageSplit, load_classification_data  # noqa: E402
+from vitrina.train.classify_data import load_classification_data  # noqa: E402
+from vitrina.train.schedule import BUDGET_EPOCH_LIMIT  # noqa: E402
 from vitrina.train.transfer import TransferSettings, transfer_classifier  # noqa: E402
 
 BENCHMARK = "fmnist_classify"
-SEED = 0
+SPLIT_SEED = 0  # the 54k/6k train/validation split is the same for every seed; --seed varies init and order
+EMA_DECAY = 0.999  # horizon ~1k steps: a 30-minute run takes 10-30k steps of 128 images
 
 
 @dataclass
 class Run:
-    """One configuration: what trains, from what, with which settings."""
+    """One configuration: what trains, from what, with which recipe.
+
+    The default recipe is the short-budget one of the fast-training literature: AdamW (weight decay
+    0.05), batch 128, linear warm-up over 5% of the budget then cosine to 0, label smoothing 0.1,
+    light augmentation (random crop of the 2 px zero-padded image + horizontal flip; no erasing: a
+    30-minute run underfits more than it overfits), EMA of the weights and flip TTA.
+    """
 
     kind: str  # "scratch", "distill" or "transfer"
     model: str | None = None  # preset (scratch, distill student)
@@ -55,32 +65,76 @@ class Run:
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     warmup_fraction: float = 0.05
+    crop_pad: int = 2
+    erasing: float = 0.0
+    ema: bool = True
+    tta: bool = True
     distill: DistillSettings | None = None
+    teacher_row: str | None = None  # the row whose checkpoint (same seed) a distill run learns from
     transfer: TransferSettings | None = None
-    epochs: int | None = None  # fixed epochs (no sizing to the cap), for runs whose epochs cost little
-    precision: str = "fp32"  # TrainConfig.precision: "bf16" autocast pays off for the CNN
+    epochs: int | None = None  # fixed epochs instead of the time budget, for runs whose epochs cost little
+    # TrainConfig.precision; "auto": bf16 autocast where the CPU has native bf16 (it pays off for CNNs there),
+    # else fp32 (on an AVX2-only CPU a bf16 conv step measured ~10x slower than fp32)
+    precision: str = "fp32"
 
 
+# The first round's recipe: random erasing, no EMA, no TTA (its rows are kept comparable).
+FIRST_ROUND = {"erasing": 0.25, "ema": False, "tta": False}
 STUDENT = "vit-fmnist-28-fast"
+HYBRID = "vit-hybrid-fmnist"
 RUNS: dict[str, Run] = {
-    # The CNN teacher: a three-stage ResNet of one block per stage (0.31M parameters), trained under bf16
-    # autocast (~1.8x the img/s of float32 on this CPU): about 2.5x resnet-mini-28's epochs in the cap.
-    "cnn-teacher": Run("scratch", "resnet-fmnist-28", lr=2e-3, weight_decay=0.05, precision="bf16"),
-    # ResNet-18's layout at half width (2.8M parameters): the first teacher, 3 epochs in 15 minutes.
-    "cnn-resnet-mini": Run("scratch", "resnet-mini-28", lr=2e-3, weight_decay=0.05),
-    # ViT from scratch: vit-fmnist-28 (2.7M parameters, 7 x 7 patches of 4 px) is ~7x slower per image
-    # than vit-fmnist-28-fast (0.8M, 4 x 4 patches of 7 px, width 128, depth 4), which fits several times
-    # the epochs into the cap and is the student of every KD run below.
-    "vit-scratch": Run("scratch", "vit-fmnist-28", lr=1e-3, weight_decay=0.05),
-    "vit-scratch-p7": Run("scratch", STUDENT, lr=1e-3, weight_decay=0.05),
-    # The KD runs: the same student and recipe as vit-scratch-p7; the CNN teacher's forward under bf16.
-    "vit-kd-response": Run(
-        "distill", STUDENT, distill=DistillSettings(KDKind.RESPONSE, alpha=0.7, temperature=4.0, teacher_bf16=True)
+    # --- the teachers ---
+    # resnet-fmnist-28-teacher: a second block in the 14 x 14 and 7 x 7 stages (0.68M parameters); the
+    # teacher of hybrid-kd-deit. bf16 autocast where the CPU has it natively (--precision to choose).
+    "cnn-teacher-deep": Run("scratch", "resnet-fmnist-28-teacher", lr=2e-3, precision="auto"),
+    # The first round's teacher (0.31M parameters, one block per stage) of the vit-kd-* rows.
+    "cnn-teacher": Run("scratch", "resnet-fmnist-28", lr=2e-3, precision="auto", **FIRST_ROUND),
+    "cnn-resnet-mini": Run("scratch", "resnet-mini-28", lr=2e-3, **FIRST_ROUND),
+    # --- ViTs from scratch ---
+    # Conv stem (28 -> 14 -> 7) in place of the 4 px patch embedding: 49 tokens, width 192, depth 5, [CLS].
+    "hybrid-scratch": Run("scratch", HYBRID),
+    # Conv stem + sequence pooling (CCT-like), width 128, depth 4.
+    "hybrid-seqpool-scratch": Run("scratch", "vit-hybrid-fmnist-seqpool"),
+    # The plain-patch baselines: 4 px patches (49 tokens, width 192, depth 6), and 7 px (16 tokens, width 128,
+    # depth 4: ~6x the img/s), each under the same budget recipe as the hybrids.
+    "vit-scratch": Run("scratch", "vit-fmnist-28"),
+    "vit-scratch-p7": Run("scratch", STUDENT),
+    # --- distillation ---
+    # DeiT (hard): the hybrid student with a distillation token learns the deep teacher's argmax; its own
+    # scratch row is hybrid-scratch. The teacher's forward runs under bf16 where the CPU has it natively.
+    "hybrid-kd-deit": Run(
+        "distill", HYBRID, distill=DistillSettings(KDKind.DEIT_HARD, teacher_bf16=True), teacher_row="cnn-teacher-deep"
     ),
-    "vit-kd-feature": Run("distill", STUDENT, distill=DistillSettings(KDKind.FEATURE, beta=1.0, teacher_bf16=True)),
-    "vit-kd-relation": Run("distill", STUDENT, distill=DistillSettings(KDKind.RELATION, beta=1.0, teacher_bf16=True)),
-    "vit-kd-deit": Run("distill", STUDENT, distill=DistillSettings(KDKind.DEIT_HARD, teacher_bf16=True)),
-    # The demo's CLIP image tower (48 px): linear probe on frozen features, and full fine-tuning.
+    # The first round's KD rows: the vit-fmnist-28-fast student from cnn-teacher (baseline: vit-scratch-p7).
+    "vit-kd-response": Run(
+        "distill",
+        STUDENT,
+        distill=DistillSettings(KDKind.RESPONSE, alpha=0.7, temperature=4.0, teacher_bf16=True),
+        teacher_row="cnn-teacher",
+        **FIRST_ROUND,
+    ),
+    "vit-kd-feature": Run(
+        "distill",
+        STUDENT,
+        distill=DistillSettings(KDKind.FEATURE, beta=1.0, teacher_bf16=True),
+        teacher_row="cnn-teacher",
+        **FIRST_ROUND,
+    ),
+    "vit-kd-relation": Run(
+        "distill",
+        STUDENT,
+        distill=DistillSettings(KDKind.RELATION, beta=1.0, teacher_bf16=True),
+        teacher_row="cnn-teacher",
+        **FIRST_ROUND,
+    ),
+    "vit-kd-deit": Run(
+        "distill",
+        STUDENT,
+        distill=DistillSettings(KDKind.DEIT_HARD, teacher_bf16=True),
+        teacher_row="cnn-teacher",
+        **FIRST_ROUND,
+    ),
+    # --- transfer: the demo's CLIP image tower (48 px) ---
     "clip-linear-probe": Run(
         "transfer",
         lr=3e-3,
@@ -88,154 +142,217 @@ RUNS: dict[str, Run] = {
         label_smoothing=0.0,
         transfer=TransferSettings("linear-probe"),
         epochs=40,  # on cached features an epoch takes a second; the time goes into one feature pass
+        **FIRST_ROUND,
     ),
-    "clip-finetune": Run("transfer", lr=5e-4, transfer=TransferSettings("finetune", freeze="none", layer_decay=0.75)),
+    "clip-finetune": Run(
+        "transfer", lr=5e-4, transfer=TransferSettings("finetune", freeze="none", layer_decay=0.75), **FIRST_ROUND
+    ),
 }
-EVAL_SHARE = 0.1  # share of the time cap kept for the per-epoch validation and checkpoints
-# The full run has measured 15-30% below its calibration's img/s on this shared machine: sizing to
-# 85% of it lets the cosine schedule finish inside the cap (the cap's stop would cut it short).
-SIZING_MARGIN = 0.85
-CALIBRATION_MINUTES = 0.75
 
 
-def execute(name: str, run: Run, data, out: Path, config: TrainConfig, args, progress: bool = True):
+def train_config(run: Run, *, minutes: float, epochs: int | None, seed: int, log_every: int = 10) -> TrainConfig:
+    """The loop's settings: a ``minutes`` time budget, or fixed ``epochs`` (``minutes`` then a cap)."""
+    common = dict(
+        batch_size=run.batch_size,
+        lr=run.lr,
+        weight_decay=run.weight_decay,
+        warmup_fraction=run.warmup_fraction,
+        seed=seed,
+        precision=run.precision,
+        ema_decay=EMA_DECAY if run.ema else None,
+        log_every=log_every,
+    )
+    if epochs is not None:
+        return TrainConfig(epochs=epochs, max_minutes=minutes, **common)
+    return TrainConfig(epochs=BUDGET_EPOCH_LIMIT, budget_minutes=minutes, **common)
+
+
+def execute(run: Run, data, out: Path, config: TrainConfig, teacher: Path | None, clip: Path):
     """Train ``run`` into ``out``; returns the ``ClassifyOutcome``."""
-    settings = ClassifySettings(label_smoothing=run.label_smoothing)
+    settings = ClassifySettings(
+        label_smoothing=run.label_smoothing, crop_pad=run.crop_pad, erasing=run.erasing, tta=run.tta
+    )
     if run.kind == "scratch":
-        model = build_classifier(run.model, len(data.class_names), seed=SEED)
-        return train_classifier(model=model, data=data, out_dir=out, train_config=config, settings=settings,
-                                progress=progress)  # fmt: skip
+        model = build_classifier(run.model, len(data.class_names), seed=config.seed)
+        return train_classifier(model=model, data=data, out_dir=out, train_config=config, settings=settings)
     if run.kind == "distill":
         return distill_classifier(
-            teacher_path=args.teacher,
+            teacher_path=teacher,
             student_preset=run.model,
             data=data,
             out_dir=out,
             train_config=config,
             settings=settings,
             distill=run.distill,
-            progress=progress,
         )
     return transfer_classifier(
-        init=args.clip,
-        data=data,
-        out_dir=out,
-        train_config=config,
-        settings=settings,
-        transfer=run.transfer,
-        progress=progress,
+        init=clip, data=data, out_dir=out, train_config=config, settings=settings, transfer=run.transfer
     )
 
 
-def measured_img_per_s(metrics_path: Path) -> float:
+def measured_img_per_s(metrics_path: Path) -> float | None:
     """Median training img/s over the logged windows, the first (warm-up) one left out."""
     rates = [r["img_per_s"] for r in map(json.loads, metrics_path.read_text().splitlines()) if "img_per_s" in r]
-    return statistics.median(rates[1:] or rates)
+    return statistics.median(rates[1:] or rates) if rates else None
 
 
-def calibrate(name: str, run: Run, data, out: Path, config: TrainConfig, args) -> float:
-    """img/s of this exact configuration on this machine, from a short throw-away run."""
-    scratch = out.with_name(out.name + ".calibration")
-    shutil.rmtree(scratch, ignore_errors=True)
-    quick = replace(config, epochs=1, max_minutes=CALIBRATION_MINUTES, log_every=5)
-    # a few val/test images: the calibration's evaluation at its stop must not cost minutes
-    few = replace(data, val=ImageSplit(data.val.images[:50], data.val.labels[:50]))
-    few = replace(few, test=ImageSplit(data.test.images[:50], data.test.labels[:50]))
-    try:
-        execute(name, run, few, scratch, quick, args, progress=False)
-        return measured_img_per_s(scratch / "metrics.jsonl")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+def teacher_minutes(teacher: Path) -> float | None:
+    """Training minutes of the teacher checkpoint ``.../best``, from its run's ``results.json`` (None: unknown)."""
+    results = teacher.parent / "results.json"
+    if not results.is_file():
+        return None
+    return json.loads(results.read_text()).get("train_minutes")
 
 
-def learning_curve(metrics_path: Path, png: Path, title: str) -> None:
-    """Training loss per logged step and validation accuracy per epoch, one PNG."""
+def recipe_of(run: Run, args) -> dict:
+    """What every seed of a row shares: it decides the numbers, so seeds of different recipes never mix."""
+    recipe = {
+        "kind": run.kind,
+        "preset": run.model,
+        "budget_minutes": None if args.epochs else args.minutes,
+        "fixed_epochs": args.epochs,
+        "ema": run.ema,
+        "ema_decay": EMA_DECAY if run.ema else None,
+        "tta": run.tta,
+        "lr": run.lr,
+        "batch_size": run.batch_size,
+        "weight_decay": run.weight_decay,
+        "label_smoothing": run.label_smoothing,
+        "warmup_fraction": run.warmup_fraction,
+        "crop_pad": run.crop_pad,
+        "erasing": run.erasing,
+        "precision": run.precision,
+        "split_seed": SPLIT_SEED,
+        "limit": args.limit,
+    }
+    if run.distill is not None:
+        recipe["distill"] = {k: str(v) if isinstance(v, KDKind) else v for k, v in asdict(run.distill).items()}
+        recipe["teacher_row"] = run.teacher_row
+    if run.transfer is not None:
+        recipe["transfer"] = asdict(run.transfer)
+    return recipe
+
+
+def learning_curves(runs: list[tuple[int, Path]], png: Path, title: str) -> None:
+    """Training loss per logged step and validation accuracy per epoch of every seed, one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["eval"]["val/acc"]) for r in records if "eval" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train, strict=True), color="tab:blue", lw=1, label="train loss")
+    acc = ax.twinx()
+    for i, (seed, metrics_path) in enumerate(runs):
+        records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["step"], r["eval"]["val/acc"]) for r in records if "eval" in r]
+        style = ("-", "--", ":", "-.")[i % 4]
+        if train:
+            ax.plot(*zip(*train, strict=True), ls=style, color="tab:blue", lw=1, label=f"train loss, seed {seed}")
+        if val:
+            acc.plot(*zip(*val, strict=True), ls=style, color="tab:orange", marker="o", label=f"val acc, seed {seed}")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
-    if val:
-        acc = ax.twinx()
-        acc.plot(*zip(*val, strict=True), color="tab:orange", marker="o", label="val accuracy")
-        acc.set_ylabel("val accuracy")
+    acc.set_ylabel("val accuracy")
     ax.set_title(title)
+    fig.legend(loc="lower left", fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def apply_overrides(run: Run, args) -> Run:
+    """The row's recipe with the command line's ``--ema``/``--tta``/``--precision``/``--teacher-bf16`` choices."""
+    options = (("ema", args.ema), ("tta", args.tta), ("precision", args.precision))
+    run = replace(run, **{k: v for k, v in options if v is not None})
+    if run.precision == "auto":
+        run = replace(run, precision="bf16" if cpu_has_bf16() else "fp32")
+    if run.distill is not None:  # the row's teacher_bf16 means "where the CPU has it", as "auto" does
+        wanted = run.distill.teacher_bf16 and cpu_has_bf16() if args.teacher_bf16 is None else args.teacher_bf16
+        run = replace(run, distill=replace(run.distill, teacher_bf16=wanted))
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, choices=list(RUNS))
-    parser.add_argument("--minutes", type=float, default=30.0, help="time cap of the training (calibration apart)")
-    parser.add_argument("--epochs", type=int, default=None, help="fix the epochs instead of sizing them to the cap")
-    parser.add_argument("--teacher", default="runs/bench/fmnist/cnn-teacher/best", help="KD runs: teacher checkpoint")
+    parser.add_argument("--seed", type=int, default=0, help="model init and data order (the split stays the same)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="the time budget of the training")
+    parser.add_argument("--epochs", type=int, default=None, help="fixed epochs instead of the budget (a cap then)")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="weight average (row's)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip TTA (row's)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default=None, help="forward precision (row's)")
+    parser.add_argument(
+        "--teacher-bf16", action=argparse.BooleanOptionalAction, default=None, help="distill: teacher forward (row's)"
+    )
+    parser.add_argument("--teacher", default=None, help="distill rows: teacher checkpoint (default: its row's seed)")
     parser.add_argument("--clip", default="runs/demo/clip", help="transfer runs: the CLIP checkpoint")
     parser.add_argument("--out", default="runs/bench/fmnist", help="parent folder of the runs' checkpoints")
-    parser.add_argument(
-        "--name", default=None, help="row and checkpoint folder (default: --run), e.g. to keep a longer cap apart"
-    )
+    parser.add_argument("--name", default=None, help="the row (default: --run), e.g. to keep another recipe apart")
     parser.add_argument("--limit", type=int, default=None, help="smoke runs: about N images per split")
+    parser.add_argument("--log-every", type=int, default=10, help="steps per logged img/s window (smoke: 2)")
     parser.add_argument("--results-dir", default=None, help="write results here instead of bench/results")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    run = RUNS[args.run]
-    if run.kind == "distill" and not Path(args.teacher).is_dir():
-        raise SystemExit(f"--teacher {args.teacher}: not found; run `--run cnn-teacher` first (or pass --teacher)")
+    run = apply_overrides(RUNS[args.run], args)
+    name = args.name or args.run
+    out_root = Path(args.out)
+    teacher = None
+    if run.kind == "distill":
+        teacher = Path(args.teacher or out_root / run.teacher_row / f"seed{args.seed}" / "best")
+        if not teacher.is_dir():
+            raise SystemExit(
+                f"--teacher {teacher}: not found; run `--run {run.teacher_row} --seed {args.seed}` first "
+                "(same --out), or pass --teacher"
+            )
     if run.kind == "transfer" and not Path(args.clip).is_dir():
         raise SystemExit(f"--clip {args.clip}: not found; run `vitrina demo` first (or pass --clip)")
     if args.results_dir:
         report.RESULTS_DIR = Path(args.results_dir)
         report.MARKDOWN = report.RESULTS_DIR / "BENCHMARKS.md"
-    name = args.name or args.run
-    out = Path(args.out) / name
-    data = load_classification_data("fashion-mnist", limit=args.limit, seed=SEED)
-    config = TrainConfig(
-        epochs=args.epochs or 1,
-        batch_size=run.batch_size,
-        lr=run.lr,
-        weight_decay=run.weight_decay,
-        warmup_fraction=run.warmup_fraction,
-        seed=SEED,
-        max_minutes=args.minutes,
-        precision=run.precision,
-    )
-    img_per_s = None
-    if args.epochs is None and run.epochs is not None:
-        config = replace(config, epochs=run.epochs)
-    elif args.epochs is None:
-        img_per_s = calibrate(name, run, data, out, config, args)
-        budget_images = img_per_s * SIZING_MARGIN * args.minutes * 60 * (1 - EVAL_SHARE)
-        config = replace(config, epochs=max(1, int(budget_images // len(data.train))))
-        print(f"{name}: {img_per_s:.0f} img/s measured -> {config.epochs} epochs in {args.minutes} min")
-    outcome = execute(name, run, data, out, config, args)
+
+    recipe = recipe_of(run, args)
+    report.check_recipe(BENCHMARK, name, recipe)  # before the run, not after it
+    out = out_root / name / f"seed{args.seed}"
+    data = load_classification_data("fashion-mnist", limit=args.limit, seed=SPLIT_SEED)
+    epochs = args.epochs or run.epochs
+    config = train_config(run, minutes=args.minutes, epochs=epochs, seed=args.seed, log_every=args.log_every)
+    outcome = execute(run, data, out, config, teacher, Path(args.clip))
     r = outcome.results
-    classifier_params = count_parameters(load_best(outcome.best_dir))[0]
-    row = {
-        "test_acc": r["test_acc"],
-        "train_minutes": r["train_minutes"],
-        "params": classifier_params,
-        "cap_minutes": args.minutes,
+    params = count_parameters(load_best(outcome.best_dir))[0]
+    seed_row = {"test_acc": r["test_acc"], "params": params, "train_minutes": r["train_minutes"]}
+    if teacher is not None:  # beside the student's own minutes: what the whole recipe cost
+        spent = teacher_minutes(teacher)
+        seed_row["teacher_minutes"] = spent
+        seed_row["total_minutes"] = None if spent is None else spent + r["train_minutes"]
+    seed_row |= {
         "epochs": outcome.summary.epochs_done,
         "best_epoch": r["best_epoch"],
-        "train_img_per_s": img_per_s,
-        "stopped_early": r["stopped_early"],
+        "train_img_per_s": measured_img_per_s(out / "metrics.jsonl"),
+        "budget_spent": r["budget_spent"],
         "test_images": r["test_images"],
         "checkpoint": str(outcome.best_dir),
     }
+    if teacher is not None:
+        seed_row["teacher"] = str(teacher)
     report.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     png = report.RESULTS_DIR / f"{BENCHMARK}-{name}.png"
-    learning_curve(out / "metrics.jsonl", png, f"{name}: test accuracy {r['test_acc']:.2%}")
-    path = report.record(BENCHMARK, name, row)
-    print(f"{name}: test accuracy {r['test_acc']:.4f}; written {path} and {png}")
+    seeds = sorted(
+        (int(p.name[4:]), p / "metrics.jsonl") for p in (out_root / name).glob("seed*") if p.name[4:].isdigit()
+    )
+    learning_curves([(s, m) for s, m in seeds if m.is_file()], png, f"{name}: seed {args.seed} {r['test_acc']:.2%}")
+    shown = ("preset", "budget_minutes", "ema", "tta")
+    path = report.record_seed(BENCHMARK, name, args.seed, seed_row, recipe=recipe, shown=shown)
+    print(f"{name} seed {args.seed}: test accuracy {r['test_acc']:.4f}; written {path} and {png}")
 
 
 def load_best(folder: Path):

@@ -9,17 +9,25 @@ Protocol (the same for every method):
 * pretraining on the 60k Fashion-MNIST training images, labels unused, for at most ``--minutes``
   (the run is sized to the cap from a measured step rate, so its cosine schedule completes);
   DeepCluster on a seeded random 20k of them, so several cluster-and-train rounds fit the cap;
+  the joint-embedding methods (``vicreg``, ``byol``) under a time budget instead
+  (``TrainConfig.budget_minutes``: warm-up then cosine over ``--minutes`` of wall-clock time, which
+  ends the run whatever the step rate) with multi-crop: 2 global views + ``--local-crops`` small ones;
 * probes on the frozen [CLS] features: logistic regression on all 60k standardised training
-  features, scored on the 10k test set; weighted cosine kNN (k = 20, T = 0.07; k = 200 too);
+  features, scored on the 10k test set (``linear_acc``), and beside it MAE's protocol, a
+  BatchNorm(affine=False) + linear layer trained by SGD (``linear_bn_acc``, ``--no-probe-bn`` to
+  skip); weighted cosine kNN (k = 20, T = 0.07; k = 200 too);
   k-means (10 clusters) NMI and ARI on the test features; t-SNE of 2,000 test points;
 * baselines: ``random-init`` (the untrained backbone) and ``pixels`` (the raw 784 pixels).
 
-Outputs: the row of ``--method`` in bench/results/ssl_probe.json (BENCHMARKS.md is regenerated),
+Outputs: the row of ``--method`` in bench/results/ssl_probe.json, one seed at a time (``--seed``):
+the row holds each seed's results and their mean (``n_seeds``); BENCHMARKS.md is regenerated;
 ``bench/results/ssl_probe_tsne_<method>.png`` and, for MAE, ``ssl_probe_mae_reconstructions.png``.
 The pretrained checkpoint stays in ``runs/ssl_probe/<method>``; running the same command again
 resumes an unfinished run, or only re-probes a finished one.
 
     python bench/ssl_probe.py --method simclr            # ~30 min pretraining + ~10 min probing
+    python bench/ssl_probe.py --method vicreg --seed 1   # 30-min budget, 2 global + 4 local crops
+    python bench/ssl_probe.py --method byol --minutes 0.3 --limit 2000 --results-dir /tmp/ssl-smoke  # smoke
     python bench/ssl_probe.py --method rotation --minutes 1 --probe-train 2000 --dry-run  # smoke
     python bench/ssl_probe.py --method simclr --finetune-epochs 10  # + full fine-tuning (`finetune_acc`)
     python bench/ssl_probe.py --method random-init --finetune-epochs 10  # its control: no pretraining
@@ -45,9 +53,14 @@ from vitrina.data.splits import stratified_indices  # noqa: E402
 from vitrina.eval.probe import load_probe_model, probe_representation  # noqa: E402
 from vitrina.ssl.data import probe_splits  # noqa: E402
 from vitrina.ssl.run import run_pretraining  # noqa: E402
+from vitrina.train.schedule import BUDGET_EPOCH_LIMIT  # noqa: E402
 
 BACKBONE = "vit-fmnist-28-fast"
-METHODS = ("rotation", "jigsaw", "relative-position", "inpainting", "simclr", "deepcluster", "mae")
+METHODS = ("rotation", "jigsaw", "relative-position", "inpainting", "simclr", "deepcluster", "mae", "vicreg", "byol")
+# Trained under a time budget with multi-crop; 4 local views of 14 px (2 x 2 patches of 7 px) beside the
+# two 28 px global views, as SwAV / DINO pair small crops with large ones.
+JOINT_EMBEDDING = ("vicreg", "byol")
+LOCAL_CROPS = 4
 BASELINES = ("random-init", "pixels")
 FINETUNE_CAP_MINUTES = 30.0
 # Hyper-parameters per method: (batch size, peak learning rate, images cap). Batches of 256 give
@@ -60,6 +73,8 @@ SETTINGS = {
     "simclr": (256, 1e-3, None),
     "deepcluster": (256, 1e-3, 20_000),
     "mae": (256, 1e-3, None),
+    "vicreg": (256, 1e-3, None),
+    "byol": (256, 1e-3, None),
 }
 
 
@@ -76,7 +91,7 @@ def pretraining_row(result, run_dir: Path, batch_size: int, lr: float) -> dict:
     """The pretraining columns of a benchmark row: time, sizing and the measured training rate."""
     return {
         "pretrain_minutes": round(result.summary.total_minutes, 2),
-        "epochs": result.epochs,
+        "epochs": result.summary.epochs_done,
         "pretrain_images": result.n_items,
         "batch_size": batch_size,
         "lr": lr,
@@ -127,31 +142,61 @@ def main() -> None:
     )
     parser.add_argument("--runs", default="runs/ssl_probe", help="where the pretrained checkpoints go")
     parser.add_argument("--dry-run", action="store_true", help="smoke run: results to a temporary folder only")
+    parser.add_argument("--results-dir", default=None, help="write results (and runs) here instead of bench/results")
+    parser.add_argument("--limit", type=int, default=None, help="smoke runs: at most N images to pretrain and probe")
+    parser.add_argument(
+        "--local-crops", type=int, default=LOCAL_CROPS, help="vicreg, byol: small views beside the 2 global ones"
+    )
+    parser.add_argument(
+        "--probe-bn", action=argparse.BooleanOptionalAction, default=True, help="also the BatchNorm + linear probe"
+    )
+    parser.add_argument("--log-every", type=int, default=10, help="steps per logged img/s window (smoke: 2)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     if args.pool != "cls" and args.method == "pixels":
         parser.error("--pool: raw pixels have no tokens to pool")
-    # a mean-pooled probe of a method is its own row, beside the [CLS] one
+    joint = args.method in JOINT_EMBEDDING
+    if args.results_dir:
+        _report.RESULTS_DIR = Path(args.results_dir)
+        _report.MARKDOWN = _report.RESULTS_DIR / "BENCHMARKS.md"
+        args.runs = str(_report.RESULTS_DIR / "runs")
+    if args.limit is not None:
+        args.probe_train = min(args.probe_train, args.limit)
+        args.probe_test = min(args.probe_test or args.limit, args.limit)
+    # a mean-pooled probe of a method is its own row, beside the [CLS] one; so is another multi-crop
     row_name = args.method if args.pool == "cls" else f"{args.method}, mean-pooled"
     slug = args.method if args.pool == "cls" else f"{args.method}_mean"
+    run_name = args.method  # the pretraining a row probes (a mean-pooled row probes its method's run)
+    if joint and args.local_crops != LOCAL_CROPS:
+        row_name, slug = f"{row_name}, {args.local_crops} local crops", f"{slug}_{args.local_crops}local"
+        run_name = f"{run_name}_{args.local_crops}local"
     out = Path(tempfile.mkdtemp(prefix="ssl_probe_")) if args.dry_run else _report.RESULTS_DIR
-    # the pretrained checkpoint (for random-init, the untrained backbone saved for its fine-tune)
-    run_dir = (out / "runs" if args.dry_run else Path(args.runs)) / args.method
+    # the pretrained checkpoint (for random-init, the untrained backbone saved for its fine-tune); seed 0
+    # keeps the folder name of the runs from before seeds were a choice
+    run_name = run_name if args.seed == 0 else f"{run_name}-seed{args.seed}"
+    run_dir = (out / "runs" if args.dry_run else Path(args.runs)) / run_name
     row: dict = {"backbone": BACKBONE if args.method != "pixels" else "-"}
     model = None
     if args.method in METHODS:
         batch_size, lr, max_items = SETTINGS[args.method]
+        if args.limit is not None:
+            max_items = min(max_items or args.limit, args.limit)
+        if joint:  # a time budget: the schedule ends with --minutes, however fast the steps go
+            sizing = {"epochs": BUDGET_EPOCH_LIMIT, "local_crops": args.local_crops}
+            sizing["train_settings"] = {"budget_minutes": args.minutes, "log_every": args.log_every}
+        else:  # sized from a measured step rate, the cap as a safety stop
+            sizing = {"minutes": args.minutes, "train_settings": {"log_every": args.log_every}}
         result = run_pretraining(
             args.method,
             backbone=BACKBONE,
             data="fashion-mnist:train",
             out_dir=run_dir,
-            minutes=args.minutes,
             batch_size=batch_size,
             lr=lr,
             seed=args.seed,
             max_items=max_items,
+            **sizing,
         )
         model = result.method.backbone
         row.update(pretraining_row(result, run_dir, batch_size, lr))
@@ -166,13 +211,17 @@ def main() -> None:
         train = train.subset(stratified_indices(train.labels, args.probe_train, args.seed))
     if args.probe_test is not None and args.probe_test < len(test):
         test = test.subset(stratified_indices(test.labels, args.probe_test, args.seed))
-    probe_dir = (out if args.dry_run else Path(args.runs)) / f"probe_{slug}"
+    probe_dir = (out if args.dry_run else Path(args.runs)) / f"probe_{slug}{f'-seed{args.seed}' if args.seed else ''}"
     pool = None if args.method == "pixels" else args.pool
-    results = probe_representation(model, train, test, probe_dir, seed=args.seed, label=row_name, pool=pool)
+    results = probe_representation(
+        model, train, test, probe_dir, seed=args.seed, label=row_name, pool=pool, probe_bn=args.probe_bn
+    )
     shutil.copyfile(probe_dir / "tsne.png", out / f"ssl_probe_tsne_{slug}.png")
     row.update(
         pool=results["pool"],
         linear_acc=results["linear"]["accuracy"],
+        # MAE's BatchNorm + linear probe: another protocol, so a column of its own
+        **({"linear_bn_acc": results["linear_bn"]["accuracy"]} if "linear_bn" in results else {}),
         knn_acc=results["knn"]["k20"],
         knn200_acc=results["knn"]["k200"],
         nmi=results["cluster"]["nmi"],
@@ -190,8 +239,23 @@ def main() -> None:
         print(json.dumps({row_name: row}, indent=2))
         print(f"smoke outputs in {out} (nothing recorded)")
         return
-    path = _report.record("ssl_probe", row_name, row)
-    print(f"{row_name}: {json.dumps(row)}\nwritten: {path}")
+    recipe = {
+        "backbone": row["backbone"],
+        "method": args.method,
+        "pool": args.pool,
+        "minutes": args.minutes if args.method in METHODS else None,
+        "budget": joint,
+        "local_crops": args.local_crops if joint else None,
+        "batch_size": row.get("batch_size"),
+        "lr": row.get("lr"),
+        "probe_train": row["probe_train"],
+        "probe_test": len(test),
+        "finetune_epochs": args.finetune_epochs,
+    }
+    shown = ("backbone", "minutes", "local_crops") if joint else ("backbone",)
+    listed = ("linear_acc", "linear_bn_acc")
+    path = _report.record_seed("ssl_probe", row_name, args.seed, row, recipe=recipe, listed=listed, shown=shown)
+    print(f"{row_name} seed {args.seed}: {json.dumps(row)}\nwritten: {path}")
 
 
 if __name__ == "__main__":

@@ -37,3 +37,24 @@ def test_rows_merge_and_the_markdown_carries_notes_table_and_pictures(report):
     assert "| a | 12.5 |  |" in text and "| b | 20 | 3 |" in text
     assert "- `bench/speed.py --run a` on " in text
     assert "![speed-a](bench/results/speed-a.png)" in text
+
+
+def test_seeds_merge_into_one_row_whose_headline_is_their_mean(report):
+    recipe = {"preset": "vit-hybrid-fmnist", "budget_minutes": 30.0, "ema": True, "tta": True}
+    options = {"recipe": recipe, "shown": ("preset", "ema")}
+    seed0 = {"test_acc": 0.93, "train_minutes": 30.0, "params": 2298106, "checkpoint": "runs/x/seed0/best"}
+    report.record_seed("fm", "hybrid", 0, seed0, **options)
+    report.record_seed("fm", "hybrid", 1, {**seed0, "test_acc": 0.94, "train_minutes": 29.0}, **options)
+    report.record_seed("fm", "hybrid", 1, {**seed0, "test_acc": 0.95, "train_minutes": 29.0}, **options)  # a rerun
+    row = json.loads((report.RESULTS_DIR / "fm.json").read_text())["hybrid"]
+    assert row["test_acc"] == pytest.approx(0.94) and row["test_acc_per_seed"] == [0.93, 0.95]
+    assert (row["n_seeds"], row["seeds"], row["train_minutes"]) == (2, [0, 1], pytest.approx(29.5))
+    assert row["params"] == 2298106 and isinstance(row["params"], int)  # shared by the seeds: kept, not averaged
+    assert row["per_seed"]["1"]["checkpoint"] == "runs/x/seed0/best" and "checkpoint" not in row  # not averaged
+    assert row["recipe"] == recipe and (row["preset"], row["ema"]) == ("vit-hybrid-fmnist", True)
+    assert list(row)[:2] == ["test_acc", "test_acc_per_seed"]
+    text = report.MARKDOWN.read_text()
+    assert "| row | test_acc | test_acc_per_seed | n_seeds | seeds | train_minutes | params | preset | ema |" in text
+    assert "| hybrid | 0.94 | 0.93 / 0.95 | 2 | 0 / 1 | 29.5 | 2298106 | vit-hybrid-fmnist | True |" in text
+    with pytest.raises(SystemExit, match=r"holds seeds \['0', '1'\] of another recipe \(ema differ\)"):
+        report.record_seed("fm", "hybrid", 2, seed0, recipe={**recipe, "ema": False})

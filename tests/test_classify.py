@@ -17,7 +17,7 @@ from vitrina.data.fashion_mnist import DEFAULT_ROOT
 from vitrina.data.splits import stratified_split
 from vitrina.errors import UserError
 from vitrina.models.registry import build_model
-from vitrina.train.classify import build_classifier, confusion_matrix, predict
+from vitrina.train.classify import ClassifySettings, build_classifier, confusion_matrix, cross_entropy_loss, predict
 from vitrina.train.classify_data import (
     BatchAugment,
     Preprocess,
@@ -86,6 +86,41 @@ def test_batch_augmentation_keeps_shape_range_and_content():
     assert all(((s == 0) | torch.isin(s, torch.arange(16.0))).all() for s in shifted)
     erased = BatchAugment(pad=0, erasing=1.0)(torch.zeros(32, 1, 28, 28, dtype=torch.uint8))
     assert (erased > 0).any(dim=(1, 2, 3)).all()  # every image got a noise rectangle
+
+
+@pytest.mark.parametrize("pad", [2, 4])
+def test_crop_padding_keeps_shapes_stays_within_its_pad_and_is_seeded(pad):
+    images = torch.zeros(40, 1, 28, 28, dtype=torch.uint8)
+    images[:, :, 12, 12] = 255  # one lit pixel: where it lands is the shift
+    augment = BatchAugment(pad=pad, erasing=0.0)
+    torch.manual_seed(7)
+    out = augment(images)
+    assert out.shape == (40, 1, 28, 28)
+    rows, cols = torch.nonzero(out[:, 0] > 0, as_tuple=True)[1:]
+    shifts = (rows - 12).abs().max(), torch.minimum((cols - 12).abs(), (cols - 15).abs()).max()  # 15: flipped
+    assert max(int(s) for s in shifts) <= pad and len(rows) == 40
+    torch.manual_seed(7)
+    torch.testing.assert_close(augment(images), out)  # the same seed, the same crops and flips
+    torch.manual_seed(8)
+    assert not torch.equal(augment(images), out)
+    with pytest.raises(UserError, match="crop_pad"):
+        ClassifySettings(crop_pad=-1).validate()
+
+
+def test_label_smoothing_is_torch_cross_entropy_with_a_smoothed_target():
+    """The classifier's loss against the definition: target ``(1 - eps) one_hot + eps / K``."""
+    torch.manual_seed(0)
+    model = build_classifier("vit-fmnist-28-fast", 4, seed=2, in_channels=1)
+    preprocess = Preprocess(28, (0.5,) * 3, (0.5,) * 3, in_channels=1)
+    pixels, labels = torch.rand(6, 1, 28, 28), torch.tensor([0, 1, 2, 3, 0, 1])
+    eps = 0.1
+    got = cross_entropy_loss(model, preprocess, eps)(pixels, labels, torch.arange(6)).loss
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(preprocess(pixels)).double(), dim=1)  # (B, K)
+    target = (1 - eps) * torch.nn.functional.one_hot(labels, 4).double() + eps / 4
+    assert got.detach().item() == pytest.approx(float(-(target * log_p).sum(dim=1).mean()), rel=1e-5)
+    plain = cross_entropy_loss(model, preprocess, 0.0)(pixels, labels, torch.arange(6)).loss.detach()
+    assert plain.item() == pytest.approx(float(-log_p[torch.arange(6), labels].mean()), rel=1e-5)
 
 
 def test_preprocess_resizes_and_normalises():
@@ -182,11 +217,14 @@ def test_train_classify_with_a_time_budget_ema_and_tta(tmp_path):
     root = make_folder(tmp_path / "shapes", per_class=6)
     out = tmp_path / "budget"
     args = ["train", "classify", "--model", "vit-fmnist-28-fast", "--data", str(root), "--batch-size", "4"]
-    assert main([*args, "--minutes", "0.05", "--ema", "0.5", "--tta", "--out", str(out)]) == 0
+    budget = ["--minutes", "0.05", "--ema", "0.5", "--tta", "--crop-pad", "4", "--erasing", "0"]
+    assert main([*args, *budget, "--out", str(out)]) == 0
     results = check_outputs(out, sorted(CLASSES))
     assert results["tta"] is True and results["ema"] is True and results["budget_spent"] is True
     state = json.loads((out / "train_state.json").read_text())
     assert state["config"]["budget_minutes"] == 0.05 and state["config"]["ema_decay"] == 0.5
+    settings = state["identity"]["run"]["settings"]
+    assert (settings["crop_pad"], settings["erasing"]) == (4, 0.0)  # the augmentation asked for is the one used
     assert state["elapsed_s"] >= 3.0  # the budget, not the epochs (no limit without --epochs), ended it
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["ema"] for m in metrics if "eval" in m] == [True] * sum("eval" in m for m in metrics)

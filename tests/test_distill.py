@@ -48,6 +48,16 @@ def naive_ce(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return total / len(labels)
 
 
+def naive_smoothed_ce(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> float:
+    """Label smoothing by its definition: the target is ``(1 - eps) one_hot + eps / K`` over K classes."""
+    total = 0.0
+    for row, y in zip(logits.tolist(), labels.tolist(), strict=True):
+        log_z = math.log(sum(math.exp(v) for v in row))
+        target = [(1 - eps) * (k == y) + eps / len(row) for k in range(len(row))]
+        total += sum(-p * (v - log_z) for p, v in zip(target, row, strict=True))
+    return total / len(labels)
+
+
 def huber(a: float, b: float) -> float:
     d = abs(a - b)
     return 0.5 * d * d if d < 1 else d - 0.5
@@ -111,6 +121,18 @@ def test_deit_losses_match_their_definition():
     assert hard == pytest.approx(0.5 * naive_ce(cls, y) + 0.5 * naive_ce(dist, t.argmax(1)), rel=1e-4)
     soft = deit_soft_loss(cls, dist, t, y, temperature=2.0).item()
     assert soft == pytest.approx(0.5 * naive_ce(cls, y) + 0.5 * naive_kl(dist, t, 2.0), rel=1e-4)
+
+
+def test_deit_label_smoothing_smooths_the_class_head_only():
+    g = torch.Generator().manual_seed(5)
+    cls, dist, t = (torch.randn(6, 4, generator=g) for _ in range(3))
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    hard = deit_hard_loss(cls, dist, t, y, label_smoothing=0.1).item()
+    expected = 0.5 * naive_smoothed_ce(cls, y, 0.1) + 0.5 * naive_ce(dist, t.argmax(1))
+    assert hard == pytest.approx(expected, rel=1e-4)
+    soft = deit_soft_loss(cls, dist, t, y, temperature=2.0, label_smoothing=0.1).item()
+    assert soft == pytest.approx(0.5 * naive_smoothed_ce(cls, y, 0.1) + 0.5 * naive_kl(dist, t, 2.0), rel=1e-4)
+    assert hard != pytest.approx(deit_hard_loss(cls, dist, t, y).item(), rel=1e-4)  # it does change the loss
 
 
 @pytest.mark.parametrize("n", [3, 6])

@@ -178,7 +178,13 @@ def _classify_train_config(args: argparse.Namespace):
 def _classify_settings(args: argparse.Namespace):
     from vitrina.train.classify import ClassifySettings
 
-    return ClassifySettings(label_smoothing=args.label_smoothing, augment=not args.no_augment, tta=args.tta)
+    return ClassifySettings(
+        label_smoothing=args.label_smoothing,
+        augment=not args.no_augment,
+        crop_pad=args.crop_pad,
+        erasing=args.erasing,
+        tta=args.tta,
+    )
 
 
 def _classify_data(args: argparse.Namespace):
@@ -722,6 +728,12 @@ def _add_classify_options(parser: argparse.ArgumentParser, *, lr: float, data_re
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--no-augment", action="store_true", help="train on the images as they are")
+    parser.add_argument(
+        "--crop-pad", type=int, default=2, metavar="PX", help="in-memory images: random crop shifts up to PX px (2)"
+    )
+    parser.add_argument(
+        "--erasing", type=float, default=0.25, metavar="P", help="in-memory images: random erasing probability"
+    )
     parser.add_argument("--tta", action="store_true", help="evaluate on the mean logits of each image and its flip")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (folders of photos)")
     parser.add_argument(

@@ -97,10 +97,20 @@ def similarity_preserving_loss(student: torch.Tensor, teacher: torch.Tensor) -> 
 
 
 def deit_hard_loss(
-    cls_logits: torch.Tensor, dist_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+    cls_logits: torch.Tensor,
+    dist_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """DeiT hard distillation: ``CE(cls, labels) / 2 + CE(dist, argmax teacher) / 2``."""
-    return (F.cross_entropy(cls_logits, labels) + F.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1))) / 2
+    """DeiT hard distillation: ``CE_ls(cls, labels) / 2 + CE(dist, argmax teacher) / 2``.
+
+    ``label_smoothing`` applies to the class head's true labels only, as in DeiT's code (its base
+    criterion smooths; the teacher's argmax is taken as it is).
+    """
+    hard = F.cross_entropy(cls_logits, labels, label_smoothing=label_smoothing)
+    return (hard + F.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1))) / 2
 
 
 def deit_soft_loss(
@@ -110,9 +120,11 @@ def deit_soft_loss(
     labels: torch.Tensor,
     *,
     temperature: float,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """DeiT soft distillation: ``CE(cls, labels) / 2 + soft_target_kl(dist, teacher, T) / 2``."""
-    return (F.cross_entropy(cls_logits, labels) + soft_target_kl(dist_logits, teacher_logits, temperature)) / 2
+    """DeiT soft distillation: ``CE_ls(cls, labels) / 2 + soft_target_kl(dist, teacher, T) / 2``."""
+    hard = F.cross_entropy(cls_logits, labels, label_smoothing=label_smoothing)
+    return (hard + soft_target_kl(dist_logits, teacher_logits, temperature)) / 2
 
 
 def embedding_cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

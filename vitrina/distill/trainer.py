@@ -282,9 +282,16 @@ def make_kd_loss(
                 raise UserError("--kind deit needs a distilled student (ViTConfig.distilled=True)")
             cls_logits, dist_logits = out
             if kind is KDKind.DEIT_HARD:
-                loss = deit_hard_loss(cls_logits, dist_logits, t_logits, labels)
+                loss = deit_hard_loss(cls_logits, dist_logits, t_logits, labels, label_smoothing=label_smoothing)
             else:
-                loss = deit_soft_loss(cls_logits, dist_logits, t_logits, labels, temperature=settings.temperature)
+                loss = deit_soft_loss(
+                    cls_logits,
+                    dist_logits,
+                    t_logits,
+                    labels,
+                    temperature=settings.temperature,
+                    label_smoothing=label_smoothing,
+                )
         elif kind is KDKind.RESPONSE:
             loss = response_kd_loss(
                 out,

@@ -79,8 +79,10 @@ class ClassifySettings:
     def validate(self) -> None:
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
-        if self.crop_pad < 0 or not 0 <= self.erasing <= 1:
-            raise UserError("crop_pad must be >= 0 and erasing a probability in [0, 1]")
+        if self.crop_pad < 0:
+            raise UserError(f"--crop-pad {self.crop_pad} (crop_pad): a shift in px, must be >= 0")
+        if not 0 <= self.erasing <= 1:
+            raise UserError(f"--erasing {self.erasing}: a probability, must be in [0, 1]")
 
 
 def build_classifier(preset: str, num_classes: int, *, seed: int = 0, **overrides: Any) -> nn.Module:
