@@ -748,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a small CLIP on emoji + Fashion-MNIST, index held-out data, evaluate")
     demo.add_argument("--out", default="runs/demo", help="folder for the checkpoint, indexes and reports")
-    demo.add_argument("--minutes", type=float, default=10.0, help="training time cap in minutes")
+    demo.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes")
     demo.add_argument("--held-out", default="facebook", help="emoji style indexed but never trained on")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=cmd_demo)
