@@ -18,6 +18,7 @@ trainer knob changed (``--row``), then measures the best checkpoint (the epoch w
 Rows (one trainer change each, everything else as ``vitrina demo``):
   demo                 the demo's trainer: images in memory with batched crops/flips, duplicate-aware targets
   caption-variants     + several phrasings per emoji (name, "X emoji", subcategory, keywords)
+  variants-fmnist-1500 + those phrasings, and 1,500 Fashion-MNIST images instead of 6,000 (more emoji per batch)
   no-duplicate-aware   - duplicate-aware targets (every other pair of a batch is a negative)
   no-in-memory         - images in memory (per-image decode and transforms in DataLoader workers)
 
@@ -61,6 +62,7 @@ KS = (1, 5, 10)
 ROWS = {
     "demo": {},
     "caption-variants": {"caption_variants": True},
+    "variants-fmnist-1500": {"caption_variants": True, "fashion_images": 1500},
     "no-duplicate-aware": {"settings": ClipTrainSettings(duplicate_aware=False)},
     "no-in-memory": {"settings": ClipTrainSettings(in_memory=False)},
 }

@@ -47,11 +47,13 @@ def run_demo(
     seed: int = 0,
     settings=None,
     caption_variants: bool = False,
+    fashion_images: int = FASHION_TRAIN_IMAGES,
 ) -> dict:
     """Run the five steps; returns the evaluation results (also written to ``out_dir/eval.json``).
 
-    ``settings`` (a ``ClipTrainSettings``) and ``caption_variants`` (train on several phrasings of each
-    emoji, keywords included, instead of one caption) are the knobs ``bench/retrieval_quality.py`` ablates.
+    ``settings`` (a ``ClipTrainSettings``), ``caption_variants`` (train on several phrasings of each emoji,
+    keywords included, instead of one caption) and ``fashion_images`` (the Fashion-MNIST share of the mix)
+    are the knobs ``bench/retrieval_quality.py`` ablates.
     """
     from vitrina.checkpoint import load_encoder
     from vitrina.config import TrainConfig, to_dict
@@ -84,7 +86,7 @@ def run_demo(
 
     _step(console, 2, "train")
     variants = ":variants" if caption_variants else ""
-    spec = f"emoji:{','.join(train_styles)}{variants}+fashion-mnist:train:{FASHION_TRAIN_IMAGES}"
+    spec = f"emoji:{','.join(train_styles)}{variants}+fashion-mnist:train:{fashion_images}"
     all_pairs, all_concepts = load_training_items(spec, seed=seed)
     rule = HoldOutRule(seed=seed)
     pairs, concepts, held_pairs, held_out = split_held_out(
