@@ -16,7 +16,8 @@ trainer knob changed (``--row``), then measures the best checkpoint (the epoch w
 * train minutes, steps and img/s of the run.
 
 Rows (one trainer change each, everything else as ``vitrina demo``):
-  demo                 the demo's trainer: images in memory with batched crops/flips, duplicate-aware targets
+  demo                 the trainer as the demo first ran it this round: images in memory with batched crops/flips,
+                       duplicate-aware targets, one caption per emoji, 6,000 Fashion-MNIST images
   caption-variants     + several phrasings per emoji (name, "X emoji", subcategory, keywords)
   variants-fmnist-1500 + those phrasings, and 1,500 Fashion-MNIST images instead of 6,000 (more emoji per batch)
   no-duplicate-aware   - duplicate-aware targets (every other pair of a batch is a negative)
@@ -60,8 +61,8 @@ BENCHMARK = "retrieval_quality"
 STYLE = "facebook"
 KS = (1, 5, 10)
 ROWS = {
-    "demo": {},
-    "caption-variants": {"caption_variants": True},
+    "demo": {"caption_variants": False, "fashion_images": 6000},
+    "caption-variants": {"caption_variants": True, "fashion_images": 6000},
     "variants-fmnist-1500": {"caption_variants": True, "fashion_images": 1500},
     "no-duplicate-aware": {"settings": ClipTrainSettings(duplicate_aware=False)},
     "no-in-memory": {"settings": ClipTrainSettings(in_memory=False)},
