@@ -4,6 +4,7 @@ of ``test_train_loop`` with a fake clock that the step function advances."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -154,9 +155,13 @@ def test_ema_equals_the_closed_form_average_and_is_what_is_saved(tmp_path: Path)
     live = {n.removeprefix("model/"): t for n, t in load_file(str(tmp_path / STATE_TENSORS)).items()}
     history = [*seen, {n: live[n] for n in seen[0]}]  # w_0 .. w_k
     saved = weights(tmp_path)
+    # update n (0-based) folds w_{n+1} in with d_n = min(decay, (1 + n) / (10 + n)): the warm-up
+    decays = [min(decay, (1 + n) / (10 + n)) for n in range(k)]
+    assert decays[0] == pytest.approx(0.1) and decays[-1] < decay  # k is short: the warm-up is live
     for name in seen[0]:
-        closed_form = decay**k * history[0][name] + sum(
-            (1 - decay) * decay ** (k - i) * history[i][name] for i in range(1, k + 1)
+        # the closed form: w_0 weighs prod_n d_n; w_i weighs (1 - d_{i-1}) * prod_{n >= i} d_n
+        closed_form = math.prod(decays) * history[0][name] + sum(
+            (1 - decays[i - 1]) * math.prod(decays[i:]) * history[i][name] for i in range(1, k + 1)
         )
         torch.testing.assert_close(saved[name], closed_form, rtol=1e-5, atol=1e-6)
         assert not torch.equal(saved[name], live[name])  # the live weights are kept apart, for resume
