@@ -14,7 +14,14 @@ Each client count is run twice: with every query text made unique (a number appe
 query-embedding cache never answers, every query runs the text tower: the honest throughput) and with
 the texts repeating (cache hits: what a page reloading popular queries sees). The rows say which.
 
-Usage: ``.venv/bin/python bench/serve_load.py [--index DIR] [--clients 1 8] [--seconds 20]``.
+``--runtime`` is the server's (``vitrina serve --runtime``): what embeds the query texts, the index's
+exported ONNX text tower or the PyTorch model (the rest of a request is the same code). Give several
+(``--runtime onnx torch``) to measure them one after the other in this run, each in a fresh server
+process. The rows name the runtime (``auto: onnx`` when ``auto`` chose the exported tower); with
+``torch`` among them, the other rows carry ``*_vs_torch`` ratios to the same clients and queries
+under PyTorch.
+
+Usage: ``.venv/bin/python bench/serve_load.py [--index DIR] [--clients 1 8] [--seconds 20] [--runtime onnx torch]``.
 """
 
 from __future__ import annotations
@@ -88,11 +95,18 @@ def index_queries(index_dir: Path, limit: int = 200) -> list[str]:
     return queries or ["a photo", "something red", "a dog -cat", "a small bird"]
 
 
-def run_server(index_dir: str, port: int) -> None:
-    """Child process: exactly what ``vitrina serve INDEX --port PORT`` runs."""
+def run_server(index_dir: str, port: int, runtime: str) -> None:
+    """Child process: exactly what ``vitrina serve INDEX --port PORT --runtime RUNTIME`` runs."""
     from vitrina.serve import serve
 
-    serve(Path(index_dir), port=port)
+    serve(Path(index_dir), port=port, runtime=runtime)
+
+
+def runtime_used(base_url: str, runtime: str) -> str:
+    """What embeds the server's query texts, as ``/api/info`` says: ``onnx`` or ``torch``."""
+    import httpx
+
+    return httpx.get(f"{base_url}/api/info", timeout=10).json()["model"]["text_runtime"]
 
 
 def load(
@@ -151,11 +165,62 @@ def wait_healthy(base_url: str, process: multiprocessing.Process, timeout: float
     raise SystemExit("the server did not answer /healthz in time")
 
 
+def measure(
+    index_dir: Path, queries: list[str], runtime: str, client_counts: list[int], seconds: float, count: int, rows: dict
+) -> bool:
+    """One server process with ``runtime``; a row per client count, unique and repeated texts, into ``rows``
+    (keyed by (runtime it ran, clients, kind)). Returns whether any request failed."""
+    with socket.socket() as probe:  # a port the OS says is free; serve() re-checks it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base_url = f"http://127.0.0.1:{port}"
+    server = multiprocessing.get_context("spawn").Process(target=run_server, args=(str(index_dir), port, runtime))
+    server.start()
+    failed = False
+    try:
+        wait_healthy(base_url, server)
+        ran = runtime_used(base_url, runtime)
+        ran = ran if ran == runtime else f"{runtime}: {ran}"  # auto says what it chose
+        load(port, queries, 1, WARMUP_S)  # first requests pay one-off costs
+        for clients, unique in [(c, u) for c in client_counts for u in (True, False)]:
+            latencies, errors, elapsed = load(port, queries, clients, seconds, unique=unique)
+            ms = np.asarray(latencies) * 1e3
+            kind = "unique queries (no cache)" if unique else "repeated queries (cache hits)"
+            rows[(ran, clients, kind)] = {
+                "clients": clients,
+                "runtime": ran,
+                "seconds": round(elapsed, 1),
+                "requests": len(latencies),
+                "qps": len(latencies) / elapsed,
+                "p50_ms": float(np.percentile(ms, 50)),
+                "p99_ms": float(np.percentile(ms, 99)),
+                "errors": errors,
+                "items": count,
+            }
+            print(
+                f"--runtime {runtime} ({ran}), {clients:>3} clients, {kind}: {len(latencies) / elapsed:.1f} req/s, "
+                f"p50 {np.percentile(ms, 50):.1f} ms, p99 {np.percentile(ms, 99):.1f} ms, "
+                f"{errors} errors over {len(latencies)} requests"
+            )
+            failed = failed or errors > 0
+    finally:
+        server.terminate()
+        server.join(timeout=10)
+    return failed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--index", type=Path, help="index folder to serve (default: a trained one under runs/)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients, one row each")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each row")
+    parser.add_argument(
+        "--runtime",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "onnx", "torch"],
+        help="the server's --runtime (what embeds query texts); several: one server after the other, rows side by side",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="vitrina-serve-load-") as tmp:
@@ -171,43 +236,21 @@ def main() -> int:
             index_kind = choose_index_kind(count, store.active_version().index_kind)
         queries = index_queries(index_dir)
 
-        with socket.socket() as probe:  # a port the OS says is free; serve() re-checks it
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        base_url = f"http://127.0.0.1:{port}"
-        server = multiprocessing.get_context("spawn").Process(target=run_server, args=(str(index_dir), port))
-        server.start()
+        rows: dict[tuple[str, int, str], dict] = {}
         failed = False
-        try:
-            wait_healthy(base_url, server)
-            load(port, queries, 1, WARMUP_S)  # first requests pay one-off costs
-            for clients, unique in [(c, u) for c in args.clients for u in (True, False)]:
-                latencies, errors, elapsed = load(port, queries, clients, args.seconds, unique=unique)
-                ms = np.asarray(latencies) * 1e3
-                row = {
-                    "clients": clients,
-                    "seconds": round(elapsed, 1),
-                    "requests": len(latencies),
-                    "qps": len(latencies) / elapsed,
-                    "p50_ms": float(np.percentile(ms, 50)),
-                    "p99_ms": float(np.percentile(ms, 99)),
-                    "errors": errors,
-                    "items": count,
-                }
-                kind = "unique queries (no cache)" if unique else "repeated queries (cache hits)"
-                print(
-                    f"{clients:>3} clients, {kind}: {row['qps']:.1f} req/s, p50 {row['p50_ms']:.1f} ms, "
-                    f"p99 {row['p99_ms']:.1f} ms, {errors} errors over {len(latencies)} requests"
-                )
-                record(
-                    BENCHMARK,
-                    f"{model} · {index_kind} · {count} items · GET /api/search k={K} · {clients} clients · {kind}",
-                    row,
-                )
-                failed = failed or errors > 0
-        finally:
-            server.terminate()
-            server.join(timeout=10)
+        for runtime in args.runtime:
+            failed = measure(index_dir, queries, runtime, args.clients, args.seconds, count, rows) or failed
+    for (runtime, clients, kind), row in rows.items():
+        torch_row = rows.get(("torch", clients, kind))
+        if torch_row is not None and runtime != "torch":  # side by side, same run: < 1 is faster than PyTorch
+            row["p50_vs_torch"] = row["p50_ms"] / torch_row["p50_ms"]
+            row["p99_vs_torch"] = row["p99_ms"] / torch_row["p99_ms"]
+            row["qps_vs_torch"] = row["qps"] / torch_row["qps"]
+        record(
+            BENCHMARK,
+            f"{model} · {index_kind} · {count} items · GET /api/search k={K} · {clients} clients · {kind} · {runtime}",
+            row,
+        )
     if failed:
         print("errors during the load test: see the rows above", file=sys.stderr)
     return 1 if failed else 0

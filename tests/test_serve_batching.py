@@ -1,5 +1,6 @@
-"""Micro-batched searches answer exactly what one-by-one searches answer; the query-embedding cache is
-bounded and keyed by model; the heavy lane is bounded and never holds searches up."""
+"""Micro-batched searches answer exactly what one-by-one searches answer, through PyTorch or the exported ONNX
+text tower; the ONNX-backed server answers as the PyTorch-backed one; the query-embedding cache is bounded and
+keyed by model and runtime; the heavy lane is bounded and never holds searches up."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from test_index import image_path, make_encoder, write_collection
 
+from vitrina.checkpoint import load_encoder, save_model
+from vitrina.errors import UserError
 from vitrina.index.embed import index_folder
+from vitrina.models.registry import build_model
 from vitrina.search import LRUCache, Query, Searcher, UnknownItemError, parse_query
 from vitrina.serve.app import create_app
 from vitrina.serve.batching import Busy, HeavyLane, MicroBatcher
@@ -127,12 +131,86 @@ def test_a_full_heavy_lane_answers_503_with_retry_after(index_dir: Path) -> None
 def test_the_server_embeds_query_texts_with_the_exported_text_tower(index_dir: Path) -> None:
     from vitrina.runtime import OnnxQueryEncoder
 
-    with Searcher(index_dir, fast_texts=True) as fast, Searcher(index_dir) as plain:
+    with Searcher(index_dir, text_runtime="auto") as fast, Searcher(index_dir) as plain:
         assert isinstance(fast.served.text_encoder, OnnxQueryEncoder) and plain.served.text_encoder is None
         assert fast.encoder.identity == plain.encoder.identity  # the PyTorch model still answers the rest
         for text in TEXTS:
             a, b = fast.run(Query(terms=parse_query(text), k=8)), plain.run(Query(terms=parse_query(text), k=8))
             assert [r.hit.id for r in a.hits] == [r.hit.id for r in b.hits]
             np.testing.assert_allclose([r.hit.score for r in a.hits], [r.hit.score for r in b.hits], atol=1e-5)
-    with TestClient(create_app(index_dir)) as client:  # what `vitrina serve` runs
-        assert client.get("/api/search", params={"q": "a red circle"}).status_code == 200
+
+
+def test_the_onnx_backed_server_answers_what_the_torch_backed_one_answers(index_dir: Path) -> None:
+    photo = image_path(index_dir.parent / "photos", "red", "circle-0")
+    onnx_app, torch_app = create_app(index_dir, runtime="onnx"), create_app(index_dir, runtime="torch")
+    with TestClient(onnx_app) as onnx, TestClient(torch_app) as pt:
+        assert onnx.get("/api/info").json()["model"]["text_runtime"] == "onnx"
+        assert pt.get("/api/info").json()["model"]["text_runtime"] == "torch"
+        for text in TEXTS:
+            params = {"q": text, "k": 12, "collapse": "true"}
+            a, b = onnx.get("/api/search", params=params).json(), pt.get("/api/search", params=params).json()
+            assert [h["id"] for h in a["hits"]] == [h["id"] for h in b["hits"]] and a["hits"], text
+            np.testing.assert_allclose([h["score"] for h in a["hits"]], [h["score"] for h in b["hits"]], atol=1e-4)
+        # The routes that run the PyTorch model still work beside the ONNX text tower, and agree.
+        for client in (onnx, pt):
+            assert client.get("/api/explain/1", params={"q": "a red circle"}).status_code == 200
+            with open(photo, "rb") as f:
+                upload = client.post("/api/search/image", files={"file": (photo.name, f, "image/png")}, params={"k": 5})
+            assert upload.status_code == 200
+        labels = {"labels": "red circle,blue square,green triangle", "image_id": "1"}
+        a, b = (c.post("/api/classify", data=labels).json()["labels"] for c in (onnx, pt))
+        assert [x["label"] for x in a] == [x["label"] for x in b]
+        np.testing.assert_allclose([x["probability"] for x in a], [x["probability"] for x in b], atol=1e-4)
+
+
+def test_onnx_batched_texts_equal_one_by_one(index_dir: Path) -> None:
+    """The exported text tower takes a dynamic batch (padded to its longest text): a micro-batch of queries gets
+    the vectors each would get alone, and the batched searches the same hits."""
+    texts = [t.text for text in TEXTS for t in parse_query(text)] + ["x", "a much longer query " * 6]
+    with Searcher(index_dir, text_runtime="onnx") as searcher:
+        tower = searcher.served.text_encoder
+        together = tower.encode_text(texts)  # (T, D)
+        alone = np.concatenate([tower.encode_text([text]) for text in texts])  # (T, D)
+        np.testing.assert_allclose(together, alone, atol=1e-4)
+        batch = searcher.run_batch(queries())
+    for query, together in zip(queries()[:-1], batch[:-1], strict=True):
+        with Searcher(index_dir, text_runtime="onnx") as fresh:  # nothing cached
+            alone = fresh.run(query)
+        assert [(r.hit.id, r.duplicates) for r in together.hits] == [(r.hit.id, r.duplicates) for r in alone.hits]
+        np.testing.assert_allclose([r.hit.score for r in together.hits], [r.hit.score for r in alone.hits], atol=1e-4)
+
+
+def test_runtime_onnx_refuses_what_it_cannot_serve(index_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--precision bf16 runs the PyTorch towers"):
+        Searcher(index_dir, text_runtime="onnx", precision="bf16")
+    bare = tmp_path / "bare"
+    write_collection(tmp_path / "photos")
+    index_folder(tmp_path / "photos", make_encoder(), bare, model_ref="clip-tiny", progress=False, export_towers=False)
+    with pytest.raises(UserError, match="no exported text tower to serve"):
+        create_app(bare, runtime="onnx")
+    with Searcher(bare, text_runtime="auto") as searcher:  # auto: PyTorch where the version has no towers
+        assert searcher.served.text_encoder is None and searcher.run(Query(terms=parse_query("red"), k=3)).hits
+
+
+def test_the_cache_never_serves_another_versions_or_runtimes_vectors(tmp_path: Path) -> None:
+    """Two versions of other weights, both with exported towers: after the swap, a text cached under the first
+    version is encoded again by the second's tower, and the cache is keyed by runtime too."""
+    write_collection(tmp_path / "photos")
+    save_model(build_model("clip-tiny", seed=0), tmp_path / "A")
+    save_model(build_model("clip-tiny", seed=1), tmp_path / "B")
+    index_dir = tmp_path / "idx"
+    a = load_encoder(tmp_path / "A")
+    index_folder(tmp_path / "photos", a, index_dir, model_ref=str(tmp_path / "A"), progress=False)
+    with Searcher(index_dir, text_runtime="onnx") as searcher:
+        first = searcher.text_vectors(["a red circle"])["a red circle"]
+        key_a = searcher.served.texts_key
+        b = load_encoder(tmp_path / "B")
+        index_folder(tmp_path / "photos", b, index_dir, model_ref=str(tmp_path / "B"), progress=False, new_version=True)
+        assert searcher.refresh()
+        assert searcher.served.version.name == "v2" and searcher.served.text_encoder is not None
+        second = searcher.text_vectors(["a red circle"])["a red circle"]
+        assert searcher.served.texts_key != key_a and searcher.text_cache.misses == 2  # encoded again, not served
+        np.testing.assert_allclose(second, b.encode_text(["a red circle"]).numpy()[0], atol=1e-4)
+        assert np.abs(second - first).max() > 1e-2  # the other weights' vector really differs
+    with Searcher(index_dir, text_runtime="torch") as plain, Searcher(index_dir, text_runtime="onnx") as fast:
+        assert plain.served.texts_key[0] == fast.served.texts_key[0] and plain.served.texts_key != fast.served.texts_key

@@ -672,6 +672,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         port=args.port,
         model_ref=args.model,
         precision=args.precision,
+        runtime=args.runtime,
         reranker=args.reranker,
     )
 
@@ -941,6 +942,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         choices=["fp32", "bf16", "int8"],
         help="PyTorch towers at bf16 autocast or int8 Linear layers (faster; see BENCHMARKS.md precision)",
+    )
+    serve.add_argument(
+        "--runtime",
+        default="auto",
+        choices=["auto", "onnx", "torch"],
+        help="what embeds query texts. auto: the index's exported ONNX text tower where the version has one, else "
+        "PyTorch; onnx: only that tower; torch: only PyTorch. The PyTorch model is loaded in every case (uploads, "
+        "explain maps, classification and re-ranking run it)",
     )
     serve.set_defaults(handler=cmd_serve)
 

@@ -42,7 +42,7 @@ from vitrina.encoder import Encoder, as_numpy
 from vitrina.errors import UserError
 from vitrina.index.ann import AnnView
 from vitrina.index.ann import published_generation as ann_generation
-from vitrina.index.encoders import check_encoder, query_encoder
+from vitrina.index.encoders import RUNTIMES, check_encoder, query_encoder
 from vitrina.index.store import Hit, IndexStore, Version
 
 __all__ = [
@@ -291,6 +291,13 @@ class Served:
         """The encoder that embeds query texts."""
         return self.text_encoder or self.encoder
 
+    @property
+    def texts_key(self) -> tuple:
+        """What a cached query vector of this state is keyed by besides its text: the weights' digest and the
+        code that ran them (PyTorch and ONNX agree to 1e-4, not bit for bit), so a swapped-in version or another
+        runtime never gets another's vectors."""
+        return (self.encoder.identity.get("digest") or id(self.encoder), type(self.texts).__name__)
+
 
 class Searcher:
     """Queries against the active version of one index directory.
@@ -299,6 +306,10 @@ class Searcher:
     the active version stored; it must be the weights the version was built with (``vitrina.index.encoders``).
     ``runtime``: ``torch`` loads that model; ``auto`` runs the version's exported ONNX towers where they are
     usable (no torch import), ``onnx`` only those (``vitrina.index.encoders.query_encoder``).
+    ``text_runtime`` (the server's choice): query texts run there while ``encoder``, the PyTorch model, answers
+    the rest (images, explain maps, classification, re-ranking): ``auto`` the version's exported ONNX text
+    tower where it has a usable one of the encoder's weights, ``onnx`` only that (a version without one is a
+    ``UserError``), ``torch`` or None the encoder itself.
     ``reranker``: the re-ranker folder for ``Query.rerank`` (default: ``reranker/`` in the version's model
     checkpoint), loaded at the first query that asks for it.
     ``refresh()`` (the server calls it on a background thread) loads a newer published ANN file or a
@@ -315,7 +326,7 @@ class Searcher:
         runtime: str = "torch",
         precision: str = "fp32",
         text_cache_size: int = TEXT_CACHE_SIZE,
-        fast_texts: bool = False,
+        text_runtime: str | None = None,
         reranker: str | os.PathLike | None = None,
     ) -> None:
         self.index_dir = Path(index_dir)
@@ -323,11 +334,11 @@ class Searcher:
         self._rerankers: dict[str | None, object] = {}  # version digest -> its loaded Reranker
         self._token_files: dict[tuple[int, str], tuple] = {}  # (version, re-ranker digest) -> (stamp, TokenFile)
         self.store = IndexStore.open(self.index_dir)
-        self.text_cache = LRUCache(text_cache_size)  # (model digest, text) -> unit vector
+        self.text_cache = LRUCache(text_cache_size)  # (Served.texts_key, text) -> unit vector
         self._model_ref = model_ref
         self._runtime = runtime
         self._precision = precision
-        self._fast_texts = fast_texts and model_ref is None and precision == "fp32"
+        self._text_runtime = _check_text_runtime(text_runtime, precision)
         try:
             version = self.store.active_version()
             if encoder is None:
@@ -368,19 +379,33 @@ class Searcher:
         return True
 
     def _text_tower(self, version: Version, encoder: Encoder) -> Encoder | None:
-        """With ``fast_texts``: the version's exported ONNX text tower (same weights, checked to 1e-4 at export;
-        ~3x faster than PyTorch for one short query), used for query texts beside the PyTorch ``encoder``."""
-        if not self._fast_texts or not hasattr(encoder, "model"):
+        """With ``text_runtime`` auto or onnx: the version's exported ONNX text tower (same weights, checked to 1e-4
+        at export; ~3x faster than PyTorch for one short query), used for query texts beside the PyTorch ``encoder``;
+        None: the encoder embeds them. Only towers of the encoder's own weights count (``--model`` may name others)."""
+        if self._text_runtime in (None, "torch") or not hasattr(encoder, "model"):
             return None
         from vitrina.index.ann import version_dir
         from vitrina.runtime import OnnxQueryEncoder, TowersUnavailable
         from vitrina.runtime.towers import towers_dir
 
+        digest = encoder.identity.get("digest")
         try:
-            towers = OnnxQueryEncoder.load(towers_dir(version_dir(self.index_dir, version.id)), digest=version.digest)
-        except TowersUnavailable:
-            return None
-        return towers if towers.has_text else None
+            if digest != version.digest:
+                raise TowersUnavailable(f"the served model is not the weights {version.name} was built with")
+            folder = towers_dir(version_dir(self.index_dir, version.id))
+            towers = OnnxQueryEncoder.load(folder, digest=digest)
+            reason = towers.why_not("text")
+        except TowersUnavailable as error:
+            reason = error.reason
+        if reason is None:
+            return towers
+        if self._text_runtime == "onnx":
+            raise UserError(
+                f"{self.index_dir}: {version.name} has no exported text tower to serve ({reason}); use --runtime "
+                f"auto or torch, or export its towers: `vitrina index FOLDER --model {version.model_ref} "
+                f"--out {self.index_dir}`"
+            )
+        return None
 
     def close(self) -> None:
         """Close the index."""
@@ -419,14 +444,14 @@ class Searcher:
         return self.search_vector(encode_images([image], served.encoder)[0], k, served=served)
 
     def text_vectors(self, texts: list[str], *, served: Served | None = None) -> dict[str, np.ndarray]:
-        """Unit vectors of ``texts`` by text: cached ones from the LRU cache (keyed by the model's digest,
-        so a swapped-in model never gets another's vectors), the rest encoded in one batch."""
+        """Unit vectors of ``texts`` by text: cached ones from the LRU cache (keyed by ``Served.texts_key``, so a
+        swapped-in model or another runtime never gets another's vectors), the rest encoded in one batch."""
         served = served or self.served
-        digest = served.encoder.identity.get("digest") or id(served.encoder)
+        key = served.texts_key
         found: dict[str, np.ndarray] = {}
         missing: list[str] = []
         for text in dict.fromkeys(texts):
-            cached = self.text_cache.get((digest, text))
+            cached = self.text_cache.get((key, text))
             if cached is None:
                 missing.append(text)
             else:
@@ -434,7 +459,7 @@ class Searcher:
         if missing:
             for text, vector in zip(missing, _text_vectors(served.texts, missing), strict=True):
                 found[text] = vector
-                self.text_cache.put((digest, text), vector)
+                self.text_cache.put((key, text), vector)
         return found
 
     def query_vector(
@@ -641,6 +666,17 @@ class LRUCache:
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+def _check_text_runtime(text_runtime: str | None, precision: str) -> str | None:
+    """``text_runtime`` if it can be honoured; exported towers are float32, so another precision keeps PyTorch."""
+    if text_runtime is not None and text_runtime not in RUNTIMES:
+        raise UserError(f"--runtime {text_runtime!r} is unknown; use one of {', '.join(RUNTIMES)}")
+    if precision != "fp32":
+        if text_runtime == "onnx":
+            raise UserError(f"--precision {precision} runs the PyTorch towers; use --runtime auto or torch")
+        return None
+    return text_runtime
 
 
 def _text_vectors(encoder: Encoder, texts: list[str]) -> np.ndarray:

@@ -52,11 +52,13 @@ def serve(
     model_ref: str | None = None,
     threads: int = SERVE_THREADS,
     precision: str = "fp32",
+    runtime: str = "auto",
     reranker: str | None = None,
 ) -> None:
     """Serve ``index_dir`` at ``http://host:port/`` until interrupted; the model is loaded once, first.
 
-    ``threads`` sets torch's intra-op threads for the whole process (see ``SERVE_THREADS``).
+    ``threads`` sets torch's intra-op threads for the whole process (see ``SERVE_THREADS``). ``runtime``: what
+    embeds query texts (``create_app``).
     """
     import torch
     import uvicorn
@@ -65,7 +67,7 @@ def serve(
     if threads < 1:
         raise UserError(f"--threads {threads}: must be at least 1")
     torch.set_num_threads(threads)
-    app = create_app(Path(index_dir), model_ref=model_ref, precision=precision, reranker=reranker)
+    app = create_app(Path(index_dir), model_ref=model_ref, precision=precision, runtime=runtime, reranker=reranker)
     if not _is_loopback(host):
         print(
             f"warning: listening on {host}: anyone who can reach it can search and view the indexed images "
@@ -73,5 +75,9 @@ def serve(
             file=sys.stderr,
         )
     shown = f"[{host}]" if ":" in host else host
+    texts = "the exported ONNX text tower" if app.state.text_runtime == "onnx" else "PyTorch"
+    if runtime == "auto" and app.state.text_runtime == "torch":
+        texts += " (the version has no exported text tower: `vitrina index` exports it)"
     print(f"vitrina: serving {index_dir} at http://{shown}:{port}/  (API schema: /openapi.json; Ctrl+C stops)")
+    print(f"vitrina: query texts are embedded by {texts}")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
