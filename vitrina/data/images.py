@@ -99,10 +99,12 @@ def read_image_bytes(path: str | os.PathLike, *, max_bytes: int = MAX_BYTES) -> 
 
     The indexer reads a file once: it hashes these bytes and decodes them with ``decode_image_bytes``.
     """
-    _checked_size(path, max_bytes)
+    size = _checked_size(path, max_bytes)
     try:
         with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+            data = f.read(size + 1)  # one buffer of the size the stat gave (``read(max_bytes)`` allocates it all)
+            if len(data) > size:  # grew since the stat: read on, up to the limit
+                data += f.read(max_bytes + 1 - len(data))
     except OSError as error:
         raise BadImageError(path, "unreadable", error.strerror or type(error).__name__) from None
     if not data:
