@@ -386,7 +386,8 @@ def test_empty_folder_gives_empty_index(tmp_path: Path, encoder) -> None:
 
 
 def test_index_kinds_and_decoders_agree(collection: Path, tmp_path: Path, encoder) -> None:
-    flat = index_folder(collection, encoder, tmp_path / "flat", model_ref="clip-tiny", progress=False)
+    # The thread pool here, processes below; the main thread (the default on 2 CPUs) in most other tests.
+    flat = index_folder(collection, encoder, tmp_path / "flat", model_ref="clip-tiny", workers=2, progress=False)
     procs = index_folder(
         collection,
         encoder,
