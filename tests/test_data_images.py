@@ -172,3 +172,38 @@ def test_threads_decode_safely_and_leave_warning_filters_alone(tmp_path: Path) -
         results = list(pool.map(outcome, [bomb, good] * 20))
     assert results == ["too-large", "(16, 16)"] * 20
     assert warnings.filters == before
+
+
+def test_normalisation_keeps_the_arithmetic_and_its_input() -> None:
+    from vitrina.data.transforms import EvalTransform
+
+    transform = EvalTransform(8, (0.48, 0.45, 0.40), (0.27, 0.26, 0.28))
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(rng.integers(0, 256, (5, 3, 8, 8), dtype=np.uint8))
+    mean = torch.tensor((0.48, 0.45, 0.40)).view(3, 1, 1) * 255.0
+    std = torch.tensor((0.27, 0.26, 0.28)).view(3, 1, 1) * 255.0
+    assert torch.equal(transform.normalize(pixels), (pixels.float() - mean) / std)  # bit for bit
+    as_float = pixels.float()
+    transform.normalize(as_float)
+    assert torch.equal(as_float, pixels.float())  # a float batch is not normalised in place
+    image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    assert torch.equal(transform(image), (torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() - mean) / std)
+
+
+def test_image_bytes_decode_as_the_file_does(tmp_path: Path) -> None:
+    from vitrina.data.images import decode_image_bytes, read_image_bytes
+
+    for fmt, suffix in (("JPEG", ".jpg"), ("PNG", ".png")):
+        path = tmp_path / f"a{suffix}"
+        path.write_bytes(_encoded(fmt, size=(300, 200)))
+        data = read_image_bytes(path)
+        assert data == path.read_bytes()
+        from_bytes = decode_image_bytes(data, path, draft_size=64)
+        assert np.array_equal(np.asarray(from_bytes), np.asarray(load_image(path, draft_size=64)))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(BadImageError, match="empty"):
+        read_image_bytes(tmp_path / "empty.jpg")
+    with pytest.raises(BadImageError, match="unreadable"):
+        read_image_bytes(tmp_path)
+    with pytest.raises(BadImageError, match="too-large"):
+        read_image_bytes(path, max_bytes=10)

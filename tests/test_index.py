@@ -386,7 +386,8 @@ def test_empty_folder_gives_empty_index(tmp_path: Path, encoder) -> None:
 
 
 def test_index_kinds_and_decoders_agree(collection: Path, tmp_path: Path, encoder) -> None:
-    flat = index_folder(collection, encoder, tmp_path / "flat", model_ref="clip-tiny", progress=False)
+    # The thread pool here, processes below; the main thread (the default on 2 CPUs) in most other tests.
+    flat = index_folder(collection, encoder, tmp_path / "flat", model_ref="clip-tiny", workers=2, progress=False)
     procs = index_folder(
         collection,
         encoder,
@@ -470,3 +471,40 @@ def test_per_batch_normalisation_equals_the_per_image_transform(tmp_path: Path) 
     whole = torch.stack([decode(job, transform).pixels for job in jobs])
     split = collate([decode(job, transform.to_uint8) for job in jobs], transform.normalize).pixels
     assert split.dtype == torch.float32 and torch.equal(whole, split)
+
+
+def test_each_file_is_read_once_and_hashed_as_decoded(tmp_path: Path, monkeypatch) -> None:
+    import builtins
+
+    import vitrina.index.decode as decode_module
+    from vitrina.data.images import load_image
+    from vitrina.data.transforms import eval_transform
+    from vitrina.index.decode import Job, content_hash, decode
+
+    paths = write_collection(tmp_path / "photos", variants=1)[:4]  # PNG and JPEG
+    transform = eval_transform(16)
+    expected = {path: (content_hash(path), transform(load_image(path, draft_size=16))) for path in paths}
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    def no_second_read(path):
+        raise AssertionError(f"{path} read a second time to hash it")
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(decode_module, "content_hash", no_second_read)
+    for path in paths:
+        decoded = decode(Job(path.name, path, 0, 0.0, None, None, True), transform, draft_size=16)
+        assert decoded.reason == "" and decoded.content_hash == expected[path][0]
+        assert torch.equal(decoded.pixels, expected[path][1])
+    assert sorted(opened) == sorted(map(str, paths))
+
+
+def test_default_decoders_leave_a_two_core_machine_to_the_model() -> None:
+    from vitrina.index.decode import default_workers
+
+    assert default_workers(1) == default_workers(2) == 0  # decode in the main thread, between batches
+    assert default_workers(4) == default_workers(64) == 2

@@ -193,7 +193,8 @@ def test_kill_9_at_random_points_of_a_new_version_run(models, tmp_path: Path) ->
             versions = {v.name: v for v in store.versions()}
             active = store.active_version()
             # Never a half-built version in service: v1 serves until v2 has every item.
-            if active.name == "v2":
+            served = active.name
+            if served == "v2":
                 assert versions["v2"].state == "ready" and store.vector_count(2) == store.count == 36
             else:
                 assert active.name == "v1" and store.vector_count(1) == 36
@@ -204,7 +205,8 @@ def test_kill_9_at_random_points_of_a_new_version_run(models, tmp_path: Path) ->
     assert kills >= 1
     if not finished:
         resumed = index_folder(collection, load_encoder(b), index_dir, model_ref=str(b), new_version=True)
-        assert resumed.activated
+        # A kill after the swap (while the query towers export) leaves v2 already serving: nothing to activate.
+        assert resumed.activated or served == "v2"
     clean = tmp_path / "clean"
     index_folder(collection, load_encoder(b), clean, model_ref=str(b), progress=False)
     with IndexStore.open(index_dir) as resumed, IndexStore.open(clean) as reference:

@@ -319,8 +319,7 @@ def cmd_index(args: argparse.Namespace) -> None:
             **common,
         )
     else:
-        workers = 2 if args.workers is None else args.workers
-        report = index_folder(folder, encoder, Path(args.out), workers=workers, **common)
+        report = index_folder(folder, encoder, Path(args.out), workers=args.workers, **common)
     print(report.summary())
     if args.new_version and report.ready and args.activate_if_better and not report.activated:
         _activate_if_better(Path(args.out), report.version)
@@ -825,7 +824,11 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--seed", type=int, default=0, help="seed of the fraction sample")
     index.add_argument("--batch-size", type=int, default=64)
     index.add_argument(
-        "--workers", type=int, default=None, help="image decoders (default 2; --engine ray: the CPUs actors leave)"
+        "--workers",
+        type=int,
+        default=None,
+        help="image decoders beside the model (default: 2, or 0 = the main thread on a machine of 2 CPUs or fewer; "
+        "--engine ray: the CPUs actors leave)",
     )
     index.add_argument(
         "--engine",

@@ -56,16 +56,21 @@ def scan_collection(root: str | os.PathLike) -> list[CollectionEntry]:
     if not root.is_dir():
         raise UserError(f"{root}: not a folder; give the folder that holds the images")
     captions = _caption_table(root)
-    found: list[tuple[str, Path]] = []
+    found: list[tuple[str, Path, str | None]] = []
     for folder, dirs, files in os.walk(root, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
+        base = Path(folder)
+        # Once per folder, not per file: a folder of thousands of images shares its label and prefix.
+        prefix = base.relative_to(root).as_posix()
+        label = None if prefix == "." else clean_class_name(base.name)
         for name in files:
             if not name.startswith(".") and is_image_path(name):
-                path = Path(folder) / name
-                found.append((path.relative_to(root).as_posix(), path))
+                found.append((name if prefix == "." else f"{prefix}/{name}", base / name, label))
+    found.sort(key=lambda item: item[0])
+    if not captions:
+        return [CollectionEntry(path, label) for _, path, label in found]
     entries = []
-    for rel, path in sorted(found):
-        label = clean_class_name(path.parent.name) if "/" in rel else None
+    for _, path, label in found:
         caption, given_label = captions.get(Path(os.path.normpath(path)), (None, None))
         entries.append(CollectionEntry(path, given_label or label, caption))
     return entries

@@ -8,7 +8,9 @@ with EXIF orientation applied and transparency composited onto white.
 
 from __future__ import annotations
 
+import io
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _upright(image: Image.Image) -> Image.Image:
     # Only the orientation tag is read: ImageOps.exif_transpose also rewrites the EXIF block (slow).
+    if image.format == "JPEG" and "exif" not in image.info:  # no APP1 Exif segment: nothing to parse
+        return image
     try:
         orientation = image.getexif().get(0x0112, 1)
     except Exception:  # a damaged EXIF block: show the pixels as stored
@@ -73,6 +77,41 @@ def _upright(image: Image.Image) -> Image.Image:
     for step in _ORIENTATION.get(orientation, ()):
         image = image.transpose(step)
     return image
+
+
+def _checked_size(path: str | os.PathLike, max_bytes: int) -> int:
+    """The file's size in bytes (one ``stat``), or ``BadImageError`` for a non-file, an empty or a too-large one."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise BadImageError(path, "unreadable", error.strerror or type(error).__name__) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BadImageError(path, "unreadable", "not a regular file")
+    if info.st_size == 0:
+        raise BadImageError(path, "empty", "0 bytes")
+    if info.st_size > max_bytes:
+        raise BadImageError(path, "too-large", f"{info.st_size} bytes, limit {max_bytes}")
+    return info.st_size
+
+
+def read_image_bytes(path: str | os.PathLike, *, max_bytes: int = MAX_BYTES) -> bytes:
+    """The bytes of the image file ``path`` (checked as ``load_image`` checks it), or ``BadImageError``.
+
+    The indexer reads a file once: it hashes these bytes and decodes them with ``decode_image_bytes``.
+    """
+    size = _checked_size(path, max_bytes)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(size + 1)  # one buffer of the size the stat gave (``read(max_bytes)`` allocates it all)
+            if len(data) > size:  # grew since the stat: read on, up to the limit
+                data += f.read(max_bytes + 1 - len(data))
+    except OSError as error:
+        raise BadImageError(path, "unreadable", error.strerror or type(error).__name__) from None
+    if not data:
+        raise BadImageError(path, "empty", "0 bytes")
+    if len(data) > max_bytes:  # grew since the stat
+        raise BadImageError(path, "too-large", f"over {max_bytes} bytes")
+    return data
 
 
 def load_image(
@@ -87,18 +126,21 @@ def load_image(
     ``draft_size``: for JPEG, let the decoder scale down by 1/2, 1/4 or 1/8 while both sides stay at
     least this large (much faster for thumbnails and small model inputs).
     """
+    _checked_size(path, max_bytes)
+    return _decode(path, path, max_pixels=max_pixels, draft_size=draft_size)
+
+
+def decode_image_bytes(
+    data: bytes, path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, draft_size: int | None = None
+) -> Image.Image:
+    """``load_image`` for a file's bytes already read (``read_image_bytes``); ``path`` names it in errors."""
+    return _decode(io.BytesIO(data), path, max_pixels=max_pixels, draft_size=draft_size)
+
+
+def _decode(source, path: str | os.PathLike, *, max_pixels: int, draft_size: int | None) -> Image.Image:
+    """Open ``source`` (a path or a file object), check its header, decode: the upright RGB image."""
     try:
-        size = os.stat(path).st_size
-        if not Path(path).is_file():
-            raise BadImageError(path, "unreadable", "not a regular file")
-    except OSError as error:
-        raise BadImageError(path, "unreadable", error.strerror or type(error).__name__) from None
-    if size == 0:
-        raise BadImageError(path, "empty", "0 bytes")
-    if size > max_bytes:
-        raise BadImageError(path, "too-large", f"{size} bytes, limit {max_bytes}")
-    try:
-        image = Image.open(path)
+        image = Image.open(source)
     except Image.DecompressionBombError as error:
         raise BadImageError(path, "too-large", str(error).split(" could be")[0]) from None
     except UnidentifiedImageError:

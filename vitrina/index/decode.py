@@ -2,8 +2,8 @@
 
 A bad file never raises here: it comes back as a ``Decoded`` with a ``reason`` for the ledger. A job's
 path is a local path, or a URL of any fsspec protocol that is installed (a list given to the Ray engine,
-``vitrina.index.sources``): its bytes are fetched (at most ``MAX_BYTES``) and decoded from a temporary file
-by the same checks.
+``vitrina.index.sources``): its bytes are fetched (at most ``MAX_BYTES``) and decoded by the same checks.
+Each file is read once: the content hash is taken of the very bytes that are decoded.
 Decoding runs ahead of the model (two batches in a thread pool, or a DataLoader's prefetch), so the
 model waits for pixels as little as the cores allow.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vitrina.data.images import MAX_BYTES, BadImageError, load_image
+from vitrina.data.images import MAX_BYTES, BadImageError, decode_image_bytes, read_image_bytes
 
 
 @dataclass(frozen=True)
@@ -118,38 +117,53 @@ def content_hash(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def _decode_url(job: Job, transform: Callable, draft_size: int | None) -> Decoded:
-    """Fetch a URL's bytes (no more than ``MAX_BYTES`` + 1) into a temporary file and decode that."""
+def bytes_hash(data: bytes) -> str:
+    """``content_hash`` of a file whose bytes are ``data`` (the same blake2b, 128-bit)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _read_url(job: Job) -> bytes:
+    """A URL's bytes (no more than ``MAX_BYTES`` + 1 are fetched), checked as a local file's are."""
     try:
         with _open(job.path) as f:
             data = f.read(MAX_BYTES + 1)
     except Exception as error:  # any fsspec backend's "cannot read"
-        return Decoded(job, None, reason="unreadable", detail=str(error))
-    fd, tmp = tempfile.mkstemp(prefix="vitrina-fetch-", suffix=Path(str(job.path)).suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        fetched = Job(job.rel, Path(tmp), job.size, job.mtime, job.label, job.caption, job.is_new)
-        local = decode(fetched, transform, draft_size)
-    finally:
-        os.unlink(tmp)
-    return Decoded(job, local.pixels, local.content_hash, local.reason, local.detail)
+        raise BadImageError(job.path, "unreadable", str(error)) from None
+    if not data:
+        raise BadImageError(job.path, "empty", "0 bytes")
+    if len(data) > MAX_BYTES:
+        raise BadImageError(job.path, "too-large", f"over {MAX_BYTES} bytes")
+    return data
 
 
 def decode(job: Job, transform: Callable, draft_size: int | None = None) -> Decoded:
-    """Decode and transform one file; never raises for a bad file (the ledger gets the reason)."""
-    if is_url(job.path):
-        return _decode_url(job, transform, draft_size)
+    """Read, hash, decode and transform one file; never raises for a bad file (the ledger gets the reason)."""
     try:
+        data = _read_url(job) if is_url(job.path) else read_image_bytes(job.path)
         # Size checks happen before decoding (no decompression bombs); a JPEG is decoded at 1/2, 1/4 or
         # 1/8 scale when that still covers the tower's input (DCT scaling: most of the decode saved).
-        image = load_image(job.path, draft_size=draft_size)
-        pixels = transform(image)
-        return Decoded(job, pixels, content_hash(job.path))
+        image = decode_image_bytes(data, job.path, draft_size=draft_size)
+        return Decoded(job, transform(image), bytes_hash(data))
     except BadImageError as error:
         return Decoded(job, None, reason=getattr(error, "reason", "unreadable"), detail=str(error))
     except OSError as error:  # vanished or unreadable between scan and decode
         return Decoded(job, None, reason="unreadable", detail=str(error))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_workers(cpus: int | None = None) -> int:
+    """Decoders to run beside the model: none (decode in the main thread, between batches) on a machine of
+    2 CPUs or fewer, 2 otherwise. The model's matrix products already keep 2 cores busy; a decoder thread or
+    process there only takes turns with them (and the GIL), so it costs more than the overlap it buys:
+    measured in bench/index_throughput.json, where the main-thread rows beat 2 threads and 2 processes."""
+    return 0 if (usable_cpus() if cpus is None else cpus) <= 2 else 2
 
 
 def thread_batches(jobs: list[Job], transform: Callable, batch_size: int, workers: int) -> Iterator[Batch]:

@@ -39,7 +39,16 @@ from vitrina.digest import short
 from vitrina.encoder import Encoder
 from vitrina.errors import UserError
 from vitrina.index.ann import choose_index_kind
-from vitrina.index.decode import Decoded, Job, content_hash, file_stat, is_url, process_batches, thread_batches
+from vitrina.index.decode import (
+    Decoded,
+    Job,
+    content_hash,
+    default_workers,
+    file_stat,
+    is_url,
+    process_batches,
+    thread_batches,
+)
 from vitrina.index.lock import WriterLock
 from vitrina.index.store import META_FILE, READY, IndexStore, ItemRow, Version
 
@@ -202,7 +211,7 @@ def index_folder(
     *,
     model_ref: str,
     batch_size: int = 64,
-    workers: int = 2,
+    workers: int | None = None,
     index_kind: str | None = None,
     fraction: float | None = None,
     seed: int = 0,
@@ -222,7 +231,8 @@ def index_folder(
     ``new_version`` builds a version for it beside the others, activated when complete unless
     ``activate`` is False. The other versions' models are loaded with ``load_encoder(model_ref)`` when
     they have files to catch up on. ``index_kind`` None keeps the version's stored choice. ``decoder``
-    picks a thread pool or a process-based DataLoader of ``workers`` decoders. ``export_towers``: export
+    picks a thread pool or a process-based DataLoader of ``workers`` decoders (None: ``default_workers()``,
+    which is 0 on a machine of 2 CPUs or fewer; 0 decodes in the main thread). ``export_towers``: export
     the query towers of versions that lack them (``report.towers``, timed in ``report.towers_seconds``).
     """
     if decoder not in DECODERS:
@@ -230,6 +240,8 @@ def index_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder of images; give the collection's root folder")
+    if workers is None:
+        workers = default_workers()
 
     def entries() -> list:
         found = scan_collection(folder.resolve())
