@@ -1,16 +1,29 @@
-"""Inference precision: what bf16 autocast and int8 dynamic quantization buy and cost, beside fp32, in one run.
+"""Inference precision: what bf16 autocast and int8 cost and buy, beside PyTorch fp32, in one run.
 
 The model: the demo's trained CLIP (``runs/demo/clip``, made by ``make demo``); the data: its held-out
 emoji style (``runs/demo/collections/emoji-facebook``: 1,860 images with captions, never trained on).
 
-Per precision (``vitrina.models.precision``; the same model object wrapped three ways):
+One row per runtime and precision, all of the same weights:
 
-* image img/s: ``encode_image`` on pre-decoded pixels, batch ``--batch-size``, median of ``--rounds``
-  rounds, precisions timed alternately within each round (this machine is noisy);
-* text q/s: ``encode_text`` of one query at a time (what a search does), same protocol;
-* caption → image R@10 on the held-out style with both towers at that precision.
+* ``torch · fp32``: the reference; ``CLIPEncoder`` as it is;
+* ``torch · bf16``: every forward under ``torch.autocast("cpu", torch.bfloat16)`` (``vitrina.models.precision``);
+* ``torch · int8``: ``torch.ao`` dynamic quantization of the ``nn.Linear`` layers
+  (``--precision int8 --runtime torch``);
+* ``onnx · fp32``: the towers the indexer exports (``vitrina.models.export``), in ONNX Runtime (``--runtime onnx``);
+* ``onnx · int8``: their int8 twins, ONNX Runtime dynamic quantization of the weight MatMuls, per-channel
+  weight scales (``vitrina.models.quantize_onnx``; what ``--precision int8`` runs under ``--runtime auto``).
 
-Each is also given relative to fp32. Target (issue 11): int8 or bf16 >= 1.8x fp32 img/s at >= 0.99x its R@10.
+Per row:
+
+* image img/s: ``encode_image`` on pre-decoded pixels (the PyTorch transform's, for every row), batch
+  ``--batch-size``, median of ``--rounds`` rounds, rows timed alternately within each round (this machine is noisy);
+* text q/s: ``encode_text`` of one query at a time (what a search does: tokenizing included), same protocol;
+* caption -> image R@10 on the held-out style with both towers of that row;
+* top-10 overlap: per unique caption, the share of its 10 nearest images that the fp32 row also ranks in its
+  top 10, averaged (steadier than R@10: it counts every query, not only the ones whose target is near the cut).
+
+Each speed and R@10 is also given relative to ``torch · fp32``. Target (issue 11): int8 or bf16 >= 1.8x fp32
+img/s and text q/s at >= 0.99x its R@10. All rows on ``torch.set_num_threads(2)`` / 2 ONNX Runtime threads.
 
 Usage: ``.venv/bin/python bench/precision.py [--model runs/demo/clip] [--rounds 5]``.
 """
@@ -19,11 +32,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,8 +48,11 @@ sys.path.insert(0, str(REPO))
 from bench._report import record  # noqa: E402
 from vitrina.checkpoint import load_encoder  # noqa: E402
 from vitrina.data.images import load_image  # noqa: E402
+from vitrina.encoder import as_numpy  # noqa: E402
 from vitrina.eval.retrieval import caption_recalls  # noqa: E402
-from vitrina.models.precision import PRECISIONS, native_bf16, with_precision  # noqa: E402
+from vitrina.models.export import export_towers  # noqa: E402
+from vitrina.models.precision import native_bf16, with_precision  # noqa: E402
+from vitrina.runtime import OnnxQueryEncoder, read_manifest  # noqa: E402
 
 BENCHMARK = "precision"
 
@@ -51,6 +70,11 @@ def rate(fn, items: int) -> float:
     return items / (time.perf_counter() - start)
 
 
+def top10(text: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """(T, D) query vectors, (N, D) image vectors -> (T, 10) indices of each query's 10 best images."""
+    return np.argsort(-(text @ images.T), axis=1)[:, :10]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO / "runs/demo/clip"))
@@ -64,7 +88,21 @@ def main() -> int:
         raise SystemExit(f"{args.model} or {args.collection} missing: run `make demo` first")
     torch.set_num_threads(2)
     base = load_encoder(args.model)
-    encoders = {p: with_precision(base, p) for p in PRECISIONS}
+    towers = Path(tempfile.mkdtemp(prefix="precision-towers-"))
+    print(f"exporting towers: {export_towers(base, towers).summary()}")
+    manifest = read_manifest(towers)
+    encoders = {
+        "torch · fp32": base,
+        "torch · bf16": with_precision(base, "bf16"),
+        "torch · int8": with_precision(base, "int8"),
+        "onnx · fp32": OnnxQueryEncoder(towers, manifest, threads=2),
+        "onnx · int8": OnnxQueryEncoder(towers, manifest, threads=2, precision="int8"),
+    }
+    for name in ("onnx · fp32", "onnx · int8"):
+        for tower in ("text", "image"):
+            if encoders[name].why_not(tower):
+                raise SystemExit(f"{name}: {encoders[name].why_not(tower)}")
+    names = list(encoders)
     paths, captions = held_out(Path(args.collection))
     pixels = torch.stack([base.image_transform(load_image(p)) for p in paths])  # (N, 3, H, W)
     sample = pixels[: args.images]
@@ -78,28 +116,36 @@ def main() -> int:
         for q in queries:
             encoder.encode_text([q])
 
-    for encoder in encoders.values():  # warm-up (int8 kernels, autocast caches)
+    for encoder in encoders.values():  # warm-up (int8 kernels, autocast caches, ONNX Runtime sessions)
         encoder.encode_image(sample[: args.batch_size])
         encoder.encode_text(queries[:2])
-    img_s = {p: [] for p in PRECISIONS}
-    text_qs = {p: [] for p in PRECISIONS}
+    img_s = {p: [] for p in names}
+    text_qs = {p: [] for p in names}
     for _ in range(args.rounds):
         for p, encoder in encoders.items():
             img_s[p].append(rate(lambda e=encoder: images(e), len(sample)))
             text_qs[p].append(rate(lambda e=encoder: texts(e), len(queries)))
-    recall = {}
+    recall, nearest = {}, {}
+    unique = sorted(set(captions))
     for p, encoder in encoders.items():
-        vectors = torch.cat([encoder.encode_image(pixels[i : i + 256]) for i in range(0, len(pixels), 256)]).numpy()
+        vectors = np.concatenate(
+            [as_numpy(encoder.encode_image(pixels[i : i + 256])) for i in range(0, len(pixels), 256)]
+        )
         recall[p] = caption_recalls(vectors, captions, encoder)["text_to_image"]["R@10"]
-    reference = {"img": statistics.median(img_s["fp32"]), "text": statistics.median(text_qs["fp32"])}
-    for p in PRECISIONS:
+        text = np.concatenate([as_numpy(encoder.encode_text(unique[i : i + 256])) for i in range(0, len(unique), 256)])
+        nearest[p] = top10(text, vectors)
+    ref = "torch · fp32"
+    reference = {"img": statistics.median(img_s[ref]), "text": statistics.median(text_qs[ref])}
+    for p in names:
+        overlap = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(nearest[p], nearest[ref], strict=True)]))
         row = {
             "img_s": statistics.median(img_s[p]),
             "img_s_vs_fp32": statistics.median(img_s[p]) / reference["img"],
             "text_q_s": statistics.median(text_qs[p]),
             "text_q_s_vs_fp32": statistics.median(text_qs[p]) / reference["text"],
             "caption_R@10": recall[p],
-            "R@10_vs_fp32": recall[p] / recall["fp32"] if recall["fp32"] else float("nan"),
+            "R@10_vs_fp32": recall[p] / recall[ref] if recall[ref] else float("nan"),
+            "top10_overlap_fp32": overlap,
             "held_out_images": len(paths),
             "batch": args.batch_size,
             "rounds": args.rounds,
@@ -107,9 +153,11 @@ def main() -> int:
         }
         print(
             f"{p}: {row['img_s']:.0f} img/s ({row['img_s_vs_fp32']:.2f}x), {row['text_q_s']:.0f} q/s "
-            f"({row['text_q_s_vs_fp32']:.2f}x), R@10 {recall[p]:.4f} ({row['R@10_vs_fp32']:.3f}x)"
+            f"({row['text_q_s_vs_fp32']:.2f}x), R@10 {recall[p]:.4f} ({row['R@10_vs_fp32']:.3f}x), "
+            f"top-10 overlap {overlap:.3f}"
         )
         record(BENCHMARK, f"{Path(args.model).name} · {p}", row)
+    shutil.rmtree(towers, ignore_errors=True)
     return 0
 
 

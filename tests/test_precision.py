@@ -15,6 +15,7 @@ from vitrina.errors import UserError
 from vitrina.index.embed import index_folder
 from vitrina.index.store import IndexStore
 from vitrina.models.precision import PrecisionEncoder, with_precision
+from vitrina.runtime import OnnxQueryEncoder
 from vitrina.search import Searcher, encode_images
 
 
@@ -88,7 +89,31 @@ def test_search_and_serve_run_queries_at_the_asked_precision(tmp_path: Path, cap
     capsys.readouterr()
     assert cli(["search", str(index_dir), "a red circle", "--precision", "int8", "--json", "-k", "3"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 3
-    assert cli(["search", str(index_dir), "a red circle", "--precision", "int8", "--runtime", "onnx"]) == 2
+    assert cli(["search", str(index_dir), "a red circle", "--precision", "bf16", "--runtime", "onnx"]) == 2
     assert "--runtime auto or torch" in capsys.readouterr().err
     with TestClient(create_app(index_dir, precision="bf16")) as client:
         assert len(client.get("/api/search", params={"q": "a red circle", "k": 5}).json()["hits"]) == 5
+
+
+def test_int8_towers_rank_as_fp32_and_answer_an_index_built_at_another_precision(tmp_path: Path) -> None:
+    collection = tmp_path / "photos"
+    write_collection(collection)
+    index_dir = tmp_path / "idx"
+    fp32 = make_encoder()
+    index_folder(
+        collection, with_precision(fp32, "int8"), index_dir, model_ref="clip-tiny", progress=False, precision="int8"
+    )
+    version_towers = next(index_dir.glob("versions/*/towers"))
+    manifest = json.loads((version_towers / "towers.json").read_text())
+    for tower in ("text", "image"):  # both int8 twins exported, checked and published beside the float32 graphs
+        assert manifest[tower]["int8"]["status"] == "ok" and manifest[tower]["int8"]["min_cosine"] >= 0.95
+        assert (version_towers / manifest[tower]["int8"]["file"]).is_file()
+    with Searcher(index_dir, runtime="onnx", precision="int8") as int8, Searcher(index_dir, runtime="torch") as ref:
+        assert isinstance(int8.encoder, OnnxQueryEncoder) and int8.encoder.precision == "int8"
+        overlaps = []
+        for query in ["a red circle", "a blue square on a green background", "green", "x"]:
+            ours, theirs = int8.search_text(query, k=10), ref.search_text(query, k=10)
+            overlaps.append(len({h.id for h in ours} & {h.id for h in theirs}) / 10)
+        assert np.mean(overlaps) >= 0.9  # the int8 text tower's top 10 on the int8-built index: fp32's
+        image = image_path(collection, "green", "square-1")  # an image query through the int8 image tower
+        assert int8.search_image(image, k=1)[0].path == str(image)

@@ -930,7 +930,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         default="fp32",
         choices=["fp32", "bf16", "int8"],
-        help="PyTorch towers at bf16 autocast or int8 Linear layers (faster; see BENCHMARKS.md precision)",
+        help="bf16: PyTorch autocast; int8: the exported towers' int8 twins (under --runtime torch: PyTorch's int8 "
+        "Linear layers); see BENCHMARKS.md precision",
     )
     search.set_defaults(handler=cmd_search)
 
@@ -944,7 +945,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         default="fp32",
         choices=["fp32", "bf16", "int8"],
-        help="PyTorch towers at bf16 autocast or int8 Linear layers (faster; see BENCHMARKS.md precision)",
+        help="bf16: PyTorch autocast; int8: the exported towers' int8 twins (under --runtime torch: PyTorch's int8 "
+        "Linear layers); see BENCHMARKS.md precision",
     )
     serve.add_argument(
         "--runtime",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitrina.encoder import Encoder
+from vitrina.encoder import Encoder, as_numpy
 from vitrina.eval.seen_unseen import caption_split, held_out_of, label_split
 from vitrina.eval.zeroshot import class_embeddings, zero_shot_accuracy
 from vitrina.index.store import IndexStore
@@ -91,7 +91,7 @@ def caption_recalls(
     """Text->image and image->text R@K; identical caption strings count as the same target."""
     unique, caption_of_image = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
     text = np.concatenate(
-        [encoder.encode_text(list(unique[i : i + chunk])).detach().cpu().numpy() for i in range(0, len(unique), chunk)]
+        [as_numpy(encoder.encode_text(list(unique[i : i + chunk]))) for i in range(0, len(unique), chunk)]
     ).astype(np.float32)  # (T, D), T unique captions
     t2i, i2t = [], []
     for start in range(0, len(unique), chunk):

@@ -71,7 +71,9 @@ def query_encoder(
     """The encoder that answers queries for ``version`` with ``runtime`` (see the module docstring).
 
     A model the user names (``model_ref``) always runs in PyTorch: the exported towers are the version's own.
-    ``precision`` bf16 or int8 runs the PyTorch towers at that precision (``vitrina.models.precision``).
+    ``precision`` bf16 runs the PyTorch towers at bf16 autocast; int8 runs the exported towers' int8 twins
+    (``vitrina.models.quantize_onnx``) under ``auto``/``onnx``, PyTorch's int8 Linear layers under ``torch``
+    or for a tower without a usable twin (``vitrina.models.precision``).
     """
     if runtime not in RUNTIMES:
         raise UserError(f"--runtime {runtime!r} is unknown; use one of {', '.join(RUNTIMES)}")
@@ -79,9 +81,10 @@ def query_encoder(
         from vitrina.models.precision import check_precision, with_precision
 
         check_precision(precision)
-        if runtime == "onnx":
-            raise UserError(f"--precision {precision} runs the PyTorch towers; use --runtime auto or torch")
-        return with_precision(encoder_for(version, index_dir, model_ref=model_ref), precision)
+        if runtime == "onnx" and (precision != "int8" or model_ref is not None):
+            raise UserError(f"--precision {precision} runs the PyTorch towers here; use --runtime auto or torch")
+        if precision != "int8" or runtime == "torch" or model_ref is not None:
+            return with_precision(encoder_for(version, index_dir, model_ref=model_ref), precision)
     if model_ref is not None and runtime == "onnx":
         raise UserError("--runtime onnx runs the index's own exported towers; drop --model, or use --runtime torch")
     if runtime == "torch" or model_ref is not None:
@@ -97,6 +100,10 @@ def query_encoder(
         return UserError(f"{index_dir}: {version.name} cannot answer this query without PyTorch ({reason}); {how}")
 
     def torch_encoder() -> Encoder:
+        if precision == "int8":  # a tower without an int8 twin runs PyTorch's int8 Linear layers
+            from vitrina.models.precision import with_precision
+
+            return with_precision(encoder_for(version, index_dir), precision)
         return encoder_for(version, index_dir)
 
     def refused() -> Encoder:
@@ -107,6 +114,7 @@ def query_encoder(
             towers_dir(version_dir(index_dir, version.id)),
             digest=version.digest,
             fallback=refused if runtime == "onnx" else torch_encoder,
+            precision=precision,
         )
     except TowersUnavailable as error:
         if runtime == "onnx":

@@ -218,11 +218,15 @@ class ExportReport:
     seconds: float
 
     def summary(self) -> str:
-        """``text ok (2.1e-07), image ok (1.9e-07) in 3.1 s``."""
+        """``text ok (2.1e-07) (int8 ok cos 0.966), image ok (1.9e-07) (int8 ok cos 0.997) in 3.1 s``."""
         parts = []
         for tower in TOWER_FILES:
             entry = self.manifest[tower]
             detail = f" ({entry['max_abs_diff']:.1e})" if "max_abs_diff" in entry else ""
+            int8 = entry.get("int8")
+            if int8:  # the int8 twin's status and its worst probe cosine
+                cosine = f" cos {int8['min_cosine']:.3f}" if "min_cosine" in int8 else ""
+                detail += f" (int8 {int8['status']}{cosine})"
             parts.append(f"{tower} {entry['status']}{detail}" + (f": {entry['reason']}" if entry.get("reason") else ""))
         return f"{', '.join(parts)} in {self.seconds:.1f} s"
 
@@ -374,12 +378,51 @@ def export_towers(encoder: Encoder, folder: str | Path, *, tolerance: float | No
             if not diff <= tolerance:
                 manifest[tower] = {"status": REJECTED, "reason": why, "max_abs_diff": manifest[tower]["max_abs_diff"]}
         del runtime  # its sessions hold the staged files open
+        _add_int8(encoder, staging, manifest)
         manifest["seconds"] = round(time.perf_counter() - start, 3)
         manifest["exported_at"] = time.time()
         _publish(staging, folder, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportReport(manifest, time.perf_counter() - start)
+
+
+def _check_int8(encoder: Encoder, runtime: OnnxQueryEncoder, tower: str) -> float:
+    """Worst cosine of ``runtime``'s (int8) vectors to ``encoder``'s on the probes."""
+    if tower == "text":
+        ours, theirs = encoder.encode_text(PROBE_TEXTS), runtime.encode_text(PROBE_TEXTS)
+    else:
+        images = probe_images()
+        ours = encoder.encode_image(torch.stack([encoder.image_transform(image) for image in images]))
+        theirs = runtime.encode_image(np.stack([runtime.image_transform(image) for image in images]))
+    ours = ours.detach().cpu().numpy() if hasattr(ours, "detach") else np.asarray(ours)
+    return float((ours.astype(np.float64) * theirs.astype(np.float64)).sum(axis=1).min())
+
+
+def _add_int8(encoder: Encoder, staging: Path, manifest: dict) -> None:
+    """Quantize each usable tower to its int8 twin (``vitrina.models.quantize_onnx``), check it, record it."""
+    from vitrina.models.quantize_onnx import MIN_COSINE, int8_file, quantize_tower
+
+    for tower, name in TOWER_FILES.items():
+        if manifest[tower]["status"] != OK:
+            continue
+        try:
+            quantize_tower(staging / name, staging / int8_file(name))
+            runtime = OnnxQueryEncoder(staging, {**manifest, tower: {**manifest[tower], "file": int8_file(name)}})
+            cosine = _check_int8(encoder, runtime, tower)
+            del runtime
+        except Exception as error:  # no int8 twin is a reason to run float32, not to stop
+            manifest[tower]["int8"] = {"status": UNAVAILABLE, "reason": f"{type(error).__name__}: {error}"}
+            continue
+        entry = {
+            "status": OK,
+            "file": int8_file(name),
+            "min_cosine": cosine,
+            "quantization": "dynamic, MatMul, per channel",
+        }
+        if not cosine >= MIN_COSINE:
+            entry.update(status=REJECTED, reason=f"cosine {cosine:.4f} to the PyTorch tower is below {MIN_COSINE}")
+        manifest[tower]["int8"] = entry
 
 
 def _publish(staging: Path, folder: Path, manifest: dict) -> None:
@@ -392,6 +435,9 @@ def _publish(staging: Path, folder: Path, manifest: dict) -> None:
     for tower, name in TOWER_FILES.items():
         if manifest[tower]["status"] == OK:
             keep += [name + DATA_SUFFIX, name]  # weights before the graph that names them
+            if manifest[tower].get("int8", {}).get("status") == OK:
+                int8 = manifest[tower]["int8"]["file"]
+                keep += [int8 + DATA_SUFFIX, int8]
             if tower == "text":
                 keep.append(TOKENIZER_FILE)
     for name in keep:

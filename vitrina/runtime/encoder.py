@@ -25,6 +25,7 @@ from vitrina.runtime.towers import (
     tower_status,
 )
 
+PRECISIONS = ("fp32", "int8")  # what exported towers run at: the float32 graphs, or their int8 twins
 TEXT_BATCH = 256  # texts per tower call (zero-shot prompt ensembles can be thousands)
 
 
@@ -66,12 +67,24 @@ class OnnxQueryEncoder:
     ``fallback``: called (once) when a query needs a tower that is not usable; it returns the version's
     PyTorch encoder, which then answers for that tower (its own transform included), or raises to refuse.
     Without it, such a query raises ``TowersUnavailable``.
+
+    ``precision`` ``int8`` runs each tower's int8 twin (``vitrina.models.quantize_onnx``); a tower without a
+    usable one is not usable at int8 (the fallback answers for it).
     """
 
     def __init__(
-        self, folder: str | Path, manifest: dict, *, threads: int | None = None, fallback: Callable | None = None
+        self,
+        folder: str | Path,
+        manifest: dict,
+        *,
+        threads: int | None = None,
+        fallback: Callable | None = None,
+        precision: str = "fp32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: the exported towers run at {' or '.join(PRECISIONS)}")
         self.folder = Path(folder)
+        self.precision = precision
         self.manifest = manifest
         self.embed_dim = int(manifest["embed_dim"])
         self.threads = threads
@@ -84,7 +97,13 @@ class OnnxQueryEncoder:
 
     @classmethod
     def load(
-        cls, folder: str | Path, *, digest: str | None, threads: int | None = None, fallback: Callable | None = None
+        cls,
+        folder: str | Path,
+        *,
+        digest: str | None,
+        threads: int | None = None,
+        fallback: Callable | None = None,
+        precision: str = "fp32",
     ) -> OnnxQueryEncoder:
         """The towers in ``folder``, exported from the weights ``digest``; ``TowersUnavailable`` otherwise."""
         manifest = read_manifest(folder)
@@ -92,7 +111,7 @@ class OnnxQueryEncoder:
             raise TowersUnavailable(f"{folder}: no exported towers")
         if not is_current(manifest, digest):
             raise TowersUnavailable(f"{folder}: the towers were exported from other weights")
-        return cls(folder, manifest, threads=threads, fallback=fallback)
+        return cls(folder, manifest, threads=threads, fallback=fallback, precision=precision)
 
     def _other(self, tower: str):
         """The fallback encoder for an unusable ``tower`` (loaded on first need), or ``TowersUnavailable``."""
@@ -120,6 +139,15 @@ class OnnxQueryEncoder:
         status, reason = tower_status(self.manifest, tower)
         if status != OK:
             return f"{tower} tower {status}" + (f": {reason}" if reason else "")
+        if self.precision == "int8":
+            int8 = self.manifest[tower].get("int8") or {
+                "status": "not exported",
+                "reason": "exported before int8 twins",
+            }
+            if int8.get("status") != OK:
+                return f"{tower} tower's int8 twin {int8.get('status')}" + (
+                    f": {int8['reason']}" if int8.get("reason") else ""
+                )
         if tower == "image":
             return unsupported(self.manifest["image"].get("preprocess"))
         return None
@@ -144,7 +172,8 @@ class OnnxQueryEncoder:
             import onnxruntime as ort
 
             self._require(tower)
-            path = self.folder / self.manifest[tower].get("file", TOWER_FILES[tower])
+            entry = self.manifest[tower]["int8"] if self.precision == "int8" else self.manifest[tower]
+            path = self.folder / entry.get("file", TOWER_FILES[tower])
             session = ort.InferenceSession(str(path), session_options(self.threads), providers=["CPUExecutionProvider"])
             self._sessions[tower] = session
         return session
