@@ -99,7 +99,12 @@ def recalls(encoder, gallery: np.ndarray, item_keys: list[str], queries: list[st
 
 def held_out_style_recalls(model_dir: Path, held_out_concepts: set[str], seed: int) -> dict[str, dict]:
     """R@K on the held-out style for captions and plain names, per part (report half, selection half, held out)."""
-    encoder = load_encoder(str(model_dir))
+    return style_recalls(load_encoder(str(model_dir)), held_out_concepts, seed)
+
+
+def style_recalls(encoder, held_out_concepts: set[str], seed: int) -> dict[str, dict]:
+    """``held_out_style_recalls`` of any object with ``image_transform``, ``encode_image`` and ``encode_text``
+    (bench/clip_reference.py scores its bare model with it)."""
     items = load_emoji(STYLE)
     concepts = [EMOJI_CONCEPT + item.unified for item in items]
     captions = [emoji_caption(item) for item in items]
