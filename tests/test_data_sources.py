@@ -156,6 +156,7 @@ def test_emoji_captions(tiny_emoji: Path) -> None:
     assert emoji_caption(thumbs) == "an emoji of a thumbs up, people & body"  # CLDR label preferred
     variants = emoji_captions(thumbs)
     assert "thumbs up sign emoji" in variants
+    assert {"thumbs up sign", "thumbs up"} <= set(variants)  # the bare name and label: what a search box gets
     assert variants[-1] == "an emoji of a thumbs up: +1, hand, thumb, yes"  # keywords not in the name
     assert len(set(variants)) == len(variants)
     assert emoji_caption(flag) == "an emoji of a flag eg, flags"
