@@ -12,13 +12,18 @@ with plain-name queries (the issue's number: ``names all``) and the report half 
 captions and names. ``--score MODEL_DIR`` scores a vitrina checkpoint the same way, so a trainer run and this
 script compare like with like at equal steps.
 
-Flags that turn one part of the recipe into what the trainer does (to bisect a difference one at a time):
-``--text captions|variants``, ``--crop`` (the trainer's random resized crops), ``--learn-temp``,
-``--raw-text`` (mean-pooled features without the L2 normalisation), ``--trainer-optim`` (weight decay 0.1 on
-matrices only, betas 0.9/0.98, eps 1e-6, gradient clipping at 1, 5% warm-up then a cosine to 0).
+``--arms`` runs several recipes in turn in one process (the images decoded once), each one difference from the
+reference, to bisect what the trainer does differently at equal steps: ``crop`` (the trainer's random resized
+crops), ``captions`` (the index captions, "an emoji of a grinning face, smileys & emotion", instead of names),
+``variants`` (every phrasing of ``emoji_captions``, one pair each), ``learn-temp``, ``trainer-optim`` (weight
+decay 0.1 on matrices only, betas 0.9/0.98, eps 1e-6, gradient clipping at 1, 5% warm-up then a cosine to 0);
+``trainer`` is ``train_clip`` itself (``clip-minilm``, ``emoji:STYLES``, ``--trainer-text``) for the whole
+epochs nearest ``--steps``. ``--raw-text`` drops the L2 normalisation of the sentence features, as the trainer
+does: a per-caption scale, which the bias-free linear map and the L2 normalisation after it remove from the
+embedding (only the gradients' weighting changes).
 
-    .venv/bin/python bench/clip_reference.py --steps 120 --eval-at 60,120
-    .venv/bin/python bench/clip_reference.py --score runs/clip-emoji --seed 0
+    .venv/bin/python bench/clip_reference.py --steps 120 --eval-at 60 --arms reference,crop,captions,trainer
+    .venv/bin/python bench/clip_reference.py --score runs/clip-emoji
 
 Prints one JSON line per evaluation; records nothing (the numbers are comparisons for one run at a time).
 """
@@ -252,7 +257,8 @@ def run_trainer(args: argparse.Namespace, out: Path) -> None:
     from vitrina.models.registry import build_model
     from vitrina.train.clip import split_pairs, train_clip
 
-    pairs, concepts = load_training_items(f"emoji:{args.styles}", seed=args.seed)
+    variants = ":variants" if args.trainer_text == "variants" else ""
+    pairs, concepts = load_training_items(f"emoji:{args.styles}{variants}", seed=args.seed)
     config = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed, epochs=1)
     per_epoch = len(split_pairs(pairs, config.val_fraction, args.seed)[0]) // args.batch_size
     config.epochs = max(1, round(args.steps / per_epoch))
@@ -263,7 +269,8 @@ def run_trainer(args: argparse.Namespace, out: Path) -> None:
         progress=False,
     )  # fmt: skip
     quality = style_recalls(load_encoder(str(out)), set(), args.seed)
-    print(json.dumps({"arm": "trainer", "step": summary_.steps, **summary(quality)}), flush=True)
+    arm = f"trainer ({args.trainer_text})"
+    print(json.dumps({"arm": arm, "step": summary_.steps, **summary(quality)}), flush=True)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -295,6 +302,7 @@ def main() -> int:
     parser.add_argument("--arms", default="reference", help=f"comma-separated, run in turn: {', '.join(ARMS)}, trainer")
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--raw-text", action="store_true", help="sentence features without L2 normalisation")
+    parser.add_argument("--trainer-text", choices=["captions", "variants"], default="captions", help="trainer arm")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "clip-reference"), help="the trainer arm's run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
