@@ -257,8 +257,8 @@ def run_trainer(args: argparse.Namespace, out: Path) -> None:
     from vitrina.models.registry import build_model
     from vitrina.train.clip import split_pairs, train_clip
 
-    variants = ":variants" if args.trainer_text == "variants" else ""
-    pairs, concepts = load_training_items(f"emoji:{args.styles}{variants}", seed=args.seed)
+    phrasing = "" if args.trainer_text == "captions" else f":{args.trainer_text}"
+    pairs, concepts = load_training_items(f"emoji:{args.styles}{phrasing}", seed=args.seed)
     config = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed, epochs=1)
     per_epoch = len(split_pairs(pairs, config.val_fraction, args.seed)[0]) // args.batch_size
     config.epochs = max(1, round(args.steps / per_epoch))
@@ -302,7 +302,7 @@ def main() -> int:
     parser.add_argument("--arms", default="reference", help=f"comma-separated, run in turn: {', '.join(ARMS)}, trainer")
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--raw-text", action="store_true", help="sentence features without L2 normalisation")
-    parser.add_argument("--trainer-text", choices=["captions", "variants"], default="captions", help="trainer arm")
+    parser.add_argument("--trainer-text", choices=["names", "captions", "variants"], default="captions")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "clip-reference"), help="the trainer arm's run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

@@ -20,7 +20,7 @@ from vitrina.data.emoji import emoji_caption, emoji_captions, export_emoji, load
 from vitrina.data.folder import scan_collection
 from vitrina.data.openclipart import clean_title, load_openclipart, read_svg_metadata
 from vitrina.data.prompts import PROMPT_TEMPLATES, caption_from_label, fill_template, prompts_for
-from vitrina.data.sources import load_training_pairs
+from vitrina.data.sources import load_training_items, load_training_pairs
 from vitrina.data.transforms import eval_transform
 from vitrina.errors import UserError
 
@@ -314,6 +314,9 @@ def test_spec_combines_sources(tiny_fashion, tiny_emoji: Path, tmp_path: Path) -
     assert [c for _, c in again] == [c for _, c in pairs]
     variants = load_training_pairs("emoji:apple:variants", data_root=data)
     assert len(variants) > 3
+    names, concepts = load_training_items("emoji:apple,google:names", data_root=data)
+    assert [c for _, c in names] == ["grinning face", "flag eg", "thumbs up sign", "grinning face", "thumbs up sign"]
+    assert concepts[0] == concepts[3] == "emoji:1F600"  # one emoji in two styles: one concept
 
 
 def test_spec_folder_and_caption_file(tmp_path: Path) -> None:
