@@ -20,7 +20,7 @@ from vitrina.data.emoji import emoji_caption, emoji_captions, export_emoji, load
 from vitrina.data.folder import scan_collection
 from vitrina.data.openclipart import clean_title, load_openclipart, read_svg_metadata
 from vitrina.data.prompts import PROMPT_TEMPLATES, caption_from_label, fill_template, prompts_for
-from vitrina.data.sources import load_training_pairs
+from vitrina.data.sources import load_training_items, load_training_pairs
 from vitrina.data.transforms import eval_transform
 from vitrina.errors import UserError
 
@@ -156,6 +156,7 @@ def test_emoji_captions(tiny_emoji: Path) -> None:
     assert emoji_caption(thumbs) == "an emoji of a thumbs up, people & body"  # CLDR label preferred
     variants = emoji_captions(thumbs)
     assert "thumbs up sign emoji" in variants
+    assert {"thumbs up sign", "thumbs up"} <= set(variants)  # the bare name and label: what a search box gets
     assert variants[-1] == "an emoji of a thumbs up: +1, hand, thumb, yes"  # keywords not in the name
     assert len(set(variants)) == len(variants)
     assert emoji_caption(flag) == "an emoji of a flag eg, flags"
@@ -313,6 +314,9 @@ def test_spec_combines_sources(tiny_fashion, tiny_emoji: Path, tmp_path: Path) -
     assert [c for _, c in again] == [c for _, c in pairs]
     variants = load_training_pairs("emoji:apple:variants", data_root=data)
     assert len(variants) > 3
+    names, concepts = load_training_items("emoji:apple,google:names", data_root=data)
+    assert [c for _, c in names] == ["grinning face", "flag eg", "thumbs up sign", "grinning face", "thumbs up sign"]
+    assert concepts[0] == concepts[3] == "emoji:1F600"  # one emoji in two styles: one concept
 
 
 def test_spec_folder_and_caption_file(tmp_path: Path) -> None:

@@ -4,15 +4,19 @@ that keeps the best model by a watch set's R@10 in ``out/best``."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pytest
 import torch
+from PIL import Image
 from test_train_clip import batch_of, shape_pairs, tiny_config
 
 from vitrina.checkpoint import load_encoder
 from vitrina.data.batch_augment import BatchAugment, crop_grid
 from vitrina.data.memory import decode_all, fits_in_memory
-from vitrina.data.transforms import EvalTransform
+from vitrina.data.transforms import EvalTransform, TrainTransform
+from vitrina.errors import UserError
 from vitrina.models.registry import build_model
 from vitrina.train.clip import BEST_FOLDER, ClipTrainSettings, best_checkpoint, train_clip
 from vitrina.train.clip_data import caption_concepts
@@ -82,3 +86,29 @@ def test_crop_grid_is_the_affine_grid_of_a_scale_and_shift():
     theta[:, 1, 1], theta[:, 1, 2] = box[:, 1], box[:, 3]
     want = torch.nn.functional.affine_grid(theta, [5, 3, 12, 16], align_corners=False)  # (5, 12, 16, 2)
     assert torch.allclose(crop_grid(box, mirror, 12, 16), want, atol=1e-6)
+
+
+def test_flips_alone_keep_every_picture_whole_on_both_paths():
+    """``crop=False``: each augmented image is the index's view of the picture or its mirror, pixel for pixel."""
+    sources = [a for a, _ in shape_pairs(8)]
+    pixels, _ = decode_all(sources, 32)  # (8, 3, 32, 32) uint8
+    index_view = EvalTransform(32).normalize(pixels)  # (8, 3, 32, 32)
+    out = BatchAugment(crop=False)(pixels, torch.Generator().manual_seed(0))
+    same = [torch.allclose(o, v, atol=1e-4) for o, v in zip(out, index_view, strict=True)]
+    mirrored = [torch.allclose(o, v.flip(-1), atol=1e-4) for o, v in zip(out, index_view, strict=True)]
+    assert all(s or m for s, m in zip(same, mirrored, strict=True)) and any(mirrored) and any(same)
+    per_sample = TrainTransform(32, crop=False)
+    torch.manual_seed(0)
+    images = [Image.fromarray(a) for a in sources]
+    for image in images:
+        want = EvalTransform(32)(image)  # (3, 32, 32)
+        got = per_sample(image)
+        assert torch.allclose(got, want, atol=1e-5) or torch.allclose(got, want.flip(-1), atol=1e-5)
+
+
+def test_a_flips_only_run_trains_and_a_cropping_run_refuses_to_resume_it(tmp_path: Path):
+    run = dict(pairs=shape_pairs(36), out_dir=tmp_path, train_config=tiny_config(epochs=2, lr=1e-3), progress=False)
+    summary = train_clip(model=build_model("clip-tiny"), settings=ClipTrainSettings(crop=False), **run)
+    assert summary.steps == 2 * 4 and math.isfinite(summary.metrics["val/loss"])
+    with pytest.raises(UserError, match="other settings.*crop"):  # other crops: another trajectory
+        train_clip(model=build_model("clip-tiny"), settings=ClipTrainSettings(crop=True), **run)

@@ -95,7 +95,7 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
         num_workers=args.workers,
         **_schedule_settings(args),
     )
-    settings = ClipTrainSettings(in_memory=args.in_memory, duplicate_aware=args.duplicate_aware)
+    settings = ClipTrainSettings(in_memory=args.in_memory, duplicate_aware=args.duplicate_aware, crop=args.crop)
     summary = train_clip(
         model=model, pairs=pairs, concepts=concepts, out_dir=Path(args.out), train_config=config, settings=settings
     )
@@ -773,6 +773,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="one concept in several pairs of a batch (styles, phrasings) is not its own negative (default: on)",
+    )
+    clip.add_argument(
+        "--crop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="random resized crops besides the flips (default: on; --no-crop: flips alone)",
     )
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(handler=cmd_train_clip)

@@ -38,13 +38,15 @@ def crop_grid(box: torch.Tensor, mirror: torch.Tensor, height: int, width: int) 
 class BatchAugment:
     """(B, 3, H, W) uint8 -> (B, 3, H, W) float32, cropped, flipped and normalised.
 
-    ``scale``: the crop's share of the picture's area. ``flip``: mirror half of the images.
+    ``scale``: the crop's share of the picture's area. ``flip``: mirror half of the images. ``crop``: off,
+    every image keeps its whole picture (only the flips are drawn).
     """
 
     mean: Sequence[float] = MEAN
     std: Sequence[float] = STD
     scale: tuple[float, float] = (0.6, 1.0)
     flip: bool = True
+    crop: bool = True
 
     def crop_boxes(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, 4) boxes as (width, height, centre x, centre y) in [-1, 1] image coordinates (sides as fractions)."""
@@ -60,7 +62,8 @@ class BatchAugment:
     def __call__(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augment ``pixels`` (B, 3, H, W) uint8; draws from ``generator`` (default: torch's global RNG)."""
         b, _, h, w = pixels.shape
-        box = self.crop_boxes(b, generator)  # (B, 4)
+        whole = torch.tensor([[1.0, 1.0, 0.0, 0.0]]).expand(b, 4)  # the whole picture, sampled at its pixel centres
+        box = self.crop_boxes(b, generator) if self.crop else whole  # (B, 4)
         mirror = torch.ones(b)
         if self.flip:
             mirror = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)  # (B,)

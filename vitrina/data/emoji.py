@@ -126,9 +126,14 @@ def emoji_caption(item: EmojiItem) -> str:
 
 
 def emoji_captions(item: EmojiItem) -> list[str]:
-    """Several phrasings (for training with caption variety); the last lists keywords the name lacks."""
+    """Several phrasings (for training with caption variety); the last lists keywords the name lacks.
+
+    The bare name and label are phrasings too: what a search box gets ("grinning face") is a short name,
+    and the frozen text tower places "an emoji of a ..." captions close to each other (they share most
+    words), so a model that never saw a bare name has to extrapolate to it.
+    """
     what = item.label or item.name
-    variants = [emoji_caption(item), f"{item.name} emoji", f"an emoji of {_with_article(item.name)}"]
+    variants = [emoji_caption(item), item.name, what, f"{item.name} emoji", f"an emoji of {_with_article(item.name)}"]
     if item.subcategory:
         variants.append(f"{what}, an emoji from {item.subcategory.replace('-', ' ')}")
     named = set(f"{item.name} {what}".lower().split())

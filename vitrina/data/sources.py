@@ -1,6 +1,7 @@
 """The ``--data`` spec: which offline sources make up a training set of image-caption pairs.
 
-    emoji:STYLE[,STYLE...][:variants]    emoji drawings (variants: one pair per caption phrasing)
+    emoji:STYLE[,STYLE...][:variants|:names]  emoji drawings (variants: one pair per caption phrasing;
+                                         names: the bare emoji name as the caption)
     fashion-mnist:SPLIT[:N]              Fashion-MNIST, a stratified N images, prompt captions
     openclipart                          Open Clip Art with its metadata captions
     PATH/TO/FOLDER                       a collection (captions file, else prompts from folder labels)
@@ -34,18 +35,20 @@ from vitrina.errors import UserError
 
 Pair = tuple[ImageSource, Caption]
 VALID_FORMS = (
-    "Valid forms: emoji:STYLE[,STYLE...][:variants], fashion-mnist:train|test[:N], openclipart, "
+    "Valid forms: emoji:STYLE[,STYLE...][:variants|:names], fashion-mnist:train|test[:N], openclipart, "
     "a folder of images, or a .jsonl/.csv pairs file; join several with +"
 )
 
 
 Concept = str
+# emoji:STYLES:<phrasing>: every phrasing of ``emoji_captions`` (one pair each), or the bare name alone
+EMOJI_PHRASINGS = ("variants", "names")
 EMOJI_CONCEPT, FASHION_CONCEPT, LABEL_CONCEPT = "emoji:", "fashion-mnist:", "label:"
 
 
 def _emoji(options: list[str], root: Path) -> list[tuple[Pair, Concept]]:
-    variants = bool(options) and options[-1] == "variants"
-    styles_field = options[:-1] if variants else options
+    phrasing = options[-1] if options and options[-1] in EMOJI_PHRASINGS else "caption"
+    styles_field = options[:-1] if phrasing != "caption" else options
     if len(styles_field) != 1 or not styles_field[0]:
         raise UserError(f"emoji needs at least one style: emoji:{','.join(emoji_data.EMOJI_STYLES[:2])}")
     pairs: list[tuple[Pair, Concept]] = []
@@ -53,7 +56,12 @@ def _emoji(options: list[str], root: Path) -> list[tuple[Pair, Concept]]:
         if style not in emoji_data.EMOJI_STYLES:
             raise UserError(f"unknown emoji style {style!r}; choose from {', '.join(emoji_data.EMOJI_STYLES)}")
         for item in emoji_data.load_emoji(style, root / "emoji"):
-            captions = emoji_data.emoji_captions(item) if variants else [emoji_data.emoji_caption(item)]
+            if phrasing == "variants":
+                captions = emoji_data.emoji_captions(item)
+            elif phrasing == "names":
+                captions = [item.name]
+            else:
+                captions = [emoji_data.emoji_caption(item)]
             pairs += [((item.path, caption), EMOJI_CONCEPT + item.unified) for caption in captions]
     return pairs
 

@@ -78,7 +78,8 @@ class EvalTransform:
 
 
 class TrainTransform:
-    """Random resized crop (area ``scale``, aspect 3/4..4/3), horizontal flip, normalise.
+    """Random resized crop (area ``scale``, aspect 3/4..4/3; ``crop=False``: the centre square), horizontal flip,
+    normalise.
 
     The crop keeps most of the picture (scale >= 0.6): captions describe the whole image, and a
     small crop of an emoji or a 28 px garment no longer shows what the caption says.
@@ -92,8 +93,9 @@ class TrainTransform:
         *,
         scale: tuple[float, float] = (0.6, 1.0),
         flip: bool = True,
+        crop: bool = True,
     ) -> None:
-        self.size, self.scale, self.flip = size, scale, flip
+        self.size, self.scale, self.flip, self.crop = size, scale, flip, crop
         self.to_tensor = _ToTensor(mean, std)
 
     def _box(self, width: int, height: int) -> tuple[int, int, int, int]:
@@ -108,12 +110,17 @@ class TrainTransform:
                 left = int(torch.randint(0, width - w + 1, ()).item())
                 top = int(torch.randint(0, height - h + 1, ()).item())
                 return left, top, left + w, top + h
-        side = min(width, height)  # fall back to the centre square
+        return self._centre(width, height)  # fall back to the centre square
+
+    @staticmethod
+    def _centre(width: int, height: int) -> tuple[int, int, int, int]:
+        """The centre square (what ``EvalTransform`` keeps)."""
+        side = min(width, height)
         left, top = (width - side) // 2, (height - side) // 2
         return left, top, left + side, top + side
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        box = self._box(*image.size)
+        box = self._box(*image.size) if self.crop else self._centre(*image.size)
         image = image.resize((self.size, self.size), RESAMPLE, box=box)
         if self.flip and torch.rand(()).item() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

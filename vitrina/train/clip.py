@@ -69,7 +69,8 @@ class ClipTrainSettings:
     concept in a batch share the target (``clip_loss(concepts=...)``). ``watch_max_items``: images
     of each watch set evaluated. ``best_metric``: what ``out_dir/best`` keeps the best of (None: the
     first watch set's R@10, else the validation R@10). ``augment``: random crops and flips (off:
-    every image as the index sees it, for runs that must match exactly).
+    every image as the index sees it, for runs that must match exactly). ``crop``: the random resized
+    crops (off: flips alone).
     """
 
     tokenizer_vocab_size: int | None = None
@@ -82,6 +83,7 @@ class ClipTrainSettings:
     watch_max_items: int = 2048
     best_metric: str | None = None
     augment: bool = True
+    crop: bool = True
 
 
 def split_pairs(pairs: Sequence[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
@@ -391,7 +393,7 @@ def train_clip(
     c = model.config
     in_memory = use_in_memory(settings, len(train_pairs), c.vision.image_size)
     geometry = {"size": c.vision.image_size, "mean": c.image_mean, "std": c.image_std}
-    data = training_data(train_pairs, in_memory=in_memory, augment=settings.augment, **geometry)
+    data = training_data(train_pairs, in_memory=in_memory, augment=settings.augment, crop=settings.crop, **geometry)
     if data.in_memory and train_config.num_workers:
         # the pixels are already decoded: worker processes would only copy batches between processes
         train_config = dataclasses.replace(train_config, num_workers=0)
@@ -422,6 +424,8 @@ def train_clip(
         "concepts": hashlib.sha256("\x1f".join(concepts or []).encode()).hexdigest()[:16],
         "watch": {name: fingerprint(watch) for name, watch in watch_sets.items()},
     }
+    if settings.augment and not settings.crop:
+        identity["crop"] = False  # only when off: runs from before the setting (all cropped) still resume
 
     def save(model: CLIP, folder: Path, best: dict | None = None) -> None:
         extra: dict[str, Any] = {**(extra_config or {}), "train": to_dict(train_config)}

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from vitrina.data.batch_augment import BatchAugment
 from vitrina.data.datasets import Caption, ImageCaptionDataset, ImageSource
 from vitrina.data.memory import decode_all
-from vitrina.data.transforms import EvalTransform, train_transform
+from vitrina.data.transforms import EvalTransform, TrainTransform
 from vitrina.errors import UserError
 
 Pair = tuple[ImageSource, Caption]
@@ -87,14 +87,16 @@ def training_data(
     std: Sequence[float],
     in_memory: bool,
     augment: bool = True,
+    crop: bool = True,
 ) -> TrainingData:
     """The training set of ``pairs`` at ``size`` px, decoded once (``in_memory``) or per sample;
-    ``augment=False`` gives every image as the index sees it (tests that compare exact runs)."""
+    ``augment=False`` gives every image as the index sees it (tests that compare exact runs);
+    ``crop=False`` augments by flips alone."""
     if not in_memory:
-        transform = train_transform(size, mean, std) if augment else EvalTransform(size, mean, std)
+        transform = TrainTransform(size, mean, std, crop=crop) if augment else EvalTransform(size, mean, std)
         return TrainingData(ImageCaptionDataset(pairs, transform), None, False)
     pixels, kept = decode_all([source for source, _ in pairs], size)  # (N, 3, H, W) uint8
-    look = BatchAugment(mean=mean, std=std) if augment else Unaugmented(size, mean, std)
+    look = BatchAugment(mean=mean, std=std, crop=crop) if augment else Unaugmented(size, mean, std)
     batches = InMemoryBatches(pixels, [pairs[i][1] for i in kept], look)
     return TrainingData(ItemIndices(len(kept)), batches, True)
 
