@@ -503,8 +503,10 @@ def test_each_file_is_read_once_and_hashed_as_decoded(tmp_path: Path, monkeypatc
     assert sorted(opened) == sorted(map(str, paths))
 
 
-def test_default_decoders_leave_a_two_core_machine_to_the_model() -> None:
+def test_default_decoders_leave_a_two_core_machine_to_a_small_model() -> None:
     from vitrina.index.decode import default_workers
 
-    assert default_workers(1) == default_workers(2) == 0  # decode in the main thread, between batches
-    assert default_workers(4) == default_workers(64) == 2
+    # the demo's 48 px tower on 2 CPUs: decode in the main thread, between batches
+    assert default_workers(48, cpus=1) == default_workers(48, cpus=2) == 0
+    assert default_workers(64, cpus=2) == default_workers(224, cpus=2) == 2  # bigger towers: decoders beside
+    assert default_workers(48, cpus=4) == default_workers(None, cpus=2) == 2

@@ -833,7 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=None,
-        help="image decoders beside the model (default: 2, or 0 = the main thread on a machine of 2 CPUs or fewer; "
+        help="image decoders beside the model (default: 2, or 0 = the main thread for a <= 48 px tower on "
+        "2 CPUs or fewer; "
         "--engine ray: the CPUs actors leave)",
     )
     index.add_argument(

@@ -158,12 +158,17 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def default_workers(cpus: int | None = None) -> int:
-    """Decoders to run beside the model: none (decode in the main thread, between batches) on a machine of
-    2 CPUs or fewer, 2 otherwise. The model's matrix products already keep 2 cores busy; a decoder thread or
-    process there only takes turns with them (and the GIL), so it costs more than the overlap it buys:
-    measured in bench/index_throughput.json, where the main-thread rows beat 2 threads and 2 processes."""
-    return 0 if (usable_cpus() if cpus is None else cpus) <= 2 else 2
+def default_workers(image_size: int | None, cpus: int | None = None) -> int:
+    """Decoders to run beside the model: 2, except on a machine of 2 CPUs or fewer for a tower of <= 48 px
+    input (the demo's), which decodes in the main thread between batches.
+
+    Measured on 2 cores (bench/index_throughput.json, bench/full_size.json): with a 48 px tower the model is
+    cheap per image and a decoder thread or process only takes turns with its matrix products (end-to-end /
+    model: main thread 0.85, 2 processes 0.78, 2 threads 0.71); from 64 px on, decoding beside the model pays
+    (64 px: 2 processes 0.84 vs main thread 0.79; ViT-B/32 on 300-640 px JPEGs: 2 decoders 0.988 of
+    open_clip's own loop, the main thread 0.855)."""
+    small_machine = (usable_cpus() if cpus is None else cpus) <= 2
+    return 0 if small_machine and image_size is not None and image_size <= 48 else 2
 
 
 def thread_batches(jobs: list[Job], transform: Callable, batch_size: int, workers: int) -> Iterator[Batch]:

@@ -231,9 +231,10 @@ def index_folder(
     ``new_version`` builds a version for it beside the others, activated when complete unless
     ``activate`` is False. The other versions' models are loaded with ``load_encoder(model_ref)`` when
     they have files to catch up on. ``index_kind`` None keeps the version's stored choice. ``decoder``
-    picks a thread pool or a process-based DataLoader of ``workers`` decoders (None: ``default_workers()``,
-    which is 0 on a machine of 2 CPUs or fewer; 0 decodes in the main thread). ``export_towers``: export
-    the query towers of versions that lack them (``report.towers``, timed in ``report.towers_seconds``).
+    picks a thread pool or a process-based DataLoader of ``workers`` decoders (None: ``default_workers()``:
+    0 for a tower of <= 48 px on a machine of 2 CPUs or fewer, else 2; 0 decodes in the main thread).
+    ``export_towers``: export the query towers of versions that lack them (``report.towers``, timed in
+    ``report.towers_seconds``).
     """
     if decoder not in DECODERS:
         raise UserError(f"decoder {decoder!r} is unknown; use one of {', '.join(DECODERS)}")
@@ -241,7 +242,7 @@ def index_folder(
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder of images; give the collection's root folder")
     if workers is None:
-        workers = default_workers()
+        workers = default_workers(getattr(encoder.image_transform, "size", None))
 
     def entries() -> list:
         found = scan_collection(folder.resolve())
