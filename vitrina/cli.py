@@ -742,6 +742,17 @@ def _add_classify_options(parser: argparse.ArgumentParser, *, lr: float, data_re
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _add_query_precision_option(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` of the commands that embed queries (search, serve): the same choices and meaning."""
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "int8"],
+        help="bf16: PyTorch autocast; int8: the exported towers' int8 twins (under --runtime torch: PyTorch's int8 "
+        "Linear layers); see BENCHMARKS.md precision",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitrina", description="Text-to-image retrieval on vision transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -933,13 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: the index's exported ONNX towers where usable, else PyTorch (as --model always is); "
         "onnx: only the towers; torch: only PyTorch",
     )
-    search.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "bf16", "int8"],
-        help="bf16: PyTorch autocast; int8: the exported towers' int8 twins (under --runtime torch: PyTorch's int8 "
-        "Linear layers); see BENCHMARKS.md precision",
-    )
+    _add_query_precision_option(search)
     search.set_defaults(handler=cmd_search)
 
     serve = sub.add_parser("serve", help="HTTP API and web page over an index (127.0.0.1:8000 by default)")
@@ -948,13 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model", default=None, help="override the model stored in the index (same kind/width)")
     serve.add_argument("--reranker", default=None, help="re-ranker folder for rerank=N (default: MODEL/reranker)")
-    serve.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "bf16", "int8"],
-        help="bf16: PyTorch autocast; int8: the exported towers' int8 twins (under --runtime torch: PyTorch's int8 "
-        "Linear layers); see BENCHMARKS.md precision",
-    )
+    _add_query_precision_option(serve)
     serve.add_argument(
         "--runtime",
         default="auto",
