@@ -27,6 +27,9 @@ Rows (one trainer change each, everything else as ``vitrina demo``):
                        without them): a new name, so the old row stays what it measured
   flips-only           + flips alone (no random resized crops)
   flips-only-fmnist-1500  + 1,500 Fashion-MNIST images instead of 6,000
+  caption-negatives    names-in-variants, each image contrasted with every training caption (all phrasings of its
+                       concept positive), not only the batch's (``ClipTrainSettings(negatives="captions")``)
+  caption-negatives-fmnist-1500  + 1,500 Fashion-MNIST images instead of 6,000
 
 With ``--fewshot``: the row's model also gets ``vitrina eval fewshot`` (1/2/4/8/16 shots per class, 5 seeded draws,
 prototype / Tip-Adapter / linear head, beside zero-shot) on the held-out style's categories and on Fashion-MNIST;
@@ -73,6 +76,16 @@ ROWS = {
     "no-in-memory": {"settings": ClipTrainSettings(in_memory=False)},
     "names-in-variants": {"caption_variants": True, "fashion_images": 6000},
     "flips-only": {"caption_variants": True, "fashion_images": 6000, "settings": ClipTrainSettings(crop=False)},
+    "caption-negatives": {
+        "caption_variants": True,
+        "fashion_images": 6000,
+        "settings": ClipTrainSettings(negatives="captions"),
+    },
+    "caption-negatives-fmnist-1500": {
+        "caption_variants": True,
+        "fashion_images": 1500,
+        "settings": ClipTrainSettings(negatives="captions"),
+    },
     "flips-only-fmnist-1500": {
         "caption_variants": True,
         "fashion_images": 1500,
@@ -229,6 +242,8 @@ def main() -> int:
         "seed": args.seed,
     }
     print(json.dumps({k: v for k, v in row.items() if k != "held_out_style"}, indent=1))
+    # what a choice between configurations may look at (the report half is the headline nobody tunes on)
+    print("selection half R@10:", {kind: quality[kind]["selection_half"].get("R@10") for kind in quality})
     if not args.dry_run:
         name = f"{args.row} · {args.minutes:g} min · seed {args.seed}"
         record(BENCHMARK, name, row)

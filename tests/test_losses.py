@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitrina.losses import clip_loss, clip_loss_rows
+from vitrina.losses import caption_set_loss, clip_loss, clip_loss_rows
 
 
 def naive_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: float) -> float:
@@ -103,3 +103,52 @@ def test_duplicate_aware_rows_average_to_the_global_loss() -> None:
     assert torch.stack(shares).mean().item() == pytest.approx(clip_loss(image, text, scale, concepts=ids).item())
     with pytest.raises(ValueError, match="both"):
         clip_loss_rows(image[:2], text[:2], image, text, scale, offset=0, row_concepts=ids[:2])
+
+
+def naive_caption_set_loss(image, text, caption_set, scale, concepts, caption_set_concepts) -> float:
+    """Image i against every caption c (target spread over the captions of i's concept), text i against the batch."""
+    b, c = image.shape[0], caption_set.shape[0]
+    image_to_text = 0.0
+    for i in range(b):
+        row = [scale * float(image[i] @ caption_set[j]) for j in range(c)]
+        log_z = math.log(sum(math.exp(v) for v in row))
+        positives = [j for j in range(c) if caption_set_concepts[j] == concepts[i]]
+        image_to_text += sum(-(row[j] - log_z) / len(positives) for j in positives)
+    text_to_image = 0.0
+    for i in range(b):
+        row = [scale * float(text[i] @ image[j]) for j in range(b)]
+        log_z = math.log(sum(math.exp(v) for v in row))
+        positives = [j for j in range(b) if concepts[j] == concepts[i]]
+        text_to_image += sum(-(row[j] - log_z) / len(positives) for j in positives)
+    return (image_to_text / b + text_to_image / b) / 2
+
+
+@pytest.mark.parametrize("concepts", [[0, 1, 2, 3], [0, 0, 1, 2], [2, 2, 2, 2]])
+def test_caption_set_loss_matches_naive_loop(concepts: list[int]) -> None:
+    g = torch.Generator().manual_seed(len(set(concepts)))
+    image = F.normalize(torch.randn(len(concepts), 8, generator=g, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(len(concepts), 8, generator=g, dtype=torch.float64), dim=-1)
+    # seven captions over four concepts: concept 0 has three phrasings, 3 one (and is absent from some batches)
+    caption_set = F.normalize(torch.randn(7, 8, generator=g, dtype=torch.float64), dim=-1)
+    caption_set_concepts = [0, 1, 0, 2, 3, 0, 1]
+    scale = 1 / 0.07
+    got = caption_set_loss(
+        image,
+        text,
+        caption_set,
+        torch.tensor(scale, dtype=torch.float64),
+        concepts=torch.tensor(concepts),
+        caption_set_concepts=torch.tensor(caption_set_concepts),
+    )
+    want = naive_caption_set_loss(image, text, caption_set, scale, concepts, caption_set_concepts)
+    assert got.item() == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+def test_caption_set_loss_with_the_batch_as_the_set_is_clip_loss() -> None:
+    """When the set is exactly the batch's captions, one per concept, it is CLIP's own loss."""
+    g = torch.Generator().manual_seed(5)
+    image = F.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=-1)
+    ids, scale = torch.arange(6), torch.tensor(7.0, dtype=torch.float64)
+    got = caption_set_loss(image, text, text, scale, concepts=ids, caption_set_concepts=ids)
+    assert got.item() == pytest.approx(clip_loss(image, text, scale).item(), rel=1e-9)

@@ -86,6 +86,35 @@ def clip_loss(
     return (_cross_entropy(logits, labels, targets) + _cross_entropy(logits.T, labels, targets)) / 2
 
 
+def caption_set_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    caption_set_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    concepts: torch.Tensor,
+    caption_set_concepts: torch.Tensor,
+) -> torch.Tensor:
+    """CLIP's loss with every training caption as an image's negative, not only the batch's.
+
+    Image -> text: image i against all C captions of the training set (``caption_set_emb`` (C, D),
+    ``caption_set_concepts`` (C,)); its target is spread evenly over every caption of its concept
+    (every phrasing of it). Text -> image: as ``clip_loss``, text i against the batch's B images
+    (duplicate-aware). The mean of both directions.
+
+    With a locked text tower the C caption features are cached, so scoring the whole set costs one
+    (C, Ct) x (Ct, D) projection per step: the image side meets ~C negatives for the price of B.
+    """
+    logits_per_image = clip_logits(image_emb, caption_set_emb, logit_scale)  # (B, C)
+    image_targets = same_concept_targets(concepts, caption_set_concepts, logits_per_image.dtype)  # (B, C)
+    logits_per_text = clip_logits(text_emb, image_emb, logit_scale)  # (B, B)
+    text_targets = same_concept_targets(concepts, concepts, logits_per_text.dtype)  # (B, B)
+    labels = torch.arange(image_emb.shape[0], device=image_emb.device)
+    return (
+        _cross_entropy(logits_per_image, labels, image_targets) + _cross_entropy(logits_per_text, labels, text_targets)
+    ) / 2
+
+
 def clip_loss_rows(
     image_rows: torch.Tensor,
     text_rows: torch.Tensor,

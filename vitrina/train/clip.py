@@ -44,7 +44,7 @@ from vitrina.config import TrainConfig, to_dict
 from vitrina.data.datasets import Caption, ImageSource
 from vitrina.data.memory import DEFAULT_BUDGET_BYTES, fits_in_memory
 from vitrina.errors import UserError
-from vitrina.losses import FeatureGather, clip_loss, clip_loss_rows
+from vitrina.losses import FeatureGather, caption_set_loss, clip_loss, clip_loss_rows
 from vitrina.models.clip import CLIP
 from vitrina.models.text import SPECIAL_TOKENS, train_bpe
 from vitrina.train import distributed
@@ -55,6 +55,7 @@ Pair = tuple[ImageSource, Caption]
 
 BYTE_LEVEL_VOCAB = len(SPECIAL_TOKENS) + 256  # a tokenizer this small has learnt no merges
 BEST_FOLDER = "best"
+NEGATIVES = ("batch", "captions")
 
 
 @dataclass
@@ -70,7 +71,9 @@ class ClipTrainSettings:
     of each watch set evaluated. ``best_metric``: what ``out_dir/best`` keeps the best of (None: the
     first watch set's R@10, else the validation R@10). ``augment``: random crops and flips (off:
     every image as the index sees it, for runs that must match exactly). ``crop``: the random resized
-    crops (off: flips alone).
+    crops (off: flips alone). ``negatives``: what an image is contrasted with: ``"batch"`` (CLIP's
+    loss: the batch's captions) or ``"captions"`` (every distinct training caption, with every
+    phrasing of its concept as a positive: ``caption_set_loss``; needs cached text features).
     """
 
     tokenizer_vocab_size: int | None = None
@@ -84,6 +87,11 @@ class ClipTrainSettings:
     best_metric: str | None = None
     augment: bool = True
     crop: bool = True
+    negatives: str = "batch"
+
+    def __post_init__(self) -> None:
+        if self.negatives not in NEGATIVES:
+            raise UserError(f"negatives={self.negatives!r}: choose one of {', '.join(NEGATIVES)}")
 
 
 def split_pairs(pairs: Sequence[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
@@ -156,25 +164,52 @@ def make_embedder(model: CLIP, cache: TextFeatureCache | None) -> Callable[[list
     return lambda captions: torch.nn.functional.normalize(model.project_text(cache(captions)), dim=-1)
 
 
+class CaptionSet:
+    """Every distinct training caption, for ``negatives="captions"``: their unit embeddings under the
+    current text projection (recomputed each step: the projection trains) and their concept ids."""
+
+    def __init__(self, model: CLIP, cache: TextFeatureCache, captions: Sequence[str], concept_of: dict[str, int]):
+        unique = list(dict.fromkeys(captions))
+        self.model, self.features = model, cache(unique)  # (C, Ct)
+        self.concepts = torch.tensor([concept_of[c] for c in unique])  # (C,)
+
+    def embeddings(self) -> torch.Tensor:
+        """(C, D) unit embeddings of every caption."""
+        return torch.nn.functional.normalize(self.model.project_text(self.features), dim=-1)
+
+
 def clip_step(
     model: CLIP,
     batch: tuple[torch.Tensor, list[str]],
     embed_text,
     gather: FeatureGather | None = None,
     concept_of: dict[str, int] | None = None,
+    caption_set: CaptionSet | None = None,
 ) -> StepOutput:
     """One contrastive step: (B, 3, H, W) pixels and B captions -> ``clip_loss`` and the temperature.
 
     With ``gather`` (several processes) B is this process's share of the global batch: the
     negatives and the in-batch R@1 are over the global batch, the loss is this share's rows.
-    With ``concept_of`` (caption -> concept id) the targets are duplicate-aware.
+    With ``concept_of`` (caption -> concept id) the targets are duplicate-aware. With
+    ``caption_set`` (one process, ``concept_of`` given) each image is contrasted with every
+    training caption (``caption_set_loss``).
     """
     pixels, captions = batch
     image_emb = model.encode_image(pixels)  # (B, D)
     text_emb = embed_text(list(captions))  # (B, D)
     scale = model.scale()
     concepts = None if concept_of is None else torch.tensor([concept_of[c] for c in captions])  # (B,)
-    if gather is None:
+    if caption_set is not None:
+        loss = caption_set_loss(
+            image_emb,
+            text_emb,
+            caption_set.embeddings(),
+            scale,
+            concepts=concepts,
+            caption_set_concepts=caption_set.concepts,
+        )
+        images, offset = image_emb, 0
+    elif gather is None:
         loss, images, offset = clip_loss(image_emb, text_emb, scale, concepts=concepts), image_emb, 0
     else:
         images, offset = gather(image_emb)  # (N, D), the global batch
@@ -402,6 +437,16 @@ def train_clip(
         watched = [pair for watch in watch_sets.values() for pair in watch]
         cache = TextFeatureCache(model, all_captions([*pairs, *watched]), batch_size=settings.text_batch_size)
     embed_text = make_embedder(model, cache)
+    caption_set = None
+    if settings.negatives == "captions":
+        if cache is None or gather is not None:
+            raise UserError(
+                "negatives='captions' needs a locked text tower with cached features, in one process; "
+                "use negatives='batch' for a trained text tower or under torchrun"
+            )
+        # the training captions only: held-out concepts' texts must never reach training, not even as negatives
+        concept_of = concept_of or caption_concepts(train_pairs, None)
+        caption_set = CaptionSet(model, cache, all_captions(train_pairs), concept_of)
     eval_fn = None
     if val_pairs or watch_sets:
         eval_fn = make_eval_fn(
@@ -426,6 +471,8 @@ def train_clip(
     }
     if settings.augment and not settings.crop:
         identity["crop"] = False  # only when off: runs from before the setting (all cropped) still resume
+    if settings.negatives != "batch":
+        identity["negatives"] = settings.negatives  # likewise: only when not CLIP's own
 
     def save(model: CLIP, folder: Path, best: dict | None = None) -> None:
         extra: dict[str, Any] = {**(extra_config or {}), "train": to_dict(train_config)}
@@ -449,7 +496,7 @@ def train_clip(
 
     return train(
         model=model,
-        step_fn=lambda model, batch: clip_step(model, batch, embed_text, gather, concept_of),
+        step_fn=lambda model, batch: clip_step(model, batch, embed_text, gather, concept_of, caption_set),
         train_data=data.dataset,
         collate_fn=data.collate_fn,
         out_dir=out_dir,
