@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_train_clip import batch_of, shape_pairs, tiny_config
+from test_train_clip import batch_of, locked_tiny_clip, shape_pairs, tiny_config
 
 from vitrina.checkpoint import load_encoder
 from vitrina.data.batch_augment import BatchAugment, crop_grid
@@ -18,6 +18,7 @@ from vitrina.data.memory import decode_all, fits_in_memory
 from vitrina.data.transforms import EvalTransform, TrainTransform
 from vitrina.errors import UserError
 from vitrina.models.registry import build_model
+from vitrina.train import clip as clip_trainer
 from vitrina.train.clip import BEST_FOLDER, ClipTrainSettings, best_checkpoint, train_clip
 from vitrina.train.clip_data import caption_concepts
 
@@ -112,3 +113,44 @@ def test_a_flips_only_run_trains_and_a_cropping_run_refuses_to_resume_it(tmp_pat
     assert summary.steps == 2 * 4 and math.isfinite(summary.metrics["val/loss"])
     with pytest.raises(UserError, match="other settings.*crop"):  # other crops: another trajectory
         train_clip(model=build_model("clip-tiny"), settings=ClipTrainSettings(crop=True), **run)
+
+
+def test_caption_negatives_train_against_the_training_captions_only(tmp_path: Path, monkeypatch):
+    """negatives='captions': every training caption is an image's negative, and nothing of a watch set (held-out
+    concepts) is among them; a trainable text tower (no cached features) is refused with a hint."""
+    made = []
+
+    class Spy(clip_trainer.CaptionSet):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(clip_trainer, "CaptionSet", Spy)
+    pairs = shape_pairs(36)
+    held_out = [(image, caption.replace("a ", "a held-out ", 1)) for image, caption in shape_pairs(6, seed=2)]
+    summary = train_clip(
+        model=locked_tiny_clip(),
+        pairs=pairs,
+        out_dir=tmp_path / "run",
+        train_config=tiny_config(epochs=2, lr=1e-3),
+        watch_sets={"held-out": held_out},
+        settings=ClipTrainSettings(negatives="captions", watch_max_items=6),
+        progress=False,
+    )
+    assert summary.steps == 2 * 4 and math.isfinite(summary.metrics["val/loss"])
+    (caption_set,) = made
+    trained_captions = {caption for _, caption in pairs}
+    assert set(caption_set.captions) <= trained_captions and len(caption_set.captions) >= len(trained_captions) - 4
+    assert not {caption for _, caption in held_out} & set(caption_set.captions)
+    assert caption_set.embeddings().shape == (len(caption_set.captions), 64)
+    with pytest.raises(UserError, match="negatives='captions' needs a locked text tower"):
+        train_clip(
+            model=build_model("clip-tiny"),
+            pairs=pairs,
+            out_dir=tmp_path / "trainable",
+            train_config=tiny_config(epochs=1),
+            settings=ClipTrainSettings(negatives="captions"),
+            progress=False,
+        )
+    with pytest.raises(UserError, match="negatives='everything'"):
+        ClipTrainSettings(negatives="everything")

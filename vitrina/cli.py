@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from vitrina.config import PRECISIONS
+from vitrina.config import NEGATIVES, PRECISIONS
 from vitrina.errors import UserError
 
 # Nothing here may wait on a model hub: weights come from local folders or the packages.
@@ -95,7 +95,9 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
         num_workers=args.workers,
         **_schedule_settings(args),
     )
-    settings = ClipTrainSettings(in_memory=args.in_memory, duplicate_aware=args.duplicate_aware, crop=args.crop)
+    settings = ClipTrainSettings(
+        in_memory=args.in_memory, duplicate_aware=args.duplicate_aware, crop=args.crop, negatives=args.negatives
+    )
     summary = train_clip(
         model=model, pairs=pairs, concepts=concepts, out_dir=Path(args.out), train_config=config, settings=settings
     )
@@ -790,6 +792,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="random resized crops besides the flips (default: on; --no-crop: flips alone)",
+    )
+    clip.add_argument(
+        "--negatives",
+        choices=NEGATIVES,
+        default="batch",
+        help="what an image is contrasted with: the batch's captions (CLIP) or every training caption, each "
+        "phrasing of its concept a positive (needs a locked text tower: its features are cached)",
     )
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(handler=cmd_train_clip)

@@ -22,6 +22,8 @@ T = TypeVar("T")
 
 
 PRECISIONS = ("fp32", "bf16")
+# what a CLIP training image is contrasted with (ClipTrainSettings.negatives): its batch, or every training caption
+NEGATIVES = ("batch", "captions")
 
 
 @dataclass

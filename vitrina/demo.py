@@ -51,12 +51,14 @@ def run_demo(
     settings=None,
     caption_variants: bool = True,
     fashion_images: int = FASHION_TRAIN_IMAGES,
+    preset: str = DEMO_PRESET,
+    learning_rate: float = LEARNING_RATE,
 ) -> dict:
     """Run the five steps; returns the evaluation results (also written to ``out_dir/eval.json``).
 
     ``settings`` (a ``ClipTrainSettings``), ``caption_variants`` (train on several phrasings of each emoji,
     keywords included, instead of one caption) and ``fashion_images`` (the Fashion-MNIST share of the mix)
-    are the knobs ``bench/retrieval_quality.py`` ablates.
+    are the knobs ``bench/retrieval_quality.py`` ablates, with the model ``preset`` and the peak ``learning_rate``.
     """
     from vitrina.checkpoint import load_encoder
     from vitrina.config import TrainConfig, to_dict
@@ -96,7 +98,7 @@ def run_demo(
         all_pairs, all_concepts, held_out_concepts(all_concepts, rule)
     )
     n_emoji_held = sum(c.startswith("emoji:") for c in held_out.concepts)
-    console.print(f"training pairs: {len(pairs)} from {spec!r}; preset {DEMO_PRESET}, cap {train_minutes} min")
+    console.print(f"training pairs: {len(pairs)} from {spec!r}; preset {preset}, cap {train_minutes} min")
     console.print(
         f"held out of training entirely: {n_emoji_held} emoji concepts (every style) and the garment classes "
         f"{', '.join(held_out.labels)} ({len(held_pairs)} pairs)"
@@ -110,10 +112,10 @@ def run_demo(
     # a time budget: the learning rate's cosine reaches its floor when the minutes are spent, however
     # many epochs the machine manages in them
     config = TrainConfig(
-        epochs=BUDGET_EPOCH_LIMIT, batch_size=BATCH_SIZE, lr=LEARNING_RATE, seed=seed, budget_minutes=train_minutes
+        epochs=BUDGET_EPOCH_LIMIT, batch_size=BATCH_SIZE, lr=learning_rate, seed=seed, budget_minutes=train_minutes
     )
     train_clip(
-        model=build_model(DEMO_PRESET),
+        model=build_model(preset),
         pairs=pairs,
         concepts=concepts,
         out_dir=checkpoint,

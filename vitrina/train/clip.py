@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from vitrina.checkpoint import load_model, save_model
-from vitrina.config import TrainConfig, to_dict
+from vitrina.config import NEGATIVES, TrainConfig, to_dict
 from vitrina.data.datasets import Caption, ImageSource
 from vitrina.data.memory import DEFAULT_BUDGET_BYTES, fits_in_memory
 from vitrina.errors import UserError
@@ -55,7 +55,6 @@ Pair = tuple[ImageSource, Caption]
 
 BYTE_LEVEL_VOCAB = len(SPECIAL_TOKENS) + 256  # a tokenizer this small has learnt no merges
 BEST_FOLDER = "best"
-NEGATIVES = ("batch", "captions")
 
 
 @dataclass
@@ -169,9 +168,9 @@ class CaptionSet:
     current text projection (recomputed each step: the projection trains) and their concept ids."""
 
     def __init__(self, model: CLIP, cache: TextFeatureCache, captions: Sequence[str], concept_of: dict[str, int]):
-        unique = list(dict.fromkeys(captions))
-        self.model, self.features = model, cache(unique)  # (C, Ct)
-        self.concepts = torch.tensor([concept_of[c] for c in unique])  # (C,)
+        self.captions = list(dict.fromkeys(captions))
+        self.model, self.features = model, cache(self.captions)  # (C, Ct)
+        self.concepts = torch.tensor([concept_of[c] for c in self.captions])  # (C,)
 
     def embeddings(self) -> torch.Tensor:
         """(C, D) unit embeddings of every caption."""
