@@ -33,6 +33,9 @@ Rows (one trainer change each, everything else as ``vitrina demo``):
   p12                  names-in-variants on the clip-minilm-p12 preset: 12 px patches, 4 x 4 tokens instead of 6 x 6
                        (about twice the images per second: more samples in the same minutes)
   caption-negatives-p12  caption-negatives on the clip-minilm-p12 preset
+  caption-negatives-p12-lr1e-3    + peak learning rate 1e-3 instead of 5e-4
+  caption-negatives-p12-batch128  + batches of 128 instead of 256 (twice the steps; with every caption a
+                       negative the image side loses no negatives)
 
 With ``--fewshot``: the row's model also gets ``vitrina eval fewshot`` (1/2/4/8/16 shots per class, 5 seeded draws,
 prototype / Tip-Adapter / linear head, beside zero-shot) on the held-out style's categories and on Fashion-MNIST;
@@ -94,6 +97,20 @@ ROWS = {
         "caption_variants": True,
         "fashion_images": 6000,
         "preset": "clip-minilm-p12",
+        "settings": ClipTrainSettings(negatives="captions"),
+    },
+    "caption-negatives-p12-lr1e-3": {
+        "caption_variants": True,
+        "fashion_images": 6000,
+        "preset": "clip-minilm-p12",
+        "learning_rate": 1e-3,
+        "settings": ClipTrainSettings(negatives="captions"),
+    },
+    "caption-negatives-p12-batch128": {
+        "caption_variants": True,
+        "fashion_images": 6000,
+        "preset": "clip-minilm-p12",
+        "batch_size": 128,
         "settings": ClipTrainSettings(negatives="captions"),
     },
     "flips-only-fmnist-1500": {
