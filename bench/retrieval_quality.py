@@ -36,6 +36,8 @@ Rows (one trainer change each, everything else as ``vitrina demo``):
   caption-negatives-p12-lr1e-3    + peak learning rate 1e-3 instead of 5e-4
   caption-negatives-p12-batch128  + batches of 128 instead of 256 (twice the steps; with every caption a
                        negative the image side loses no negatives)
+  caption-negatives-p12-batch128-lr1e-3  + peak learning rate 1e-3
+  caption-negatives-p12-batch64   caption-negatives-p12 with batches of 64
 
 With ``--fewshot``: the row's model also gets ``vitrina eval fewshot`` (1/2/4/8/16 shots per class, 5 seeded draws,
 prototype / Tip-Adapter / linear head, beside zero-shot) on the held-out style's categories and on Fashion-MNIST;
@@ -111,6 +113,21 @@ ROWS = {
         "fashion_images": 6000,
         "preset": "clip-minilm-p12",
         "batch_size": 128,
+        "settings": ClipTrainSettings(negatives="captions"),
+    },
+    "caption-negatives-p12-batch128-lr1e-3": {
+        "caption_variants": True,
+        "fashion_images": 6000,
+        "preset": "clip-minilm-p12",
+        "batch_size": 128,
+        "learning_rate": 1e-3,
+        "settings": ClipTrainSettings(negatives="captions"),
+    },
+    "caption-negatives-p12-batch64": {
+        "caption_variants": True,
+        "fashion_images": 6000,
+        "preset": "clip-minilm-p12",
+        "batch_size": 64,
         "settings": ClipTrainSettings(negatives="captions"),
     },
     "flips-only-fmnist-1500": {
