@@ -4,10 +4,12 @@ Protocol:
 * the index: the demo's facebook emoji index (the style the demo CLIP never trained on), copied to a
   temporary folder first, so nothing is written beside the original;
 * the re-ranker: ``--reranker`` when it exists, else trained now for at most ``--train-minutes`` on
-  ``--data`` (default the three other styles, ``emoji:apple,google,twitter``) with the index's own
-  CLIP frozen (``vitrina.train.rerank``), into ``--reranker``;
+  ``--data`` (default the three other styles, ``emoji:apple,google,twitter``) less the concepts the
+  CLIP was kept from (its config's ``held_out``), with the index's own CLIP frozen
+  (``vitrina.train.rerank``), into ``--reranker``;
 * the queries: every distinct caption of the index (``--queries`` draws a seeded subset), each
-  searched as one phrase; its relevant items are those indexed with exactly that caption;
+  searched as one phrase; its relevant items are those indexed with exactly that caption; ``held_out``
+  columns: the queries of the CLIP's held-out concepts alone;
 * dual encoder: the top ``k`` of the FAISS search; re-ranked: the top ``--n`` re-scored by the
   re-ranker and reordered (the same N candidates), then the top ``k``;
 * ms/query: the median wall time of ``Searcher.run`` per query, one query at a time: the dual encoder
@@ -36,6 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _report  # noqa: E402
+from vitrina.checkpoint import read_config  # noqa: E402
 from vitrina.index.rerank_tokens import prepare_tokens  # noqa: E402
 from vitrina.search import Query, Searcher, Term  # noqa: E402
 
@@ -48,39 +51,44 @@ def train_if_missing(reranker: Path, model_ref: str, data: str, minutes: float) 
         return
     from vitrina.checkpoint import load_model, weights_digest
     from vitrina.config import TrainConfig
-    from vitrina.data.sources import load_training_pairs
+    from vitrina.data.sources import load_training_items
     from vitrina.train.rerank import train_reranker
 
     clip, config = load_model(model_ref)
+    pairs, concepts = load_training_items(data)
+    # the concepts the CLIP was kept from stay out of the re-ranker's training too (their queries are zero-shot)
+    held = set(config.get("held_out", {}).get("concepts", []))
+    pairs = [pair for pair, concept in zip(pairs, concepts, strict=True) if concept not in held]
     summary = train_reranker(
         clip=clip,
         clip_ref=str(Path(model_ref).resolve()),
         clip_digest=weights_digest(model_ref, config),
-        pairs=load_training_pairs(data),
+        pairs=pairs,
         out_dir=reranker,
-        train_config=TrainConfig(epochs=20, batch_size=128, lr=3e-4, max_minutes=minutes),
+        train_config=TrainConfig(epochs=20, batch_size=32, lr=3e-4, max_minutes=minutes),
         data_spec=data,
     )
     print(f"trained {reranker}: {summary}")
 
 
 def measure(searcher: Searcher, captions: list[str], relevant: dict[str, set[int]], n: int, rerank: bool) -> dict:
-    """R@1, R@5 and ms per query over ``captions``, re-ranking the top ``n`` or not."""
-    hits_at = {1: 0, 5: 0}
-    seconds = []
+    """Per caption of ``captions``: whether a relevant item is at rank 1 / in the top 5 (re-ranking the top
+    ``n`` or not); and the median ms per query."""
+    first, top5, seconds = [], [], []
     for caption in captions:
         query = Query(terms=[Term(caption, 1.0)], k=max(5, n if rerank else 5), rerank=n if rerank else 0)
         start = time.perf_counter()
         results = searcher.run(query)
         seconds.append(time.perf_counter() - start)
         ids = [r.hit.id for r in results.hits]
-        for k in hits_at:
-            hits_at[k] += bool(relevant[caption] & set(ids[:k]))
-    return {
-        "r1": hits_at[1] / len(captions),
-        "r5": hits_at[5] / len(captions),
-        "ms_per_query": 1000 * float(np.median(seconds)),
-    }
+        first.append(bool(relevant[caption] & set(ids[:1])))
+        top5.append(bool(relevant[caption] & set(ids[:5])))
+    return {"r1": np.asarray(first), "r5": np.asarray(top5), "ms_per_query": 1000 * float(np.median(seconds))}
+
+
+def recall(hits: np.ndarray, picked: np.ndarray) -> float | None:
+    """The share of ``hits`` among the ``picked`` queries (None when there are none)."""
+    return float(hits[picked].mean()) if picked.any() else None
 
 
 def main() -> None:
@@ -109,6 +117,8 @@ def main() -> None:
             if args.queries is not None and args.queries < len(captions):
                 picked = np.random.default_rng(0).choice(len(captions), size=args.queries, replace=False)
                 captions = [captions[i] for i in sorted(picked)]
+            held_captions = set(read_config(Path(model_ref)).get("held_out", {}).get("captions", []))
+            unseen = np.asarray([caption in held_captions for caption in captions], dtype=bool)
             searcher.run(Query(terms=[Term(captions[0], 1.0)], k=args.n, rerank=args.n))  # warm-up: loads it
             dual = measure(searcher, captions, relevant, args.n, rerank=False)
             cold = None if args.skip_cold else measure(searcher, captions, relevant, args.n, rerank=True)
@@ -117,17 +127,22 @@ def main() -> None:
             prepare_s = time.perf_counter() - start
             print(f"{tokens.summary()} in {prepare_s:.1f} s")
             reranked = measure(searcher, captions, relevant, args.n, rerank=True)
+    everything = np.ones(len(captions), dtype=bool)
     row = {
         "queries": len(captions),
         "n": args.n,
-        "r1_dual": dual["r1"],
-        "r1_rerank": reranked["r1"],
-        "r5_dual": dual["r5"],
-        "r5_rerank": reranked["r5"],
+        "r1_dual": recall(dual["r1"], everything),
+        "r1_rerank": recall(reranked["r1"], everything),
+        "r5_dual": recall(dual["r5"], everything),
+        "r5_rerank": recall(reranked["r5"], everything),
+        # the captions of concepts the CLIP (and the re-ranker) never trained on, in any style
+        "held_out_queries": int(unseen.sum()),
+        "r1_dual_held_out": recall(dual["r1"], unseen),
+        "r1_rerank_held_out": recall(reranked["r1"], unseen),
         "ms_query_dual": dual["ms_per_query"],
         "ms_query_rerank": reranked["ms_per_query"],  # with the token file
         "ms_query_rerank_cold": None if cold is None else cold["ms_per_query"],  # decoding + image tower
-        "r1_rerank_cold": None if cold is None else cold["r1"],
+        "r1_rerank_cold": None if cold is None else recall(cold["r1"], everything),
         "token_bytes_per_item": tokens.bytes_per_item,
         "prepare_s": prepare_s,
         "reranker": args.reranker,

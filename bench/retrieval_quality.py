@@ -76,65 +76,50 @@ from vitrina.train.clip import ClipTrainSettings, best_checkpoint  # noqa: E402
 BENCHMARK = "retrieval_quality"
 STYLE = "facebook"
 KS = (1, 5, 10)
+# What every row starts from: the trainer as this round found it (the demo's defaults have moved on since,
+# to the winning row; spelled out here so a recorded row keeps measuring what it measured).
+ROUND_START = {
+    "preset": "clip-minilm",
+    "learning_rate": 5e-4,
+    "batch_size": 256,
+    "caption_variants": True,
+    "fashion_images": 6000,
+    "settings": ClipTrainSettings(),
+}
+CAPTION_NEGATIVES = ClipTrainSettings(negatives="captions")
 ROWS = {
-    "demo": {"caption_variants": False, "fashion_images": 6000},
-    "caption-variants": {"caption_variants": True, "fashion_images": 6000},
-    "variants-fmnist-1500": {"caption_variants": True, "fashion_images": 1500},
-    "no-duplicate-aware": {"settings": ClipTrainSettings(duplicate_aware=False)},
-    "no-in-memory": {"settings": ClipTrainSettings(in_memory=False)},
-    "names-in-variants": {"caption_variants": True, "fashion_images": 6000},
-    "flips-only": {"caption_variants": True, "fashion_images": 6000, "settings": ClipTrainSettings(crop=False)},
-    "caption-negatives": {
-        "caption_variants": True,
-        "fashion_images": 6000,
-        "settings": ClipTrainSettings(negatives="captions"),
-    },
-    "caption-negatives-fmnist-1500": {
-        "caption_variants": True,
-        "fashion_images": 1500,
-        "settings": ClipTrainSettings(negatives="captions"),
-    },
-    "p12": {"caption_variants": True, "fashion_images": 6000, "preset": "clip-minilm-p12"},
-    "caption-negatives-p12": {
-        "caption_variants": True,
-        "fashion_images": 6000,
-        "preset": "clip-minilm-p12",
-        "settings": ClipTrainSettings(negatives="captions"),
-    },
-    "caption-negatives-p12-lr1e-3": {
-        "caption_variants": True,
-        "fashion_images": 6000,
-        "preset": "clip-minilm-p12",
-        "learning_rate": 1e-3,
-        "settings": ClipTrainSettings(negatives="captions"),
-    },
-    "caption-negatives-p12-batch128": {
-        "caption_variants": True,
-        "fashion_images": 6000,
-        "preset": "clip-minilm-p12",
-        "batch_size": 128,
-        "settings": ClipTrainSettings(negatives="captions"),
-    },
-    "caption-negatives-p12-batch128-lr1e-3": {
-        "caption_variants": True,
-        "fashion_images": 6000,
-        "preset": "clip-minilm-p12",
-        "batch_size": 128,
-        "learning_rate": 1e-3,
-        "settings": ClipTrainSettings(negatives="captions"),
-    },
-    "caption-negatives-p12-batch64": {
-        "caption_variants": True,
-        "fashion_images": 6000,
-        "preset": "clip-minilm-p12",
-        "batch_size": 64,
-        "settings": ClipTrainSettings(negatives="captions"),
-    },
-    "flips-only-fmnist-1500": {
-        "caption_variants": True,
-        "fashion_images": 1500,
-        "settings": ClipTrainSettings(crop=False),
-    },
+    name: {**ROUND_START, **change}
+    for name, change in {
+        "demo": {"caption_variants": False},
+        "caption-variants": {},
+        "variants-fmnist-1500": {"fashion_images": 1500},
+        "no-duplicate-aware": {"settings": ClipTrainSettings(duplicate_aware=False)},
+        "no-in-memory": {"settings": ClipTrainSettings(in_memory=False)},
+        "names-in-variants": {},
+        "flips-only": {"settings": ClipTrainSettings(crop=False)},
+        "flips-only-fmnist-1500": {"fashion_images": 1500, "settings": ClipTrainSettings(crop=False)},
+        "caption-negatives": {"settings": CAPTION_NEGATIVES},
+        "caption-negatives-fmnist-1500": {"fashion_images": 1500, "settings": CAPTION_NEGATIVES},
+        "p12": {"preset": "clip-minilm-p12"},
+        "caption-negatives-p12": {"preset": "clip-minilm-p12", "settings": CAPTION_NEGATIVES},
+        "caption-negatives-p12-lr1e-3": {
+            "preset": "clip-minilm-p12",
+            "learning_rate": 1e-3,
+            "settings": CAPTION_NEGATIVES,
+        },
+        "caption-negatives-p12-batch128": {
+            "preset": "clip-minilm-p12",
+            "batch_size": 128,
+            "settings": CAPTION_NEGATIVES,
+        },
+        "caption-negatives-p12-batch128-lr1e-3": {
+            "preset": "clip-minilm-p12",
+            "batch_size": 128,
+            "learning_rate": 1e-3,
+            "settings": CAPTION_NEGATIVES,
+        },
+        "caption-negatives-p12-batch64": {"preset": "clip-minilm-p12", "batch_size": 64, "settings": CAPTION_NEGATIVES},
+    }.items()
 }
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from fastapi.testclient import TestClient
 from test_index import draw, image_path, write_collection
+from torch.utils.data import default_collate
 
 import vitrina.search
 from vitrina.checkpoint import load_encoder, load_model, save_model
@@ -35,7 +36,14 @@ from vitrina.models.rerank import (
 )
 from vitrina.search import Query, Searcher, Term
 from vitrina.serve.app import create_app
-from vitrina.train.rerank import RerankSettings, build_cache, mine_examples, split_captions
+from vitrina.train.rerank import (
+    GroupExamples,
+    RerankSettings,
+    build_cache,
+    group_softmax_step,
+    mine_groups,
+    split_captions,
+)
 
 TINY = RerankConfig(text_width=24, image_width=16, width=32, depth=2, heads=4)
 
@@ -105,7 +113,7 @@ def setup(tmp_path_factory):
     ckpt = save_model(build_model("clip-tiny"), base / "clip")
     index_dir = base / "index"
     index_folder(root, load_encoder(ckpt), index_dir, model_ref=str(ckpt), progress=False, workers=0)
-    argv = ["train", "rerank", "--model", str(ckpt), "--data", str(root), "--epochs", "4", "--batch-size", "16"]
+    argv = ["train", "rerank", "--model", str(ckpt), "--data", str(root), "--epochs", "20", "--batch-size", "8"]
     assert cli(argv) == 0
     bare = save_model(build_model("clip-tiny"), base / "bare")
     bare_index = base / "bare-index"
@@ -113,27 +121,39 @@ def setup(tmp_path_factory):
     return ckpt, index_dir, root, bare_index
 
 
-def test_training_lowers_the_loss_on_its_examples(setup) -> None:
+def test_training_lowers_the_loss_on_its_groups(setup) -> None:
     ckpt, _, root, _ = setup
     clip, _ = load_model(ckpt)
     trained, config = load_cross_model(ckpt / "reranker")
+    assert trained.config.dual_scale == pytest.approx(clip.scale().item())  # the CLIP's temperature
     settings = RerankSettings(**config["rerank"])
     cache = build_cache(clip, load_training_pairs(str(root)))
     rows, _ = split_captions(len(cache.captions), config["train"]["val_fraction"], config["train"]["seed"])
-    examples = mine_examples(cache, rows, settings, config["train"]["seed"])
-    assert sum(label for _, _, label in examples) == len(rows)  # one positive per caption here
+    groups = mine_groups(cache, rows, settings, config["train"]["seed"])
+    assert groups.captions.tolist() == rows.tolist()  # one positive per caption here: one group each
+    for caption, images in zip(groups.captions.tolist(), groups.images.tolist(), strict=True):
+        assert images[0] in cache.positives[caption] and not set(images[1:]) & cache.positives[caption]
+    cosines = cache.text_vectors[groups.captions, None, :] @ cache.image_vectors[groups.images].transpose(1, 2)
+    torch.testing.assert_close(groups.dual, cosines.squeeze(1))  # (E, G): the dual encoder's score of each pair
 
     def loss(model: CrossAttentionReranker) -> float:
-        caption, image, label = (torch.tensor(column) for column in zip(*examples, strict=True))
         with torch.no_grad():
-            logits = model(cache.text_states[caption], cache.text_mask[caption], cache.image_tokens[image])
-        return F.binary_cross_entropy_with_logits(logits, label.float()).item()
+            return group_softmax_step(model, default_collate(list(GroupExamples(cache, groups)))).loss.item()
 
     torch.manual_seed(config["train"]["seed"])
     untrained = CrossAttentionReranker(trained.config).eval()  # what training started from
     assert loss(trained) < loss(untrained) - 0.05
     metrics = [json.loads(line) for line in (ckpt / "reranker" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_r1_rerank" in m.get("eval", {}) for m in metrics)  # the held-out captions were re-ranked
+
+
+def test_an_untrained_residual_reranker_keeps_the_dual_encoders_order() -> None:
+    """dual_scale > 0: the correction starts at zero, so the scores are dual_scale x the cosines."""
+    torch.manual_seed(0)
+    model = CrossAttentionReranker(RerankConfig(**{**vars(TINY), "dual_scale": 14.3})).eval()
+    states, mask, image = random_inputs()
+    cosines = torch.tensor([0.1, 0.7, 0.4])
+    torch.testing.assert_close(model(states, mask, image, cosines), 14.3 * cosines)
 
 
 def test_rerank_reorders_the_same_candidates_by_the_rerankers_scores(setup) -> None:

@@ -126,7 +126,7 @@ def cmd_train_rerank(args: argparse.Namespace) -> None:
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes
     )
-    settings = RerankSettings(hard_pool=args.hard_pool)
+    settings = RerankSettings(hard_pool=args.hard_pool, negatives=args.negatives)
     summary = train_reranker(
         clip=clip,
         clip_ref=str(Path(args.model).resolve()),
@@ -808,9 +808,12 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--data", required=True, help="e.g. emoji:apple,google,twitter (see `train clip --data`)")
     rerank.add_argument("--out", default=None, help="re-ranker folder (default: MODEL/reranker, found by search)")
     rerank.add_argument("--epochs", type=int, default=10)
-    rerank.add_argument("--batch-size", type=int, default=128)
+    rerank.add_argument(
+        "--batch-size", type=int, default=32, help="groups per step (a caption, a positive and its negatives)"
+    )
     rerank.add_argument("--lr", type=float, default=3e-4)
-    rerank.add_argument("--hard-pool", type=int, default=16, help="hard negatives come from the dual encoder's top-k")
+    rerank.add_argument("--hard-pool", type=int, default=50, help="negatives come from the dual encoder's top-k")
+    rerank.add_argument("--negatives", type=int, default=15, help="hard negatives per group")
     rerank.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this many minutes")
     rerank.add_argument("--seed", type=int, default=0)
     rerank.add_argument(

@@ -568,10 +568,12 @@ class Searcher:
         embedded, rows = self._candidate_images(head, served, reranker)
         scores = np.full(len(head), -np.inf, dtype=np.float32)  # (N,)
         if rows:
-            total = sum(
+            logits = sum(
                 t.weight * reranker.score_embedded(reranker.text_states(t.text), embedded).numpy() for t in query.terms
             )  # (n,)
-            scores[rows] = total
+            # a residual re-ranker corrects the dual encoder's score of the hit (the whole query's, once)
+            dual = np.asarray([head[j].score for j in rows], dtype=np.float32)
+            scores[rows] = logits + reranker.dual_scale * dual
         order = np.argsort(-scores, kind="stable")  # ties keep the dual encoder's order
         head = [head[j] for j in order]
         return head + tail, {head[j].id: float(scores[order[j]]) for j in range(len(head))}

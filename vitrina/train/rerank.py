@@ -5,11 +5,13 @@
 2. **Split by caption**: a seeded ``val_fraction`` of the captions (with all their images) is held out,
    so validation asks about texts the re-ranker never saw.
 3. **Mine**: for each training caption, its positives are every image paired with that exact text
-   (the same emoji in several styles); its hard negatives are the dual encoder's top ``hard_pool``
-   images that are not positives, of which ``hard_per_positive`` per positive are drawn, plus as many
-   random non-positives. Drawn once, seeded: the examples are a fixed list the loop reshuffles per epoch.
-4. **Train** with binary cross-entropy on (caption, image, is-positive) through the one training loop
-   (``vitrina.train.loop``: time cap, checkpoints, resume, metrics.jsonl).
+   (the same emoji in several styles); each positive makes one group with ``negatives`` images drawn
+   from the caption's ``hard_pool`` best dual-encoder candidates that are not positives: what a
+   re-ranked query reorders. Drawn once, seeded: a fixed list of groups the loop reshuffles per epoch.
+4. **Train** a correction to the dual encoder: each group's scores ``dual_scale * cosine + logit``
+   (``dual_scale`` the CLIP's logit scale, the logit zero at the start) through a softmax with the
+   positive as the target, in the one training loop (``vitrina.train.loop``: time cap, checkpoints,
+   resume, metrics.jsonl). Untrained, the re-ranker ranks as the dual encoder does.
 
 Validation: for each held-out caption, the dual encoder's top ``val_candidates`` images are re-scored;
 ``val_r1_dual`` / ``val_r1_rerank`` say how often a positive is first before and after.
@@ -40,12 +42,11 @@ from vitrina.train.loop import StepOutput, TrainSummary, train
 
 @dataclass
 class RerankSettings:
-    """How examples are mined, and the re-ranker's shape."""
+    """How training groups are mined, and the re-ranker's shape."""
 
-    hard_pool: int = 16  # a caption's hard negatives are drawn from the dual encoder's top-k non-positives
-    hard_per_positive: int = 1
-    random_per_positive: int = 1
-    val_candidates: int = 16  # held-out captions: how many dual-encoder candidates the re-ranker reorders
+    hard_pool: int = 50  # a caption's negatives: the dual encoder's top-k non-positives (what --rerank 50 sees)
+    negatives: int = 15  # per group: a caption, one of its positives and this many of its hard-pool negatives
+    val_candidates: int = 50  # held-out captions: how many dual-encoder candidates the re-ranker reorders
     width: int = 128
     depth: int = 2
     heads: int = 4
@@ -128,55 +129,72 @@ def split_captions(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def mine_examples(
-    cache: FeatureCache, caption_rows: np.ndarray, settings: RerankSettings, seed: int
-) -> list[tuple[int, int, float]]:
-    """(caption row, image row, label) examples: positives, dual-encoder hard negatives, random negatives."""
+@dataclass
+class Groups:
+    """Training groups: caption row, (G,) image rows (its positive first, then hard negatives), their cosines."""
+
+    captions: torch.Tensor  # (E,) caption rows of the cache
+    images: torch.Tensor  # (E, G) image rows; column 0 is a positive of the caption
+    dual: torch.Tensor  # (E, G) dual-encoder cosine of each (caption, image)
+
+
+def mine_groups(cache: FeatureCache, caption_rows: np.ndarray, settings: RerankSettings, seed: int) -> Groups:
+    """One group per (caption, positive image): the positive and ``settings.negatives`` images drawn (seeded,
+    once) from the caption's ``hard_pool`` best-scoring non-positives: the candidates a re-ranked query reorders.
+
+    Fewer negatives when a collection is too small to give every caption that many (all groups one size).
+    """
     rng = np.random.default_rng(seed)
     n_images = cache.image_vectors.shape[0]
-    similarity = (cache.text_vectors[caption_rows] @ cache.image_vectors.T).numpy()  # (C, I)
-    examples: list[tuple[int, int, float]] = []
+    similarity = cache.text_vectors[caption_rows] @ cache.image_vectors.T  # (C, I)
+    most_positives = max((len(cache.positives[row]) for row in caption_rows.tolist()), default=0)
+    pool_size = min(settings.hard_pool, n_images - most_positives)
+    negatives = min(settings.negatives, pool_size)
+    if negatives < 1:
+        raise UserError(f"{n_images} distinct images: too few to give a caption a negative; add images")
+    captions, images, dual = [], [], []
     for row, sims in zip(caption_rows.tolist(), similarity, strict=True):
         positives = cache.positives[row]
-        top = np.argsort(-sims, kind="stable")[: settings.hard_pool + len(positives)].tolist()
-        ranked = [i for i in top if i not in positives]
-        hard = ranked[: settings.hard_pool]
-        others = n_images - len(positives)
-        for image in positives:
-            examples.append((row, image, 1.0))
-            if hard:
-                for pick in rng.choice(len(hard), size=min(settings.hard_per_positive, len(hard)), replace=False):
-                    examples.append((row, int(hard[pick]), 0.0))
-            for _ in range(settings.random_per_positive if others else 0):
-                image_row = int(rng.integers(n_images))
-                while image_row in positives:
-                    image_row = int(rng.integers(n_images))
-                examples.append((row, image_row, 0.0))
-    return examples
+        top = sims.topk(pool_size + len(positives)).indices.tolist()
+        pool = [i for i in top if i not in positives][:pool_size]
+        for image in sorted(positives):
+            picked = rng.choice(len(pool), size=negatives, replace=False)
+            rows = [image, *(pool[j] for j in sorted(picked))]
+            captions.append(row)
+            images.append(rows)
+            dual.append(sims[rows])
+    if not captions:
+        return Groups(torch.empty(0, dtype=torch.long), torch.empty(0, 1 + negatives, dtype=torch.long), torch.empty(0))
+    return Groups(torch.tensor(captions), torch.tensor(images), torch.stack(dual))
 
 
-class PairExamples(Dataset):
-    """Examples as (text states, text mask, image tokens, label) tensors read from the cache."""
+class GroupExamples(Dataset):
+    """Groups as (text states, text mask, (G, M, Cv) image tokens, (G,) cosines) read from the cache."""
 
-    def __init__(self, cache: FeatureCache, examples: list[tuple[int, int, float]]) -> None:
-        self.cache, self.examples = cache, examples
+    def __init__(self, cache: FeatureCache, groups: Groups) -> None:
+        self.cache, self.groups = cache, groups
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.groups.captions)
 
     def __getitem__(self, index: int):
-        caption, image, label = self.examples[index]
+        caption, images = int(self.groups.captions[index]), self.groups.images[index]
         c = self.cache
-        return c.text_states[caption], c.text_mask[caption], c.image_tokens[image], torch.tensor(label)
+        return c.text_states[caption], c.text_mask[caption], c.image_tokens[images], self.groups.dual[index]
 
 
-def bce_step(model: CrossAttentionReranker, batch) -> StepOutput:
-    """Binary cross-entropy of the matching logits against is-positive."""
-    states, mask, image_tokens, labels = batch
-    logits = model(states, mask, image_tokens)  # (B,)
-    loss = F.binary_cross_entropy_with_logits(logits, labels)
-    accuracy = ((logits > 0).float() == labels).float().mean().item()
-    return StepOutput(loss=loss, n_items=labels.shape[0], metrics={"acc": accuracy})
+def group_softmax_step(model: CrossAttentionReranker, batch) -> StepOutput:
+    """Cross-entropy of each group's softmax over its G scores (dual_scale x cosine + the correction),
+    the positive (column 0) the target: what decides a re-ranked query's first hit."""
+    states, mask, image_tokens, dual = batch  # (B, L, Ct), (B, L), (B, G, M, Cv), (B, G)
+    B, G = dual.shape
+    scores = model(
+        states.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0), image_tokens.flatten(0, 1), dual.flatten()
+    ).view(B, G)
+    target = torch.zeros(B, dtype=torch.long)
+    loss = F.cross_entropy(scores, target)
+    first = (scores.argmax(dim=1) == 0).float().mean().item()
+    return StepOutput(loss=loss, n_items=B, metrics={"top1": first})
 
 
 def rerank_eval(cache: FeatureCache, caption_rows: np.ndarray, candidates: int):
@@ -186,15 +204,19 @@ def rerank_eval(cache: FeatureCache, caption_rows: np.ndarray, candidates: int):
         if len(caption_rows) == 0:
             return {}
         similarity = cache.text_vectors[caption_rows] @ cache.image_vectors.T  # (C, I)
+        position = {row: i for i, row in enumerate(caption_rows.tolist())}
         top = similarity.topk(min(candidates, similarity.shape[1]), dim=1).indices  # (C, N)
         dual = rerank = 0
         for row, pool in zip(caption_rows.tolist(), top, strict=True):
             n = len(pool)
-            logits = model(
-                cache.text_states[row].expand(n, -1, -1), cache.text_mask[row].expand(n, -1), cache.image_tokens[pool]
+            scores = model(
+                cache.text_states[row].expand(n, -1, -1),
+                cache.text_mask[row].expand(n, -1),
+                cache.image_tokens[pool],
+                similarity[position[row]][pool],
             )  # (N,)
             dual += int(pool[0]) in cache.positives[row]
-            rerank += int(pool[int(logits.argmax())]) in cache.positives[row]
+            rerank += int(pool[int(scores.argmax())]) in cache.positives[row]
         return {"val_r1_dual": dual / len(caption_rows), "val_r1_rerank": rerank / len(caption_rows)}
 
     return evaluate
@@ -219,9 +241,11 @@ def train_reranker(
     clip.requires_grad_(False)
     cache = build_cache(clip, pairs, batch_size=settings.feature_batch_size)
     train_rows, val_rows = split_captions(len(cache.captions), train_config.val_fraction, train_config.seed)
-    examples = mine_examples(cache, train_rows, settings, train_config.seed)
+    groups = mine_groups(cache, train_rows, settings, train_config.seed)
     torch.manual_seed(train_config.seed)
-    model = CrossAttentionReranker(config_for(clip, width=settings.width, depth=settings.depth, heads=settings.heads))
+    shape = {"width": settings.width, "depth": settings.depth, "heads": settings.heads}
+    # the CLIP's own temperature: the correction starts from the softmax the dual encoder was trained with
+    model = CrossAttentionReranker(config_for(clip, dual_scale=float(clip.scale()), **shape))
     extra = {"data": data_spec, "rerank": to_dict(settings), "train": to_dict(train_config)}
 
     def save(m: CrossAttentionReranker, folder: Path) -> None:
@@ -229,8 +253,8 @@ def train_reranker(
 
     return train(
         model=model,
-        step_fn=bce_step,
-        train_data=PairExamples(cache, examples),
+        step_fn=group_softmax_step,
+        train_data=GroupExamples(cache, groups),
         out_dir=out_dir,
         config=train_config,
         save_fn=save,
