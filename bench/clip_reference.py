@@ -7,7 +7,7 @@ loss with duplicate-aware targets (one emoji drawn in several styles in a batch 
 horizontal flips only, AdamW (torch's defaults but ``--lr``), a fixed temperature, a constant learning rate,
 batches drawn from a fresh permutation every epoch.
 
-Scored on the held-out style (facebook emoji) by ``bench.retrieval_quality.style_recalls``: the whole style
+Scored on the held-out style (facebook emoji) by ``vitrina.eval.style.style_recalls``: the whole style
 with plain-name queries (the issue's number: ``names all``) and the report half of vitrina's protocol, with
 captions and names. ``--score MODEL_DIR`` scores a vitrina checkpoint the same way, so a trainer run and this
 script compare like with like at equal steps.
@@ -45,11 +45,11 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.retrieval_quality import style_recalls  # noqa: E402
 from vitrina.data.batch_augment import BatchAugment  # noqa: E402
 from vitrina.data.emoji import emoji_caption, emoji_captions, load_emoji  # noqa: E402
 from vitrina.data.memory import decode_all  # noqa: E402
 from vitrina.data.transforms import EvalTransform  # noqa: E402
+from vitrina.eval.style import style_recalls  # noqa: E402
 from vitrina.models.minilm import MiniLMTower  # noqa: E402
 from vitrina.models.registry import VIT_DEMO_48  # noqa: E402
 from vitrina.models.vit import ViT  # noqa: E402

@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _report  # noqa: E402
-from vitrina.checkpoint import read_config  # noqa: E402
+from vitrina.checkpoint import BEST_FOLDER, read_config  # noqa: E402
 from vitrina.index.rerank_tokens import prepare_tokens  # noqa: E402
 from vitrina.search import Query, Searcher, Term  # noqa: E402
 
@@ -123,7 +123,8 @@ def main() -> None:
             dual = measure(searcher, captions, relevant, args.n, rerank=False)
             cold = None if args.skip_cold else measure(searcher, captions, relevant, args.n, rerank=True)
             start = time.perf_counter()
-            tokens = prepare_tokens(index_dir, searcher.reranker(), progress=False)
+            reranker = searcher.reranker()
+            tokens = prepare_tokens(index_dir, reranker, progress=False)
             prepare_s = time.perf_counter() - start
             print(f"{tokens.summary()} in {prepare_s:.1f} s")
             reranked = measure(searcher, captions, relevant, args.n, rerank=True)
@@ -145,10 +146,13 @@ def main() -> None:
         "r1_rerank_cold": None if cold is None else recall(cold["r1"], everything),
         "token_bytes_per_item": tokens.bytes_per_item,
         "prepare_s": prepare_s,
-        "reranker": args.reranker,
+        "reranker": reranker.source,
         "train_minutes": args.train_minutes,
     }
-    name = f"{Path(args.index).name}-n{args.n}"
+    kind = "residual" if reranker.dual_scale else "logit alone"
+    if Path(reranker.source).name == BEST_FOLDER:
+        kind += ", best epoch by validation"
+    name = f"{Path(args.index).name}-n{args.n} · {kind}, trained on {args.data}"
     if args.dry_run:
         print(name, row)
         return

@@ -64,18 +64,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench._report import record  # noqa: E402
-from vitrina.checkpoint import load_encoder  # noqa: E402
-from vitrina.data.emoji import emoji_caption, load_emoji  # noqa: E402
-from vitrina.data.holdout import selection_split  # noqa: E402
-from vitrina.data.images import load_image  # noqa: E402
-from vitrina.data.sources import EMOJI_CONCEPT, load_training_items  # noqa: E402
+from vitrina.checkpoint import best_checkpoint, load_encoder  # noqa: E402
 from vitrina.demo import run_demo  # noqa: E402
-from vitrina.eval.retrieval import first_relevant_rank  # noqa: E402
-from vitrina.train.clip import ClipTrainSettings, best_checkpoint  # noqa: E402
+from vitrina.eval.style import KS  # noqa: E402
+from vitrina.train.clip import ClipTrainSettings  # noqa: E402
 
 BENCHMARK = "retrieval_quality"
 STYLE = "facebook"
-KS = (1, 5, 10)
 # What every row starts from: the trainer as this round found it (the demo's defaults have moved on since,
 # to the winning row; spelled out here so a recorded row keeps measuring what it measured).
 ROUND_START = {
@@ -121,64 +116,6 @@ ROWS = {
         "caption-negatives-p12-batch64": {"preset": "clip-minilm-p12", "batch_size": 64, "settings": CAPTION_NEGATIVES},
     }.items()
 }
-
-
-def image_vectors(encoder, paths: list[Path], batch: int = 256) -> np.ndarray:
-    """(N, D) unit vectors of the images at ``paths``."""
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(paths), batch):
-            pixels = torch.stack([encoder.image_transform(load_image(p)) for p in paths[i : i + batch]])
-            out.append(torch.as_tensor(encoder.encode_image(pixels)).float().numpy())
-    return np.concatenate(out)
-
-
-def recalls(encoder, gallery: np.ndarray, item_keys: list[str], queries: list[str]) -> dict[str, float]:
-    """Text -> image R@K of each distinct query in ``queries`` over ``gallery``; relevant: item key == query."""
-    queries = sorted(set(queries))
-    if not queries:
-        return {}
-    with torch.inference_mode():
-        text = np.concatenate(
-            [
-                torch.as_tensor(encoder.encode_text(queries[i : i + 512])).float().numpy()
-                for i in range(0, len(queries), 512)
-            ]
-        )
-    keys = np.asarray(item_keys, dtype=object)
-    relevant = keys[None, :] == np.asarray(queries, dtype=object)[:, None]  # (Q, N)
-    ranks = first_relevant_rank(text @ gallery.T, relevant)
-    return {"queries": len(queries), **{f"R@{k}": float(np.mean(ranks < k)) for k in KS}}
-
-
-def held_out_style_recalls(model_dir: Path, held_out_concepts: set[str], seed: int) -> dict[str, dict]:
-    """R@K on the held-out style for captions and plain names, per part (report half, selection half, held out)."""
-    return style_recalls(load_encoder(str(model_dir)), held_out_concepts, seed)
-
-
-def style_recalls(encoder, held_out_concepts: set[str], seed: int) -> dict[str, dict]:
-    """``held_out_style_recalls`` of any object with ``image_transform``, ``encode_image`` and ``encode_text``
-    (bench/clip_reference.py scores its bare model with it)."""
-    items = load_emoji(STYLE)
-    concepts = [EMOJI_CONCEPT + item.unified for item in items]
-    captions = [emoji_caption(item) for item in items]
-    names = [item.name.lower() for item in items]
-    gallery = image_vectors(encoder, [item.path for item in items])
-    # the same split as the demo's: its seen concepts, halved by the same seeded draw
-    pairs, style_concepts = load_training_items(f"emoji:{STYLE}", seed=seed)
-    seen = [c for c in style_concepts if c not in held_out_concepts]
-    _, _, selection = selection_split(seen, seen, seed=seed)
-    part_of = {
-        c: "held_out_concepts" if c in held_out_concepts else "selection_half" if c in selection else "report_half"
-        for c in concepts
-    }
-    out: dict[str, dict] = {}
-    for kind, keys in (("captions", captions), ("names", names)):
-        out[kind] = {"all": recalls(encoder, gallery, keys, keys)}
-        for part in ("report_half", "selection_half", "held_out_concepts"):
-            chosen = [k for k, c in zip(keys, concepts, strict=True) if part_of[c] == part]
-            out[kind][part] = recalls(encoder, gallery, keys, chosen)
-    return out
 
 
 def run_stats(checkpoint: Path) -> dict:
@@ -257,8 +194,7 @@ def main() -> int:
     results = run_demo(out_dir=folder, train_minutes=args.minutes, seed=args.seed, **ROWS[args.row])
     checkpoint = folder / "clip"
     model_dir = best_checkpoint(checkpoint)
-    held = json.loads((model_dir / "config.json").read_text()).get("held_out", {})
-    quality = held_out_style_recalls(model_dir, set(held.get("concepts", [])), args.seed)
+    quality = results["held_out_style"]  # the demo's own table: its best checkpoint on the style, split as above
     row = {
         "budget_minutes": args.minutes,
         **run_stats(checkpoint),

@@ -147,6 +147,18 @@ def test_training_lowers_the_loss_on_its_groups(setup) -> None:
     assert any("val_r1_rerank" in m.get("eval", {}) for m in metrics)  # the held-out captions were re-ranked
 
 
+def test_training_keeps_its_best_epoch_by_validation_and_search_loads_it(setup) -> None:
+    ckpt, index_dir, _, _ = setup
+    metrics = [json.loads(line) for line in (ckpt / "reranker" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [(m["step"], m["eval"]["val_r1_rerank"]) for m in metrics if "val_r1_rerank" in m.get("eval", {})]
+    best_step, best_value = max(evaluated, key=lambda e: (e[1], -e[0]))  # the first epoch with the highest R@1
+    _, config = load_cross_model(ckpt / "reranker" / "best")
+    assert config["best"]["metric"] == "val_r1_rerank"
+    assert (config["best"]["step"], config["best"]["value"]) == (best_step, best_value)
+    with Searcher(index_dir, runtime="torch") as searcher:
+        assert Path(searcher.reranker().source) == ckpt / "reranker" / "best"
+
+
 def test_an_untrained_residual_reranker_keeps_the_dual_encoders_order() -> None:
     """dual_scale > 0: the correction starts at zero, so the scores are dual_scale x the cosines."""
     torch.manual_seed(0)

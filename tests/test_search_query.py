@@ -102,7 +102,7 @@ def naive_accepts(query: str, require_positive: bool) -> bool:
     return marked <= MAX_TERMS and (positive or not require_positive)
 
 
-WORDS = ["a", "beach", "x-ray", "0", "é", "--", "-", "a^b", "ab\"c"]
+WORDS = ["a", "beach", "x-ray", "0", "é", "--", "-", "a^b", 'ab"c']
 PHRASES = ['"red umbrella"', '"  "', '""', '"a -b"', '"unclosed']
 WEIGHTS = ["0", "0.5", ".5", "1.", "01", "9.99", "10", "10.0", "10.01", "11", "-2", "+3", "-0", "1e1", ""]
 

@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 from test_train_clip import batch_of, locked_tiny_clip, shape_pairs, tiny_config
 
-from vitrina.checkpoint import load_encoder
+from vitrina.checkpoint import BEST_FOLDER, best_checkpoint, load_encoder
 from vitrina.data.batch_augment import BatchAugment, crop_grid
 from vitrina.data.memory import decode_all, fits_in_memory
 from vitrina.data.transforms import EvalTransform, TrainTransform
 from vitrina.errors import UserError
 from vitrina.models.registry import build_model
 from vitrina.train import clip as clip_trainer
-from vitrina.train.clip import BEST_FOLDER, ClipTrainSettings, best_checkpoint, train_clip
+from vitrina.train.clip import ClipTrainSettings, train_clip
 from vitrina.train.clip_data import caption_concepts
 
 

@@ -177,3 +177,12 @@ def load_encoder(ref: str | os.PathLike) -> Encoder:
     if name in list_presets():
         raise UserError(f"{name} is an image-only preset; text search needs a CLIP (e.g. clip-tiny)")
     raise UserError(f"{name}: no such checkpoint folder or model preset; presets: {', '.join(CLIP_PRESETS)}")
+
+
+BEST_FOLDER = "best"  # a training run keeps its best model by validation in OUT/best, beside the last
+
+
+def best_checkpoint(out_dir: str | os.PathLike) -> Path:
+    """``out_dir/best`` when the run wrote one, else ``out_dir`` (its last checkpoint)."""
+    best = Path(out_dir) / BEST_FOLDER
+    return best if (best / "config.json").is_file() else Path(out_dir)

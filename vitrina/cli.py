@@ -31,7 +31,7 @@ def _print_hits(hits, as_json: bool) -> None:
     for rank, hit in enumerate(hits, 1):
         text = hit.label or hit.caption or ""
         table.add_row(str(rank), f"{hit.score:.3f}", text, str(hit.path))
-    Console().print(table)
+    Console(emoji=False, markup=False, highlight=False).print(table)  # captions and paths are shown as they are
 
 
 # Commands that must not pay for importing torch: a search runs the index's exported towers (vitrina.runtime)
@@ -79,10 +79,11 @@ def _schedule_settings(args: argparse.Namespace) -> dict:
 
 
 def cmd_train_clip(args: argparse.Namespace) -> None:
+    from vitrina.checkpoint import best_checkpoint
     from vitrina.config import TrainConfig
     from vitrina.data.sources import load_training_items
     from vitrina.models.registry import build_model
-    from vitrina.train.clip import ClipTrainSettings, best_checkpoint, train_clip
+    from vitrina.train.clip import ClipTrainSettings, train_clip
 
     pairs, concepts = load_training_items(args.data, seed=args.seed)
     if not pairs:

@@ -51,4 +51,3 @@ def tensors_sha256(state_dict: Mapping) -> str:
 def short(digest: str | None) -> str:
     """The first 12 hex digits, for messages and tables."""
     return (digest or "none")[:12]
-

@@ -261,9 +261,7 @@ def verify_export(folder: Path) -> tuple[dict, list[tuple[int, ItemRow]], np.nda
         if embedding.null_count or table.column("id").null_count or table.column("path").null_count:
             raise _refuse(path, "has empty ids, paths or embeddings")
         chunks.append(embedding.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim))
-        for i, rel, file_hash, size, mtime, label, caption in zip(
-            *(columns[c] for c in COLUMNS[:-1]), strict=True
-        ):
+        for i, rel, file_hash, size, mtime, label, caption in zip(*(columns[c] for c in COLUMNS[:-1]), strict=True):
             if not _safe_relative(rel):
                 raise _refuse(path, f"item {i} has path {rel!r}, which leaves the collection folder")
             if not file_hash or size is None or mtime is None or not math.isfinite(mtime):

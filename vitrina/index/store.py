@@ -478,8 +478,7 @@ class IndexStore:
                 ).fetchone()[0]
                 if old is not None and old[0] != row.content_hash:
                     stale_elsewhere |= (
-                        conn.execute("DELETE FROM vectors WHERE item=? AND version!=?", (item_id, version)).rowcount
-                        > 0
+                        conn.execute("DELETE FROM vectors WHERE item=? AND version!=?", (item_id, version)).rowcount > 0
                     )
                 conn.execute(
                     "INSERT OR REPLACE INTO vectors(version, item, vector) VALUES(?, ?, ?)",

@@ -330,20 +330,23 @@ def reranker_folder(model_ref: str) -> Path:
 
 
 def load_reranker(folder: str | os.PathLike, *, clip: CLIP | None = None, clip_digest: str | None = None) -> Reranker:
-    """A ``Reranker`` from a re-ranker folder.
+    """A ``Reranker`` from a re-ranker folder (its ``best/`` when training kept one).
 
     Its CLIP is ``clip`` when given with a matching ``clip_digest`` (the model a searcher has loaded
     already), else the folder's parent when that is the recorded CLIP (a re-ranker moved with its
     checkpoint), else the recorded reference; its weights must match the recorded digest.
     """
+    from vitrina.checkpoint import best_checkpoint  # (vitrina.checkpoint imports the models)
+
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such re-ranker folder; train one with `vitrina train rerank --model CKPT`")
-    model, config = load_cross_model(folder)
+    chosen = best_checkpoint(folder)  # the epoch training kept by validation, when it kept one
+    model, config = load_cross_model(chosen)
     wanted = config["clip"]["digest"]
     if clip is None or clip_digest != wanted:
         clip = _recorded_clip(folder, config["clip"]["ref"], wanted)
-    return Reranker(clip, model, source=str(folder), digest=file_sha256(folder / WEIGHTS), clip_digest=wanted)
+    return Reranker(clip, model, source=str(chosen), digest=file_sha256(chosen / WEIGHTS), clip_digest=wanted)
 
 
 def _recorded_clip(folder: Path, ref: str, digest: str) -> CLIP:

@@ -53,6 +53,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vitrina.checkpoint import BEST_FOLDER
 from vitrina.config import to_dict
 from vitrina.errors import UserError
 from vitrina.train.schedule import rng_state, set_rng_state
@@ -292,3 +293,53 @@ def exclusive(out_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+# --- the best model of a run, beside its last checkpoint ------------------------------------------
+
+
+class BestKeeper:
+    """Keeps ``out_dir/best``: the model of the best ``metric`` value evaluated so far (higher is better).
+
+    The evaluation only notes a new best; the folder is written after the loop's checkpoint of the
+    same step (``on_checkpoint``), so a kill never leaves a ``best`` beside no checkpoint. The value
+    to beat survives a resume: it is read back from ``best/config.json``.
+    """
+
+    def __init__(
+        self, model: nn.Module, out_dir: Path, metric: str, save: Callable[[nn.Module, Path, dict], None]
+    ) -> None:
+        self.model, self.folder, self.metric, self.save = model, out_dir / BEST_FOLDER, metric, save
+        self.value = self._saved_value()
+        self.pending: dict[str, Any] | None = None
+
+    def _saved_value(self) -> float | None:
+        config = self.folder / "config.json"
+        if not config.is_file():
+            return None
+        best = json.loads(config.read_text()).get("best") or {}
+        return best.get("value") if best.get("metric") == self.metric else None
+
+    def note(self, results: dict[str, float]) -> None:
+        """After an evaluation: remember it when ``metric`` beats the best so far."""
+        value = results.get(self.metric)
+        if value is not None and (self.value is None or value > self.value):
+            self.value, self.pending = value, {"metric": self.metric, "value": value}
+
+    def on_checkpoint(self, info) -> None:
+        """Write the pending best (the model as it is at this checkpoint) beside, then swap it in;
+        ``info``: the loop's ``CheckpointInfo`` of that checkpoint."""
+        if self.pending is None:
+            return
+        record = {**self.pending, "epoch": info.epoch, "step": info.step}
+        staged = self.folder.with_name(f"{BEST_FOLDER}.tmp")
+        old = self.folder.with_name(f"{BEST_FOLDER}.old")
+        for leftover in (staged, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        self.save(self.model, staged, record)
+        if self.folder.exists():
+            os.rename(self.folder, old)
+        os.rename(staged, self.folder)
+        shutil.rmtree(old, ignore_errors=True)
+        self.pending = None

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,13 +46,13 @@ from vitrina.losses import FeatureGather, caption_set_loss, clip_loss, clip_loss
 from vitrina.models.clip import CLIP
 from vitrina.models.text import SPECIAL_TOKENS, train_bpe
 from vitrina.train import distributed
+from vitrina.train.checkpointing import BestKeeper
 from vitrina.train.clip_data import caption_concepts, fixed_eval_set, training_data
 from vitrina.train.loop import CheckpointInfo, StepOutput, TrainSummary, find_checkpoint, train
 
 Pair = tuple[ImageSource, Caption]
 
 BYTE_LEVEL_VOCAB = len(SPECIAL_TOKENS) + 256  # a tokenizer this small has learnt no merges
-BEST_FOLDER = "best"
 
 
 @dataclass
@@ -305,56 +303,6 @@ def _batched_loss(model: CLIP, image_emb: torch.Tensor, text_emb: torch.Tensor, 
         losses.append(clip_loss(image_emb[i : i + n], text_emb[i : i + n], model.scale()).item() * n)
         weights.append(n)
     return sum(losses) / max(1, sum(weights))
-
-
-class BestKeeper:
-    """Keeps ``out_dir/best``: the model of the best ``metric`` value evaluated so far.
-
-    The evaluation only notes a new best; the folder is written after the loop's checkpoint of the
-    same step (``on_checkpoint``), so a kill never leaves a ``best`` beside no checkpoint. The value
-    to beat survives a resume: it is read back from ``best/config.json``.
-    """
-
-    def __init__(self, model: CLIP, out_dir: Path, metric: str, save: Callable[[CLIP, Path, dict], None]) -> None:
-        self.model, self.folder, self.metric, self.save = model, out_dir / BEST_FOLDER, metric, save
-        self.value = self._saved_value()
-        self.pending: dict[str, Any] | None = None
-
-    def _saved_value(self) -> float | None:
-        config = self.folder / "config.json"
-        if not config.is_file():
-            return None
-        best = json.loads(config.read_text()).get("best") or {}
-        return best.get("value") if best.get("metric") == self.metric else None
-
-    def note(self, results: dict[str, float]) -> None:
-        """After an evaluation: remember it when ``metric`` beats the best so far."""
-        value = results.get(self.metric)
-        if value is not None and (self.value is None or value > self.value):
-            self.value, self.pending = value, {"metric": self.metric, "value": value}
-
-    def on_checkpoint(self, info: CheckpointInfo) -> None:
-        """Write the pending best (the model as it is at this checkpoint) beside, then swap it in."""
-        if self.pending is None:
-            return
-        record = {**self.pending, "epoch": info.epoch, "step": info.step}
-        staged = self.folder.with_name(f"{BEST_FOLDER}.tmp")
-        old = self.folder.with_name(f"{BEST_FOLDER}.old")
-        for leftover in (staged, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-        self.save(self.model, staged, record)
-        if self.folder.exists():
-            os.rename(self.folder, old)
-        os.rename(staged, self.folder)
-        shutil.rmtree(old, ignore_errors=True)
-        self.pending = None
-
-
-def best_checkpoint(out_dir: str | os.PathLike) -> Path:
-    """``out_dir/best`` when the run wrote one, else ``out_dir`` (its last checkpoint)."""
-    best = Path(out_dir) / BEST_FOLDER
-    return best if (best / "config.json").is_file() else Path(out_dir)
 
 
 def use_in_memory(settings: ClipTrainSettings, n_items: int, size: int) -> bool:

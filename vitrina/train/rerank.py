@@ -14,7 +14,8 @@
    resume, metrics.jsonl). Untrained, the re-ranker ranks as the dual encoder does.
 
 Validation: for each held-out caption, the dual encoder's top ``val_candidates`` images are re-scored;
-``val_r1_dual`` / ``val_r1_rerank`` say how often a positive is first before and after.
+``val_r1_dual`` / ``val_r1_rerank`` say how often a positive is first before and after. The epoch with
+the best ``val_r1_rerank`` is kept in ``out_dir/best``, the folder ``load_reranker`` prefers.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from vitrina.data.transforms import eval_transform
 from vitrina.errors import UserError
 from vitrina.models.clip import CLIP
 from vitrina.models.rerank import CrossAttentionReranker, config_for, save_reranker
+from vitrina.train.checkpointing import BestKeeper
 from vitrina.train.loop import StepOutput, TrainSummary, train
 
 
@@ -248,8 +250,20 @@ def train_reranker(
     model = CrossAttentionReranker(config_for(clip, dual_scale=float(clip.scale()), **shape))
     extra = {"data": data_spec, "rerank": to_dict(settings), "train": to_dict(train_config)}
 
-    def save(m: CrossAttentionReranker, folder: Path) -> None:
-        save_reranker(m, folder, clip_ref=clip_ref, clip_digest=clip_digest, extra=extra)
+    def save(m: CrossAttentionReranker, folder: Path, best: dict | None = None) -> None:
+        save_reranker(m, folder, clip_ref=clip_ref, clip_digest=clip_digest, extra={**extra, "best": best})
+
+    # the epoch with the best R@1 on the held-out captions is what a search loads (OUT/best): trained past
+    # it, the correction learns the training captions' images and reorders unseen ones worse
+    out_dir = Path(out_dir)
+    evaluate = rerank_eval(cache, val_rows, settings.val_candidates)
+    keeper = BestKeeper(model, out_dir, "val_r1_rerank", save) if len(val_rows) else None
+
+    def evaluate_and_note(m: CrossAttentionReranker) -> dict[str, float]:
+        results = evaluate(m)
+        if keeper is not None:
+            keeper.note(results)
+        return results
 
     return train(
         model=model,
@@ -258,7 +272,8 @@ def train_reranker(
         out_dir=out_dir,
         config=train_config,
         save_fn=save,
-        eval_fn=rerank_eval(cache, val_rows, settings.val_candidates),
+        eval_fn=evaluate_and_note,
+        on_checkpoint=None if keeper is None else keeper.on_checkpoint,
         run_identity={"clip_digest": clip_digest, "data": data_spec, "rerank": to_dict(settings)},
         progress=progress,
     )
