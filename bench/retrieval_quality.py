@@ -38,6 +38,8 @@ Rows (one trainer change each, everything else as ``vitrina demo``):
                        negative the image side loses no negatives)
   caption-negatives-p12-batch128-lr1e-3  + peak learning rate 1e-3
   caption-negatives-p12-batch64   caption-negatives-p12 with batches of 64
+  caption-negatives-p12-batch128-fmnist-1500  caption-negatives-p12-batch128 with 1,500 Fashion-MNIST images
+                       instead of 6,000 (more emoji per batch and per minute)
 
 With ``--fewshot``: the row's model also gets ``vitrina eval fewshot`` (1/2/4/8/16 shots per class, 5 seeded draws,
 prototype / Tip-Adapter / linear head, beside zero-shot) on the held-out style's categories and on Fashion-MNIST;
@@ -111,6 +113,12 @@ ROWS = {
             "preset": "clip-minilm-p12",
             "batch_size": 128,
             "learning_rate": 1e-3,
+            "settings": CAPTION_NEGATIVES,
+        },
+        "caption-negatives-p12-batch128-fmnist-1500": {
+            "preset": "clip-minilm-p12",
+            "batch_size": 128,
+            "fashion_images": 1500,
             "settings": CAPTION_NEGATIVES,
         },
         "caption-negatives-p12-batch64": {"preset": "clip-minilm-p12", "batch_size": 64, "settings": CAPTION_NEGATIVES},

@@ -214,6 +214,7 @@ def main() -> int:
     parser.add_argument("--index", type=Path, help="index folder to serve (default: a trained one under runs/)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients, one row each")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each row")
+    parser.add_argument("--label", default=None, help="the model's name in the rows (default: its folder's name)")
     parser.add_argument(
         "--runtime",
         nargs="+",
@@ -230,7 +231,7 @@ def main() -> int:
             index_dir, model = tiny_index(Path(tmp)), "clip-tiny (untrained)"
         else:
             with IndexStore.open(index_dir) as store:
-                model = Path(store.active_version().model_ref).name
+                model = args.label or Path(store.active_version().model_ref).name
         with IndexStore.open(index_dir) as store:
             count = store.count
             index_kind = choose_index_kind(count, store.active_version().index_kind)

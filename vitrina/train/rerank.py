@@ -190,6 +190,9 @@ def group_softmax_step(model: CrossAttentionReranker, batch) -> StepOutput:
     the positive (column 0) the target: what decides a re-ranked query's first hit."""
     states, mask, image_tokens, dual = batch  # (B, L, Ct), (B, L), (B, G, M, Cv), (B, G)
     B, G = dual.shape
+    # the cache pads every caption to the longest one; this batch needs only its own longest (padding is ignored)
+    length = int(mask.sum(dim=1).max())
+    states, mask = states[:, :length], mask[:, :length]
     scores = model(
         states.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0), image_tokens.flatten(0, 1), dual.flatten()
     ).view(B, G)
@@ -206,16 +209,15 @@ def rerank_eval(cache: FeatureCache, caption_rows: np.ndarray, candidates: int):
         if len(caption_rows) == 0:
             return {}
         similarity = cache.text_vectors[caption_rows] @ cache.image_vectors.T  # (C, I)
-        position = {row: i for i, row in enumerate(caption_rows.tolist())}
         top = similarity.topk(min(candidates, similarity.shape[1]), dim=1).indices  # (C, N)
         dual = rerank = 0
-        for row, pool in zip(caption_rows.tolist(), top, strict=True):
-            n = len(pool)
+        for i, (row, pool) in enumerate(zip(caption_rows.tolist(), top, strict=True)):
+            n, length = len(pool), int(cache.text_mask[row].sum())
             scores = model(
-                cache.text_states[row].expand(n, -1, -1),
-                cache.text_mask[row].expand(n, -1),
+                cache.text_states[row, :length].expand(n, -1, -1),
+                cache.text_mask[row, :length].expand(n, -1),
                 cache.image_tokens[pool],
-                similarity[position[row]][pool],
+                similarity[i, pool],
             )  # (N,)
             dual += int(pool[0]) in cache.positives[row]
             rerank += int(pool[int(scores.argmax())]) in cache.positives[row]
