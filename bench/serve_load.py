@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from bench._report import record  # noqa: E402
 from vitrina.errors import UserError  # noqa: E402
 from vitrina.index.store import IndexStore, choose_index_kind  # noqa: E402
+from vitrina.models.precision import PRECISIONS  # noqa: E402
 
 BENCHMARK = "serve_load"
 K = 10
@@ -95,11 +96,11 @@ def index_queries(index_dir: Path, limit: int = 200) -> list[str]:
     return queries or ["a photo", "something red", "a dog -cat", "a small bird"]
 
 
-def run_server(index_dir: str, port: int, runtime: str) -> None:
-    """Child process: exactly what ``vitrina serve INDEX --port PORT --runtime RUNTIME`` runs."""
+def run_server(index_dir: str, port: int, runtime: str, precision: str = "fp32") -> None:
+    """Child process: exactly what ``vitrina serve INDEX --port PORT --runtime RUNTIME --precision P`` runs."""
     from vitrina.serve import serve
 
-    serve(Path(index_dir), port=port, runtime=runtime)
+    serve(Path(index_dir), port=port, runtime=runtime, precision=precision)
 
 
 def runtime_used(base_url: str, runtime: str) -> str:
@@ -166,7 +167,14 @@ def wait_healthy(base_url: str, process: multiprocessing.Process, timeout: float
 
 
 def measure(
-    index_dir: Path, queries: list[str], runtime: str, client_counts: list[int], seconds: float, count: int, rows: dict
+    index_dir: Path,
+    queries: list[str],
+    runtime: str,
+    client_counts: list[int],
+    seconds: float,
+    count: int,
+    rows: dict,
+    precision: str = "fp32",
 ) -> bool:
     """One server process with ``runtime``; a row per client count, unique and repeated texts, into ``rows``
     (keyed by (runtime it ran, clients, kind)). Returns whether any request failed."""
@@ -174,7 +182,9 @@ def measure(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     base_url = f"http://127.0.0.1:{port}"
-    server = multiprocessing.get_context("spawn").Process(target=run_server, args=(str(index_dir), port, runtime))
+    server = multiprocessing.get_context("spawn").Process(
+        target=run_server, args=(str(index_dir), port, runtime, precision)
+    )
     server.start()
     failed = False
     try:
@@ -214,6 +224,9 @@ def main() -> int:
     parser.add_argument("--index", type=Path, help="index folder to serve (default: a trained one under runs/)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients, one row each")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each row")
+    parser.add_argument(
+        "--precision", default="fp32", choices=PRECISIONS, help="the server's --precision (every runtime of the run)"
+    )
     parser.add_argument("--label", default=None, help="the model's name in the rows (default: its folder's name)")
     parser.add_argument(
         "--runtime",
@@ -240,7 +253,9 @@ def main() -> int:
         rows: dict[tuple[str, int, str], dict] = {}
         failed = False
         for runtime in args.runtime:
-            failed = measure(index_dir, queries, runtime, args.clients, args.seconds, count, rows) or failed
+            failed = (
+                measure(index_dir, queries, runtime, args.clients, args.seconds, count, rows, args.precision) or failed
+            )
     for (runtime, clients, kind), row in rows.items():
         torch_row = rows.get(("torch", clients, kind))
         if torch_row is not None and runtime != "torch":  # side by side, same run: < 1 is faster than PyTorch
@@ -249,7 +264,8 @@ def main() -> int:
             row["qps_vs_torch"] = row["qps"] / torch_row["qps"]
         record(
             BENCHMARK,
-            f"{model} · {index_kind} · {count} items · GET /api/search k={K} · {clients} clients · {kind} · {runtime}",
+            f"{model} · {index_kind} · {count} items · GET /api/search k={K} · {clients} clients · {kind} · {runtime}"
+            + ("" if args.precision == "fp32" else f" · {args.precision}"),
             row,
         )
     if failed:
