@@ -236,6 +236,8 @@ def main() -> int:
         help="the server's --runtime (what embeds query texts); several: one server after the other, rows side by side",
     )
     args = parser.parse_args()
+    if args.precision != "fp32" and "onnx" in args.runtime:
+        parser.error(f"--precision {args.precision} runs the PyTorch towers (the server refuses --runtime onnx with it)")
 
     with tempfile.TemporaryDirectory(prefix="vitrina-serve-load-") as tmp:
         index_dir = args.index or trained_index()
