@@ -237,7 +237,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.precision != "fp32" and "onnx" in args.runtime:
-        parser.error(f"--precision {args.precision} runs the PyTorch towers (the server refuses --runtime onnx with it)")
+        parser.error(f"--precision {args.precision} runs the PyTorch towers: give --runtime auto or torch")
 
     with tempfile.TemporaryDirectory(prefix="vitrina-serve-load-") as tmp:
         index_dir = args.index or trained_index()
