@@ -99,22 +99,26 @@ def style_recalls(
 
 PART_TITLES = {
     "report_half": "seen, report half",
-    "selection_half": "seen, selection half (best epoch chosen on it)",
-    "held_out_concepts": "held-out concepts (zero-shot)",
+    "selection_half": "seen, selection half",
+    "held_out_concepts": "held-out concepts",
     "all": "the whole style",
 }
 
 
 def format_style_table(results: dict[str, dict], style: str = "facebook") -> str:
-    """``style_recalls`` results as a rich table, rendered to text."""
+    """``style_recalls`` results as a rich table (fits 80 columns), rendered to text."""
     import io
 
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"held-out style: {style} emoji, never trained on (text -> image)")
-    for column in ("queries by", "concepts", "queries", *(f"R@{k}" for k in KS)):
-        table.add_column(column, justify="left" if column in ("queries by", "concepts") else "right")
+    table = Table(
+        title=f"held-out style: {style} emoji, never trained on (text -> image)",
+        caption="report half: seen concepts no choice looked at; selection half: the best epoch was chosen on it; "
+        "held-out concepts: never trained on in any style (zero-shot)",
+    )
+    for column in ("query", "concepts", "queries", *(f"R@{k}" for k in KS)):
+        table.add_column(column, justify="left" if column in ("query", "concepts") else "right")
     for kind in KINDS:
         for part in (*PARTS, "all"):
             block = results.get(kind, {}).get(part) or {}
@@ -123,5 +127,5 @@ def format_style_table(results: dict[str, dict], style: str = "facebook") -> str
             recall = (f"{block[f'R@{k}']:.3f}" for k in KS)
             table.add_row(kind if part == PARTS[0] else "", PART_TITLES[part], str(block["queries"]), *recall)
     buffer = io.StringIO()
-    Console(file=buffer, width=110, force_terminal=False).print(table)
+    Console(file=buffer, width=80, force_terminal=False).print(table)
     return buffer.getvalue()
