@@ -138,6 +138,11 @@ class CLIP(nn.Module):
         """(B, 3, H, W) -> (B, D) unit vectors (with autograd; ``CLIPEncoder`` is the inference path)."""
         return F.normalize(self.project_image(self.image_features(pixels)), dim=-1)
 
+    def encode_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, P+N, Cv) ``image_tokens`` output -> (B, D) unit vectors: ``encode_image`` for a caller that
+        keeps the tokens too (a re-ranker reads both)."""
+        return F.normalize(self.project_image(self.visual.pool(tokens)), dim=-1)
+
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """``tokenize`` output -> (B, D) unit vectors."""
         return F.normalize(self.project_text(self.text_features(tokens)), dim=-1)

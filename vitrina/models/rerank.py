@@ -318,7 +318,7 @@ class Reranker:
             return torch.empty(0)
         with torch.inference_mode():
             tokens = self.image_tokens(images)  # (N, P+M, Cv)
-            image_vectors = F.normalize(self.clip.project_image(self.clip.visual.pool(tokens)), dim=-1)
+            image_vectors = self.clip.encode_image_tokens(tokens)
             text_vector = self.clip.encode_text(self.clip.tokenize([text]))  # (1, D)
             embedded = self.model.embed_image(tokens).to(torch.float16)
         return self.score_embedded(self.text_states(text), embedded, (image_vectors @ text_vector.T).squeeze(-1))

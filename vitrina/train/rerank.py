@@ -101,7 +101,7 @@ def build_cache(clip: CLIP, pairs: Sequence[Pair], *, batch_size: int = 256) -> 
                 raise UserError(f"{error}; remove it from the data or fix it") from None
             x = clip.image_tokens(pixels)  # (b, M, Cv)
             tokens.append(x)
-            vectors.append(F.normalize(clip.project_image(clip.visual.pool(x)), dim=-1))
+            vectors.append(clip.encode_image_tokens(x))
         captions = list(caption_rows)
         states, masks, text_vectors = [], [], []
         for i in range(0, len(captions), batch_size):
@@ -166,7 +166,8 @@ def mine_groups(cache: FeatureCache, caption_rows: np.ndarray, settings: RerankS
             images.append(rows)
             dual.append(sims[rows])
     if not captions:
-        return Groups(torch.empty(0, dtype=torch.long), torch.empty(0, 1 + negatives, dtype=torch.long), torch.empty(0))
+        width = 1 + negatives
+        return Groups(torch.empty(0, dtype=torch.long), torch.empty(0, width, dtype=torch.long), torch.empty(0, width))
     return Groups(torch.tensor(captions), torch.tensor(images), torch.stack(dual))
 
 
