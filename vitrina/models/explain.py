@@ -36,7 +36,7 @@ from PIL import Image
 from torch import nn
 
 from vitrina.errors import UserError
-from vitrina.models.vit import ViT
+from vitrina.models.vit import ViT, token_grid
 
 HeadFusion = Literal["mean", "max", "min"]
 HEAD_FUSIONS: tuple[str, ...] = ("mean", "max", "min")
@@ -309,10 +309,11 @@ def projected_patches(vit: ViT, projection: nn.Module, pixels: torch.Tensor) -> 
 
     Not normalised; (h, w) is the patch grid of this image size.
     """
-    p = vit.config.patch_size
+    c = vit.config
+    h, w = (token_grid(side, c.patch_size, c.stem) for side in pixels.shape[-2:])
     tokens = vit.forward_features(pixels)[:, vit.num_prefix_tokens :]  # (B, N, C), N = h * w
     projected = projection(tokens)  # (B, N, D)
-    return projected.reshape(pixels.shape[0], pixels.shape[-2] // p, pixels.shape[-1] // p, -1)  # (B, h, w, D)
+    return projected.reshape(pixels.shape[0], h, w, -1)  # (B, h, w, D)
 
 
 def query_similarity(

@@ -73,7 +73,9 @@ class ViTConfig:
     stem_channels: tuple[int, ...] = ()  # channels of each stride-2 conv of a conv stem; () doubles up to width/2
 
     def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
+        # A conv stem's stride-2 convs (3x3, padding 1) round each halving up, so its grid is
+        # ceil(image_size / patch_size): 28 px through three of them gives 4 x 4 tokens.
+        if self.stem == "patch" and self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
@@ -98,8 +100,8 @@ class ViTConfig:
 
     @property
     def grid_size(self) -> int:
-        """Patches per side."""
-        return self.image_size // self.patch_size
+        """Tokens per side: patches, or a conv stem's output grid (each halving rounds up)."""
+        return token_grid(self.image_size, self.patch_size, self.stem)
 
     @property
     def num_patches(self) -> int:
@@ -119,6 +121,11 @@ class ViTConfig:
 
 
 # ---- tensor surgery: small pure functions ------------------------------------------------------
+
+
+def token_grid(side: int, patch_size: int, stem: str) -> int:
+    """Tokens along a side of ``side`` px: whole patches, or ceil(side / patch) for a conv stem."""
+    return -(-side // patch_size) if stem == "conv" else side // patch_size
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -383,17 +390,18 @@ class ViT(nn.Module):
         Images of another size than the config's (a multiple of the patch size) get the position
         embedding resampled to their grid.
         """
-        p = self.config.patch_size
+        c = self.config
         H, W = pixels.shape[-2:]
-        if H % p or W % p:
-            raise ValueError(f"image {H}x{W} is not a multiple of the patch size {p}")
-        x = self.patch_embed(pixels)  # (B, N, C)
+        if c.stem == "patch" and (H % c.patch_size or W % c.patch_size):
+            raise ValueError(f"image {H}x{W} is not a multiple of the patch size {c.patch_size}")
+        grid = (token_grid(H, c.patch_size, c.stem), token_grid(W, c.patch_size, c.stem))
+        x = self.patch_embed(pixels)  # (B, N, C), N = grid[0] * grid[1]
         prefix = [token for token in (self.cls_token, self.dist_token) if token is not None]
         prefix = [token.expand(x.shape[0], -1, -1) for token in prefix]  # P x (B, 1, C)
         x = torch.cat([*prefix, x], dim=1)  # (B, P+N, C)
         pos_embed = self.pos_embed
-        if (H // p, W // p) != (self.config.grid_size, self.config.grid_size):
-            pos_embed = resize_pos_embed(pos_embed, self.config.grid_size, (H // p, W // p), self.num_prefix_tokens)
+        if grid != (c.grid_size, c.grid_size):
+            pos_embed = resize_pos_embed(pos_embed, c.grid_size, grid, self.num_prefix_tokens)
         return self.norm_pre(x + pos_embed)  # identity unless pre_norm (CLIP's ln_pre)
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
