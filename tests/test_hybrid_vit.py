@@ -46,6 +46,20 @@ def test_conv_stem_output_grid_is_the_token_grid() -> None:
         ViTConfig(image_size=28, patch_size=4, stem="conv", pool="seq", distilled=True)
 
 
+def test_conv_stem_grid_rounds_up_where_patches_do_not_divide() -> None:
+    """28 px through three stride-2 convs: 14, 7, then 4 (padding 1 rounds up), the grid the config states."""
+    config = ViTConfig(image_size=28, patch_size=8, in_channels=1, width=32, depth=1, heads=2, stem="conv", pool="seq")
+    assert config.grid_size == 4 and config.num_patches == 16
+    model = ViT(config)
+    assert model.forward_features(_pixels(config)).shape == (3, 16, 32)
+    with torch.no_grad():  # a 32 px image has the same 4 x 4 grid: no position-embedding resize, same tokens' count
+        assert model.forward_features(torch.zeros(1, 1, 32, 32)).shape == (1, 16, 32)
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        ViTConfig(image_size=28, patch_size=8)  # a patch embedding still needs whole patches
+    heat = model_rollout(model.eval(), _pixels(config, 1))
+    assert heat.shape == (1, 4, 4)
+
+
 @pytest.mark.parametrize("config", [HYBRID, SEQPOOL], ids=["cls", "seq"])
 def test_hybrid_shapes_and_backward(config: ViTConfig) -> None:
     model = ViT(config)
@@ -133,12 +147,13 @@ def test_sequence_pool_rollout_is_the_weighted_mix_of_rows() -> None:
     assert torch.allclose(heat.sum((1, 2)), torch.ones(2), atol=1e-5)  # all of the pooled feature is accounted for
 
 
-@pytest.mark.parametrize("preset", ["vit-hybrid-fmnist", "vit-hybrid-fmnist-seqpool"])
+@pytest.mark.parametrize("preset", ["vit-hybrid-fmnist", "vit-hybrid-fmnist-seqpool", "vit-hybrid-fmnist-s8"])
 def test_explain_runs_on_hybrid_presets(preset: str, tmp_path: Path) -> None:
     model = build_model(preset).eval()
+    grid = model.config.grid_size
     with torch.inference_mode():
         heat = model_rollout(model, torch.randn(1, 3, 28, 28))
-    assert heat.shape == (1, 7, 7) and torch.isfinite(heat).all()
+    assert heat.shape == (1, grid, grid) and torch.isfinite(heat).all()
     image = tmp_path / "shirt.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(image)
     assert main(["explain", "--model", preset, str(image), "--out", str(tmp_path / "out")]) == 0
