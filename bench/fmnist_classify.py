@@ -13,7 +13,7 @@ itself. EMA of the weights and flip TTA are options of each row (``--ema``/``--n
 ``--tta``/``--no-tta``), recorded in it. A distillation row learns from its teacher row's checkpoint
 of the same seed; the teacher's training minutes stand beside it, with the total.
 
-    .venv/bin/python bench/fmnist_classify.py --run cnn-teacher-deep --seed 0   # first: the KD rows need it
+    .venv/bin/python bench/fmnist_classify.py --run cnn-teacher-deep --seed 0 --name cnn-teacher-deep-bf16
     .venv/bin/python bench/fmnist_classify.py --run hybrid-kd-deit --seed 0     # its teacher: that seed's
     .venv/bin/python bench/fmnist_classify.py --run hybrid-scratch --seed 1 --no-ema --name hybrid-scratch-no-ema
 
@@ -102,10 +102,15 @@ RUNS: dict[str, Run] = {
     "vit-scratch": Run("scratch", "vit-fmnist-28"),
     "vit-scratch-p7": Run("scratch", STUDENT),
     # --- distillation ---
-    # DeiT (hard): the hybrid student with a distillation token learns the deep teacher's argmax; its own
-    # scratch row is hybrid-scratch. The teacher's forward runs under bf16 where the CPU has it natively.
+    # DeiT (hard): the s8 hybrid with a distillation token beside its sequence pooling learns the deep teacher's
+    # argmax; its own scratch row is hybrid-s8-scratch. The teacher is cnn-teacher-deep's recipe trained under
+    # bf16 (`--run cnn-teacher-deep --name cnn-teacher-deep-bf16`, a CPU with native bf16), and its forward
+    # runs under bf16 here too where the CPU has it.
     "hybrid-kd-deit": Run(
-        "distill", HYBRID, distill=DistillSettings(KDKind.DEIT_HARD, teacher_bf16=True), teacher_row="cnn-teacher-deep"
+        "distill",
+        "vit-hybrid-fmnist-s8",
+        distill=DistillSettings(KDKind.DEIT_HARD, teacher_bf16=True),
+        teacher_row="cnn-teacher-deep-bf16",
     ),
     # The first round's KD rows: the vit-fmnist-28-fast student from cnn-teacher (baseline: vit-scratch-p7).
     "vit-kd-response": Run(

@@ -42,8 +42,8 @@ def test_conv_stem_output_grid_is_the_token_grid() -> None:
         ViTConfig(image_size=28, patch_size=7, stem="conv")
     with pytest.raises(ValueError, match="one channel count each"):
         ViTConfig(image_size=28, patch_size=4, stem="conv", stem_channels=(8, 16, 32))
-    with pytest.raises(ValueError, match="pool must be 'cls'"):
-        ViTConfig(image_size=28, patch_size=4, stem="conv", pool="seq", distilled=True)
+    with pytest.raises(ValueError, match="pool must be 'cls' or 'seq'"):
+        ViTConfig(image_size=28, patch_size=4, stem="conv", pool="mean", distilled=True)
 
 
 def test_conv_stem_grid_rounds_up_where_patches_do_not_divide() -> None:
@@ -173,8 +173,31 @@ def test_hybrid_student_takes_a_distillation_token() -> None:
         assert torch.allclose(model(x), (model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2, atol=1e-5)
     student = build_student("vit-hybrid-fmnist", 10, KDKind.DEIT_HARD, seed=0)
     assert student.config.stem == "conv" and student.config.distilled
-    with pytest.raises(UserError, match="pick a \\[CLS\\] student"):
-        build_student("vit-hybrid-fmnist-seqpool", 10, KDKind.DEIT_HARD, seed=0)
+
+
+def test_sequence_pooling_student_reads_its_classes_from_the_patches_and_the_teacher_from_dist() -> None:
+    """No [CLS]: [DIST] is the one prefix token; the class head reads the sequence pooling of the patch tokens."""
+    student = build_student("vit-hybrid-fmnist-s8", 10, KDKind.DEIT_HARD, seed=0)
+    assert student.num_prefix_tokens == 1 and student.cls_token is None and student.dist_token is not None
+    assert student.pos_embed.shape[1] == 1 + 16
+    x = torch.randn(2, 3, 28, 28)
+    cls_logits, dist_logits = student.train()(x)
+    assert cls_logits.shape == dist_logits.shape == (2, 10)
+    with torch.no_grad():
+        tokens = student.eval().forward_features(x)  # (B, 1 + 16, C)
+        by_class = student.head(student.seq_pool(tokens[:, 1:]))
+        by_teacher = student.head_dist(tokens[:, 0])
+        assert torch.allclose(student(x), (by_class + by_teacher) / 2, atol=1e-5)
+        pooled = student.forward_head(tokens, pre_logits=True)
+        assert torch.allclose(pooled, (student.seq_pool(tokens[:, 1:]) + tokens[:, 0]) / 2, atol=1e-6)
+        heat = model_rollout(student, x)
+    assert heat.shape == (2, 4, 4) and torch.isfinite(heat).all()
+    # without distillation the same preset pools every token, as before (no prefix)
+    plain = build_model("vit-hybrid-fmnist-s8").eval()
+    with torch.no_grad():
+        tokens = plain.forward_features(x)
+        assert tokens.shape[1] == 16
+        assert torch.equal(plain.forward_head(tokens, pre_logits=True), plain.seq_pool(tokens))
 
 
 def test_deit_hard_distillation_into_a_hybrid_student_lowers_its_loss() -> None:

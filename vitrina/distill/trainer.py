@@ -139,11 +139,6 @@ def build_student(preset: str, num_classes: int, kind: KDKind, *, seed: int) -> 
         student = build_classifier(preset, num_classes, seed=seed)
         if not isinstance(student, ViT):
             raise UserError(f"--kind {kind.value} needs a ViT student with a distillation token; {preset} is not a ViT")
-        if student.config.pool != "cls":
-            raise UserError(
-                f"--kind {kind.value}: {preset} pools by {student.config.pool!r}, and a distillation token sits beside "
-                "[CLS]; pick a [CLS] student (e.g. vit-hybrid-fmnist) or --kind response"
-            )
         return build_classifier(preset, num_classes, seed=seed, distilled=True)
     return build_classifier(preset, num_classes, seed=seed)
 

@@ -158,9 +158,10 @@ def model_rollout(
     """
     attentions = model.forward_attention(pixels)
     if model.config.pool == "seq":
-        weights = model.seq_pool.weights(model.forward_features(pixels))  # (B, N)
+        first = model.num_prefix_tokens  # a distilled model's [DIST]: its share is left out, as [CLS]'s is
+        weights = model.seq_pool.weights(model.forward_features(pixels)[:, first:])  # (B, N)
         rollout = rollout_matrix(attentions, discard_ratio=discard_ratio, head_fusion=head_fusion)
-        return sequence_pool_rollout(rollout, weights)
+        return sequence_pool_rollout(rollout[:, first:, first:], weights)
     return attention_rollout(
         attentions, discard_ratio=discard_ratio, head_fusion=head_fusion, num_prefix_tokens=model.num_prefix_tokens
     )

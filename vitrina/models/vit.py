@@ -27,7 +27,9 @@ its output grid is the token grid (``image_size / patch_size`` per side, the pat
 stem's total stride). ``ViTConfig(pool="seq")`` pools by sequence pooling (an attention-weighted
 mean of the output tokens, as the Compact Convolutional Transformer) and has no [CLS] token, so
 ``num_prefix_tokens`` is 0. Both are config fields at defaults that leave a plain ViT as it was:
-same parameters, same names, same outputs.
+same parameters, same names, same outputs. A distilled ViT with sequence pooling has [DIST] as its
+one prefix token: the class head reads the sequence pooling of the patch tokens, the distillation
+head reads [DIST] (so a CCT-like student learns from a teacher the DeiT way).
 
 ``patchify``/``unpatchify`` cut images into flat patches in MAE's layout, and
 ``ViT.forward_attention`` returns every block's attention weights (for rollout, see
@@ -81,8 +83,10 @@ class ViTConfig:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.pool not in ("cls", "mean", "seq"):
             raise ValueError(f"pool must be 'cls', 'mean' or 'seq', got {self.pool!r}")
-        if self.distilled and self.pool != "cls":
-            raise ValueError("a distilled ViT reads its [CLS] and distillation tokens: pool must be 'cls'")
+        if self.distilled and self.pool == "mean":
+            raise ValueError(
+                "a distilled ViT's class head reads [CLS] or a sequence pooling: pool must be 'cls' or 'seq'"
+            )
         if self.act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {', '.join(ACTIVATIONS)}, got {self.act!r}")
         self.stem_channels = tuple(self.stem_channels)  # JSON gives a list
@@ -109,10 +113,8 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patches: [CLS] (none with sequence pooling), and DeiT's [DIST] when ``distilled``."""
-        if self.pool == "seq":
-            return 0
-        return 2 if self.distilled else 1
+        """Tokens before the patches: [CLS] (none with sequence pooling), then DeiT's [DIST] when ``distilled``."""
+        return int(self.pool != "seq") + int(self.distilled)
 
     @property
     def conv_stem_channels(self) -> tuple[int, ...]:
@@ -434,18 +436,26 @@ class ViT(nn.Module):
             attentions.append(weights)
         return attentions
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, P+N, C) -> (B, C): [CLS] (the mean of [CLS] and [DIST] if distilled), the mean of the patch
-        tokens, or their sequence pooling (weights from ``seq_pool``)."""
+    def class_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, P+N, C) -> (B, C) the class head reads: [CLS], the mean of the patch tokens, or their
+        sequence pooling (weights from ``seq_pool``)."""
         if self.config.pool == "mean":
             return x[:, self.num_prefix_tokens :].mean(dim=1)
         if self.config.pool == "seq":
-            return self.seq_pool(x)
+            return self.seq_pool(x[:, self.num_prefix_tokens :])
         if self.cls_token is None:
             raise ValueError("this ViT pools by sequence pooling and has no [CLS] token to read")
-        if self.dist_token is not None:
-            return (x[:, 0] + x[:, 1]) / 2
         return x[:, 0]
+
+    def dist_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, P+N, C) -> (B, C): the [DIST] token, the last prefix token (after [CLS] if there is one)."""
+        return x[:, self.num_prefix_tokens - 1]
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, P+N, C) -> (B, C): ``class_features``, averaged with [DIST] if distilled."""
+        if self.dist_token is not None:
+            return (self.class_features(x) + self.dist_features(x)) / 2
+        return self.class_features(x)
 
     def forward_head(
         self, x: torch.Tensor, pre_logits: bool = False
@@ -455,7 +465,7 @@ class ViT(nn.Module):
         A distilled ViT in training mode returns ``(cls_logits, dist_logits)``, each (B, num_classes or C).
         """
         if self.dist_token is not None and not pre_logits:
-            logits, dist_logits = self.head(x[:, 0]), self.head_dist(x[:, 1])
+            logits, dist_logits = self.head(self.class_features(x)), self.head_dist(self.dist_features(x))
             return (logits, dist_logits) if self.training else (logits + dist_logits) / 2
         x = self.pool(x)
         return x if pre_logits else self.head(x)
