@@ -1,4 +1,4 @@
-"""The import layers of ../shared/DESIGN.md hold: serve → search → index → models, nothing upward.
+"""The import layers of DESIGN.md hold: serve → search → index → models, nothing upward.
 
 Every ``import`` in a module counts, the lazy ones inside functions too: a layer that reaches up to
 another, even late, ties the light query path to the heavy tools (training, evaluation).
