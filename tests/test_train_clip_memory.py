@@ -154,3 +154,31 @@ def test_caption_negatives_train_against_the_training_captions_only(tmp_path: Pa
         )
     with pytest.raises(UserError, match="negatives='everything'"):
         ClipTrainSettings(negatives="everything")
+
+
+def test_auto_negatives_are_the_captions_for_a_locked_text_tower_and_the_batch_for_a_trained_one(
+    tmp_path: Path, monkeypatch
+):
+    made = []
+
+    class Spy(clip_trainer.CaptionSet):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(clip_trainer, "CaptionSet", Spy)
+    run = dict(pairs=shape_pairs(36), train_config=tiny_config(epochs=1, lr=1e-3), progress=False)
+    auto = ClipTrainSettings(negatives="auto")
+    train_clip(model=locked_tiny_clip(), out_dir=tmp_path / "locked", settings=auto, **run)
+    assert len(made) == 1  # the locked tower's cached features: every training caption is a negative
+    summary = train_clip(model=build_model("clip-tiny"), out_dir=tmp_path / "trainable", settings=auto, **run)
+    assert len(made) == 1 and math.isfinite(summary.metrics["val/loss"])  # a trained tower: CLIP's batch loss
+    # the run records what auto chose: the explicit choice is the same run (it resumes), the other one is not
+    resumed = train_clip(
+        model=locked_tiny_clip(), out_dir=tmp_path / "locked", settings=ClipTrainSettings(negatives="captions"), **run
+    )
+    assert resumed.steps == 4
+    with pytest.raises(UserError, match="other settings"):
+        train_clip(
+            model=locked_tiny_clip(), out_dir=tmp_path / "locked", settings=ClipTrainSettings(negatives="batch"), **run
+        )

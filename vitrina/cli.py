@@ -797,9 +797,10 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument(
         "--negatives",
         choices=NEGATIVES,
-        default="batch",
+        default="auto",
         help="what an image is contrasted with: the batch's captions (CLIP) or every training caption, each "
-        "phrasing of its concept a positive (needs a locked text tower: its features are cached)",
+        "phrasing of its concept a positive (needs a locked text tower: its features are cached); auto "
+        "(default): captions where the text tower is locked and one process trains, else batch",
     )
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(handler=cmd_train_clip)

@@ -22,8 +22,9 @@ T = TypeVar("T")
 
 
 PRECISIONS = ("fp32", "bf16")
-# what a CLIP training image is contrasted with (ClipTrainSettings.negatives): its batch, or every training caption
-NEGATIVES = ("batch", "captions")
+# what a CLIP training image is contrasted with (ClipTrainSettings.negatives): its batch, every training caption,
+# or auto (the captions where the run can have them)
+NEGATIVES = ("batch", "captions", "auto")
 
 
 @dataclass
