@@ -13,6 +13,12 @@ One row per runtime and precision, all of the same weights:
 * ``onnx · int8``: their int8 twins, ONNX Runtime dynamic quantization of the weight MatMuls, per-channel
   weight scales (``vitrina.models.quantize_onnx``; what ``--precision int8`` runs under ``--runtime auto``).
 
+And the pairs a user deploys, each tower at its own precision: ``index torch · bf16 + queries onnx · fp32`` is
+``vitrina index --precision bf16`` (the images embedded under bf16 autocast) searched by a default
+``vitrina search`` / ``serve`` (the version's exported fp32 text tower); ``index torch · int8 + ...`` likewise
+for ``--precision int8``. Their img/s is the index row's, their q/s the query row's (both timed above), their
+R@10 and overlap are computed from the index row's image vectors and the query row's text vectors.
+
 Per row:
 
 * image img/s: ``encode_image`` on pre-decoded pixels (the PyTorch transform's, for every row), batch
@@ -57,6 +63,17 @@ from vitrina.runtime import OnnxQueryEncoder, read_manifest  # noqa: E402
 BENCHMARK = "precision"
 
 
+# (the index's image tower, the query's text tower): what `vitrina index --precision X` then a default search runs
+DEPLOYED_PAIRS = [("torch · bf16", "onnx · fp32"), ("torch · int8", "onnx · fp32")]
+
+
+def model_label(model: Path) -> str:
+    """A row's model name: the checkpoint's folder, or the run's above ``clip/best`` (``best`` says nothing)."""
+    while model.name in ("best", "clip") and model.parent != model:
+        model = model.parent
+    return model.name
+
+
 def held_out(collection: Path) -> tuple[list[Path], list[str]]:
     """(image paths, captions) of a collection written by ``vitrina data export emoji``."""
     records = [json.loads(line) for line in (collection / "captions.jsonl").read_text().splitlines() if line]
@@ -83,7 +100,9 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=512, help="images per img/s round")
     parser.add_argument("--queries", type=int, default=64, help="single-text queries per q/s round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--label", help="the model's name in the rows (default: its folder's name)")
     args = parser.parse_args()
+    label = args.label or model_label(Path(args.model))
     if not Path(args.model).is_dir() or not Path(args.collection).is_dir():
         raise SystemExit(f"{args.model} or {args.collection} missing: run `make demo` first")
     torch.set_num_threads(2)
@@ -125,15 +144,23 @@ def main() -> int:
         for p, encoder in encoders.items():
             img_s[p].append(rate(lambda e=encoder: images(e), len(sample)))
             text_qs[p].append(rate(lambda e=encoder: texts(e), len(queries)))
-    recall, nearest = {}, {}
+    recall, nearest, image_vectors, text_vectors = {}, {}, {}, {}
     unique = sorted(set(captions))
     for p, encoder in encoders.items():
-        vectors = np.concatenate(
+        image_vectors[p] = np.concatenate(
             [as_numpy(encoder.encode_image(pixels[i : i + 256])) for i in range(0, len(pixels), 256)]
         )
-        recall[p] = caption_recalls(vectors, captions, encoder)["text_to_image"]["R@10"]
-        text = np.concatenate([as_numpy(encoder.encode_text(unique[i : i + 256])) for i in range(0, len(unique), 256)])
-        nearest[p] = top10(text, vectors)
+        recall[p] = caption_recalls(image_vectors[p], captions, encoder)["text_to_image"]["R@10"]
+        text_vectors[p] = np.concatenate(
+            [as_numpy(encoder.encode_text(unique[i : i + 256])) for i in range(0, len(unique), 256)]
+        )
+        nearest[p] = top10(text_vectors[p], image_vectors[p])
+    for index_row, query_row in DEPLOYED_PAIRS:
+        p = f"index {index_row} + queries {query_row}"
+        names.append(p)
+        img_s[p], text_qs[p] = img_s[index_row], text_qs[query_row]
+        recall[p] = caption_recalls(image_vectors[index_row], captions, encoders[query_row])["text_to_image"]["R@10"]
+        nearest[p] = top10(text_vectors[query_row], image_vectors[index_row])
     ref = "torch · fp32"
     reference = {"img": statistics.median(img_s[ref]), "text": statistics.median(text_qs[ref])}
     for p in names:
@@ -156,7 +183,7 @@ def main() -> int:
             f"({row['text_q_s_vs_fp32']:.2f}x), R@10 {recall[p]:.4f} ({row['R@10_vs_fp32']:.3f}x), "
             f"top-10 overlap {overlap:.3f}"
         )
-        record(BENCHMARK, f"{Path(args.model).name} · {p}", row)
+        record(BENCHMARK, f"{label} · {p}", row)
     shutil.rmtree(towers, ignore_errors=True)
     return 0
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from test_index import image_path, make_encoder, write_collection
@@ -108,6 +109,15 @@ def test_int8_towers_rank_as_fp32_and_answer_an_index_built_at_another_precision
     for tower in ("text", "image"):  # both int8 twins exported, checked and published beside the float32 graphs
         assert manifest[tower]["int8"]["status"] == "ok" and manifest[tower]["int8"]["min_cosine"] >= 0.95
         assert (version_towers / manifest[tower]["int8"]["file"]).is_file()
+    # the text tower's weights alone are 8-bit (its activations' outliers stay float), the image tower's
+    # activations are quantized per call too: each graph holds its method's ops, and the manifest says which
+    ops = {
+        tower: {node.op_type for node in onnx.load(str(version_towers / manifest[tower]["int8"]["file"])).graph.node}
+        for tower in ("text", "image")
+    }
+    assert "MatMulNBits" in ops["text"] and not {"DynamicQuantizeLinear", "MatMulInteger"} & ops["text"]
+    assert "MatMulInteger" in ops["image"] and "MatMulNBits" not in ops["image"]
+    assert manifest["text"]["int8"]["quantization"].startswith("MatMulNBits")
     with Searcher(index_dir, runtime="onnx", precision="int8") as int8, Searcher(index_dir, runtime="torch") as ref:
         assert isinstance(int8.encoder, OnnxQueryEncoder) and int8.encoder.precision == "int8"
         overlaps = []

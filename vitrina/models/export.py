@@ -401,13 +401,13 @@ def _check_int8(encoder: Encoder, runtime: OnnxQueryEncoder, tower: str) -> floa
 
 def _add_int8(encoder: Encoder, staging: Path, manifest: dict) -> None:
     """Quantize each usable tower to its int8 twin (``vitrina.models.quantize_onnx``), check it, record it."""
-    from vitrina.models.quantize_onnx import MIN_COSINE, int8_file, quantize_tower
+    from vitrina.models.quantize_onnx import METHODS, MIN_COSINE, int8_file, quantize_tower
 
     for tower, name in TOWER_FILES.items():
         if manifest[tower]["status"] != OK:
             continue
         try:
-            quantize_tower(staging / name, staging / int8_file(name))
+            quantize_tower(staging / name, staging / int8_file(name), tower)
             runtime = OnnxQueryEncoder(staging, {**manifest, tower: {**manifest[tower], "file": int8_file(name)}})
             cosine = _check_int8(encoder, runtime, tower)
             del runtime
@@ -418,7 +418,7 @@ def _add_int8(encoder: Encoder, staging: Path, manifest: dict) -> None:
             "status": OK,
             "file": int8_file(name),
             "min_cosine": cosine,
-            "quantization": "dynamic, MatMul, per channel",
+            "quantization": METHODS[tower],
         }
         if not cosine >= MIN_COSINE:
             entry.update(status=REJECTED, reason=f"cosine {cosine:.4f} to the PyTorch tower is below {MIN_COSINE}")

@@ -1,14 +1,18 @@
-"""int8 twins of exported towers: ONNX Runtime dynamic quantization of the weight MatMuls, per output channel.
+"""int8 twins of exported towers: ONNX Runtime quantization of the weight MatMuls, one method per tower.
 
 What ``--precision int8`` runs where a version's towers are exported (``vitrina.models.export`` calls this
 after the float32 towers pass their check). Chosen by measurement on the demo model (bench/precision.py,
-and the trials in ``bench/notes/precision.md``) on the AVX2-only CPUs we serve from:
+and the trials in ``bench/notes/precision.md``):
 
-* dynamic, MatMul only: weights int8 (symmetric), activations uint8 with a range computed per call, so
-  no calibration set is needed and any input distribution is covered; attention's score/value products,
-  LayerNorm, Softmax, GELU and the patch-embedding Conv stay float32;
-* per-channel weight scales: per-tensor scales cost the MiniLM text tower a mean cosine of 0.967 to its
-  float32 vectors (the first ONNX int8 attempt, reverted for R@10 0.93x); per channel, 0.994;
+* the image tower: dynamic, MatMul only: weights int8 (symmetric, one scale per output channel),
+  activations uint8 with a range computed per call, so no calibration set is needed; attention's
+  score/value products, LayerNorm, Softmax, GELU and the patch-embedding Conv stay float32. Its vectors
+  keep a cosine of ~1.000 to float32;
+* the text tower: weight-only 8-bit ``MatMulNBits`` (symmetric, a scale per block of 128 weights,
+  ``accuracy_level`` 4: int8 arithmetic where the CPU has it). The MiniLM tower's activations have outliers
+  that a per-call activation range spreads over the whole 8 bits: dynamic quantization left it a mean cosine
+  of 0.984 (min 0.956) to float32 and the demo model 0.98x of its R@10; per-block weights alone keep 0.998
+  (min 0.995) and 0.994x, at 188 against 199 single queries/s (AVX-512 VNNI machine, 2026-12-04);
 * ``reduce_range`` off: 7-bit weights buy nothing per channel (0.993) and lose more per tensor (0.879).
 
 Each int8 tower is checked against the float32 PyTorch tower like its float32 twin, by cosine instead of
@@ -34,15 +38,33 @@ def int8_file(name: str) -> str:
     return name.removesuffix(".onnx") + ".int8.onnx"
 
 
-def quantize_tower(graph: Path, out: Path) -> None:
-    """Write the int8 twin of the float32 ``graph`` (weights in ``graph.data``) as ``out`` + ``out.data``."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+# How each tower's int8 twin is made (recorded in the manifest's int8 entry)
+METHODS = {
+    "image": "dynamic, MatMul, per channel",
+    "text": "MatMulNBits, 8-bit weights, blocks of 128, accuracy level 4",
+}
+TEXT_BLOCK = 128
 
-    single = out.with_name(out.name + ".single")  # the quantizer writes one file; split the weights off after
+
+def quantize_tower(graph: Path, out: Path, tower: str) -> None:
+    """Write the int8 twin of ``tower``'s float32 ``graph`` (weights in ``graph.data``) as ``out`` + ``out.data``."""
+    import onnx
+
     quiet = logging.getLogger()  # "please run pre-processing" (root logger): the graph was optimised when exported
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    try:
+        model = _weight_only_8bit(graph) if tower == "text" else _dynamic_per_channel(graph, out)
+    finally:
+        quiet.setLevel(level)
+    onnx.save_model(model, str(out), save_as_external_data=True, location=out.name + DATA_SUFFIX, size_threshold=1024)
+
+
+def _dynamic_per_channel(graph: Path, out: Path):
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    single = out.with_name(out.name + ".single")  # the quantizer writes one file; the weights are split off after
     try:
         quantize_dynamic(
             str(graph),
@@ -55,8 +77,34 @@ def quantize_tower(graph: Path, out: Path) -> None:
             # inference cannot type: their outputs are float32
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
+        return onnx.load(str(single))
     finally:
-        quiet.setLevel(level)
-    model = onnx.load(str(single))
-    onnx.save_model(model, str(out), save_as_external_data=True, location=out.name + DATA_SUFFIX, size_threshold=1024)
-    single.unlink()
+        single.unlink(missing_ok=True)
+
+
+def _weight_only_8bit(graph: Path):
+    import onnx
+
+    MatMulNBitsQuantizer = _import_nbits_quantizer()
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(graph)), bits=8, block_size=TEXT_BLOCK, is_symmetric=True, accuracy_level=4
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _import_nbits_quantizer():
+    """ONNX Runtime's ``MatMulNBitsQuantizer``, imported without the side effect of its module: it calls
+    ``logging.basicConfig(level=INFO)``, which would give the whole process a root handler at INFO (and print a
+    line per skipped node). The root logger is put back as it was, and the module's own logger kept quiet."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    return MatMulNBitsQuantizer
