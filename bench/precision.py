@@ -10,8 +10,9 @@ One row per runtime and precision, all of the same weights:
 * ``torch · int8``: ``torch.ao`` dynamic quantization of the ``nn.Linear`` layers
   (``--precision int8 --runtime torch``);
 * ``onnx · fp32``: the towers the indexer exports (``vitrina.models.export``), in ONNX Runtime (``--runtime onnx``);
-* ``onnx · int8``: their int8 twins, ONNX Runtime dynamic quantization of the weight MatMuls, per-channel
-  weight scales (``vitrina.models.quantize_onnx``; what ``--precision int8`` runs under ``--runtime auto``).
+* ``onnx · int8``: their int8 twins (``vitrina.models.quantize_onnx``; what ``--precision int8`` runs under
+  ``--runtime auto``): the text tower's weights 8-bit per block (``MatMulNBits``), the image tower's MatMuls
+  dynamically quantized with per-channel weight scales (rows before 2026-12-04: both dynamic).
 
 And the pairs a user deploys, each tower at its own precision: ``index torch · bf16 + queries onnx · fp32`` is
 ``vitrina index --precision bf16`` (the images embedded under bf16 autocast) searched by a default
@@ -100,7 +101,9 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=512, help="images per img/s round")
     parser.add_argument("--queries", type=int, default=64, help="single-text queries per q/s round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--label", help="the model's name in the rows (default: its folder's name)")
+    parser.add_argument(
+        "--label", help="the model's name in the rows (default: its folder's, or its run's for .../clip/best)"
+    )
     args = parser.parse_args()
     label = args.label or model_label(Path(args.model))
     if not Path(args.model).is_dir() or not Path(args.collection).is_dir():

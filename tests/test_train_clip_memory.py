@@ -115,9 +115,9 @@ def test_a_flips_only_run_trains_and_a_cropping_run_refuses_to_resume_it(tmp_pat
         train_clip(model=build_model("clip-tiny"), settings=ClipTrainSettings(crop=True), **run)
 
 
-def test_caption_negatives_train_against_the_training_captions_only(tmp_path: Path, monkeypatch):
-    """negatives='captions': every training caption is an image's negative, and nothing of a watch set (held-out
-    concepts) is among them; a trainable text tower (no cached features) is refused with a hint."""
+@pytest.fixture
+def caption_sets_made(monkeypatch) -> list:
+    """Every ``CaptionSet`` the trainer builds from now on (one per run with caption negatives)."""
     made = []
 
     class Spy(clip_trainer.CaptionSet):
@@ -126,6 +126,12 @@ def test_caption_negatives_train_against_the_training_captions_only(tmp_path: Pa
             made.append(self)
 
     monkeypatch.setattr(clip_trainer, "CaptionSet", Spy)
+    return made
+
+
+def test_caption_negatives_train_against_the_training_captions_only(tmp_path: Path, caption_sets_made: list):
+    """negatives='captions': every training caption is an image's negative, and nothing of a watch set (held-out
+    concepts) is among them; a trainable text tower (no cached features) is refused with a hint."""
     pairs = shape_pairs(36)
     held_out = [(image, caption.replace("a ", "a held-out ", 1)) for image, caption in shape_pairs(6, seed=2)]
     summary = train_clip(
@@ -138,7 +144,7 @@ def test_caption_negatives_train_against_the_training_captions_only(tmp_path: Pa
         progress=False,
     )
     assert summary.steps == 2 * 4 and math.isfinite(summary.metrics["val/loss"])
-    (caption_set,) = made
+    (caption_set,) = caption_sets_made
     trained_captions = {caption for _, caption in pairs}
     assert set(caption_set.captions) <= trained_captions and len(caption_set.captions) >= len(trained_captions) - 4
     assert not {caption for _, caption in held_out} & set(caption_set.captions)
@@ -157,22 +163,16 @@ def test_caption_negatives_train_against_the_training_captions_only(tmp_path: Pa
 
 
 def test_auto_negatives_are_the_captions_for_a_locked_text_tower_and_the_batch_for_a_trained_one(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, caption_sets_made: list
 ):
-    made = []
-
-    class Spy(clip_trainer.CaptionSet):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(clip_trainer, "CaptionSet", Spy)
     run = dict(pairs=shape_pairs(36), train_config=tiny_config(epochs=1, lr=1e-3), progress=False)
     auto = ClipTrainSettings(negatives="auto")
     train_clip(model=locked_tiny_clip(), out_dir=tmp_path / "locked", settings=auto, **run)
-    assert len(made) == 1  # the locked tower's cached features: every training caption is a negative
+    assert len(caption_sets_made) == 1  # the locked tower's cached features: every training caption is a negative
     summary = train_clip(model=build_model("clip-tiny"), out_dir=tmp_path / "trainable", settings=auto, **run)
-    assert len(made) == 1 and math.isfinite(summary.metrics["val/loss"])  # a trained tower: CLIP's batch loss
+    assert len(caption_sets_made) == 1 and math.isfinite(
+        summary.metrics["val/loss"]
+    )  # a trained tower: CLIP's batch loss
     # the run records what auto chose: the explicit choice is the same run (it resumes), the other one is not
     resumed = train_clip(
         model=locked_tiny_clip(), out_dir=tmp_path / "locked", settings=ClipTrainSettings(negatives="captions"), **run

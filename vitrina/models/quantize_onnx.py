@@ -38,12 +38,12 @@ def int8_file(name: str) -> str:
     return name.removesuffix(".onnx") + ".int8.onnx"
 
 
+TEXT_BLOCK = 128  # weights per scale in the text tower's MatMulNBits
 # How each tower's int8 twin is made (recorded in the manifest's int8 entry)
 METHODS = {
     "image": "dynamic, MatMul, per channel",
-    "text": "MatMulNBits, 8-bit weights, blocks of 128, accuracy level 4",
+    "text": f"MatMulNBits, 8-bit weights, blocks of {TEXT_BLOCK}, accuracy level 4",
 }
-TEXT_BLOCK = 128
 
 
 def quantize_tower(graph: Path, out: Path, tower: str) -> None:

@@ -386,13 +386,14 @@ def train_clip(
         cache = TextFeatureCache(model, all_captions([*pairs, *watched]), batch_size=settings.text_batch_size)
     embed_text = make_embedder(model, cache)
     caption_set = None
+    captions_possible = cache is not None and gather is None  # cached features of every caption, one process
     negatives = settings.negatives
     if negatives == "auto":
         # where they apply, caption negatives gained 7 (captions) and 11 (names) points of held-out-style R@10
         # over batch negatives (retrieval_quality.json: caption-negatives against caption-variants)
-        negatives = "captions" if cache is not None and gather is None else "batch"
+        negatives = "captions" if captions_possible else "batch"
     if negatives == "captions":
-        if cache is None or gather is not None:
+        if not captions_possible:
             raise UserError(
                 "negatives='captions' needs a locked text tower with cached features, in one process; "
                 "use negatives='batch' for a trained text tower or under torchrun"
