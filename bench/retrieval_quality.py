@@ -122,6 +122,12 @@ ROWS = {
             "settings": CAPTION_NEGATIVES,
         },
         "caption-negatives-p12-batch64": {"preset": "clip-minilm-p12", "batch_size": 64, "settings": CAPTION_NEGATIVES},
+        "caption-negatives-p12-batch128-bf16": {
+            "preset": "clip-minilm-p12",
+            "batch_size": 128,
+            "precision": "bf16",
+            "settings": CAPTION_NEGATIVES,
+        },
     }.items()
 }
 

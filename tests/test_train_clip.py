@@ -213,6 +213,25 @@ def test_cached_text_features_give_the_uncached_loss_and_gradients():
     assert all(torch.allclose(grads_a[n], grads_b[n], atol=1e-6) for n in grads_a)
 
 
+def test_bf16_towers_feed_a_float32_loss_that_matches_the_plain_step():
+    # Under the loop's bf16 autocast the towers run in bf16, but the logits (similarity x a temperature
+    # up to 100) and the loss stay float32: the loss equals the one computed from the same embeddings in fp32.
+    model = locked_tiny_clip()
+    pairs = shape_pairs(8)
+    pixels, captions = batch_of(model, pairs)
+    embed = make_embedder(model, TextFeatureCache(model, [c for _, c in pairs]))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = clip_step(model, (pixels, captions), embed)
+        image_emb, text_emb = model.encode_image(pixels), embed(list(captions))
+    assert image_emb.dtype == torch.bfloat16  # the towers did run in bf16
+    assert out.loss.dtype == torch.float32
+    expected = clip_loss(image_emb.float(), text_emb.float(), model.scale())
+    assert out.loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    out.loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
 def test_locked_text_tower_trains_only_what_sits_above_it(tmp_path: Path):
     model = locked_tiny_clip()
     text_before = {n: p.clone() for n, p in model.text.state_dict().items()}

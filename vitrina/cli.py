@@ -94,6 +94,7 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
         lr=args.lr,
         seed=args.seed,
         num_workers=args.workers,
+        precision=args.precision,
         **_schedule_settings(args),
     )
     settings = ClipTrainSettings(
@@ -801,6 +802,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="what an image is contrasted with: the batch's captions (CLIP) or every training caption, each "
         "phrasing of its concept a positive (needs a locked text tower: its features are cached); auto "
         "(default): captions where the text tower is locked and one process trains, else batch",
+    )
+    clip.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="bf16: the towers' forward under bf16 autocast, the loss in float32 (pays on AVX-512 BF16 / AMX CPUs)",
     )
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(handler=cmd_train_clip)

@@ -65,13 +65,14 @@ def run_demo(
     preset: str = DEMO_PRESET,
     learning_rate: float = LEARNING_RATE,
     batch_size: int = BATCH_SIZE,
+    precision: str = "fp32",
 ) -> dict:
     """Run the five steps; returns the evaluation results (also written to ``out_dir/eval.json``).
 
     ``settings`` (a ``ClipTrainSettings``), ``caption_variants`` (train on several phrasings of each emoji,
     keywords included, instead of one caption) and ``fashion_images`` (the Fashion-MNIST share of the mix)
     are the knobs ``bench/retrieval_quality.py`` ablates, with the model ``preset``, the peak
-    ``learning_rate`` and the ``batch_size``.
+    ``learning_rate``, the ``batch_size`` and the training ``precision`` (``TrainConfig.precision``).
     """
     from vitrina.checkpoint import best_checkpoint, load_encoder
     from vitrina.config import TrainConfig, to_dict
@@ -126,7 +127,12 @@ def run_demo(
     # a time budget: the learning rate's cosine reaches its floor when the minutes are spent, however
     # many epochs the machine manages in them
     config = TrainConfig(
-        epochs=BUDGET_EPOCH_LIMIT, batch_size=batch_size, lr=learning_rate, seed=seed, budget_minutes=train_minutes
+        epochs=BUDGET_EPOCH_LIMIT,
+        batch_size=batch_size,
+        lr=learning_rate,
+        seed=seed,
+        budget_minutes=train_minutes,
+        precision=precision,
     )
     train_clip(
         model=build_model(preset),

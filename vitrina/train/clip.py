@@ -193,29 +193,33 @@ def clip_step(
     training caption (``caption_set_loss``).
     """
     pixels, captions = batch
-    image_emb = model.encode_image(pixels)  # (B, D)
-    text_emb = embed_text(list(captions))  # (B, D)
-    scale = model.scale()
+    # The towers may run under bf16 autocast (``TrainConfig.precision``); the loss never does. Similarities
+    # times a temperature of up to 100 in bf16 (8 bits of mantissa) would be rounded by up to 0.5 a logit.
+    image_emb = model.encode_image(pixels).float()  # (B, D)
+    text_emb = embed_text(list(captions)).float()  # (B, D)
+    every_caption = caption_set.embeddings().float() if caption_set is not None else None  # (C, D)
     concepts = None if concept_of is None else torch.tensor([concept_of[c] for c in captions])  # (B,)
-    if caption_set is not None:
-        loss = caption_set_loss(
-            image_emb,
-            text_emb,
-            caption_set.embeddings(),
-            scale,
-            concepts=concepts,
-            caption_set_concepts=caption_set.concepts,
-        )
-        images, offset = image_emb, 0
-    elif gather is None:
-        loss, images, offset = clip_loss(image_emb, text_emb, scale, concepts=concepts), image_emb, 0
-    else:
-        images, offset = gather(image_emb)  # (N, D), the global batch
-        texts, _ = gather(text_emb)  # (N, D)
-        all_concepts = None if concepts is None else gather(concepts)[0]  # (N,)
-        loss = clip_loss_rows(
-            image_emb, text_emb, images, texts, scale, offset=offset, row_concepts=concepts, concepts=all_concepts
-        )
+    with torch.autocast("cpu", enabled=False):
+        scale = model.scale()
+        if every_caption is not None:
+            loss = caption_set_loss(
+                image_emb,
+                text_emb,
+                every_caption,
+                scale,
+                concepts=concepts,
+                caption_set_concepts=caption_set.concepts,
+            )
+            images, offset = image_emb, 0
+        elif gather is None:
+            loss, images, offset = clip_loss(image_emb, text_emb, scale, concepts=concepts), image_emb, 0
+        else:
+            images, offset = gather(image_emb)  # (N, D), the global batch
+            texts, _ = gather(text_emb)  # (N, D)
+            all_concepts = None if concepts is None else gather(concepts)[0]  # (N,)
+            loss = clip_loss_rows(
+                image_emb, text_emb, images, texts, scale, offset=offset, row_concepts=concepts, concepts=all_concepts
+            )
     with torch.no_grad():
         scale_value = float(scale.detach())
         # in-batch text->image top-1: a cheap progress signal beside the loss
