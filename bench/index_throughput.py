@@ -10,10 +10,12 @@ half PNG, one sub-folder per class), then measures with the demo-sized encoder a
   processes, a thread pool, and the main thread (the default on 2 CPUs) as decoders.
 
 The ratio end-to-end / model should be >= 0.9 (issue 11). The model is timed right before and after each
-end-to-end run and the two averaged, because this 2-core machine is shared and noisy. The protocol, in
-full: bench/notes/index_throughput.md.
+end-to-end run and the two averaged, because this 2-core machine is shared and noisy; every decoder setting
+runs ``--rounds`` times, the settings in turn, and the median round is the row. The row also carries the
+decode step's own cost (ms per image, one thread) and the ratio it allows a decoder that takes turns with
+the model. The protocol, in full: bench/notes/index_throughput.md.
 
-Usage: ``.venv/bin/python bench/index_throughput.py [--model clip-small] [--images 2000] [--batch-size 64]``.
+Usage: ``.venv/bin/python bench/index_throughput.py [--model clip-small] [--images 2000] [--batch-size 64] [--rounds 3]``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from bench._report import record  # noqa: E402
 from vitrina.checkpoint import load_encoder  # noqa: E402
 from vitrina.data.fashion_mnist import FASHION_MNIST_PROMPT_NAMES, load_fashion_mnist  # noqa: E402
 from vitrina.data.images import load_image  # noqa: E402
+from vitrina.index.decode import Job, decode  # noqa: E402
 from vitrina.index.embed import index_folder  # noqa: E402
 
 SIDE = 128
@@ -70,6 +73,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each decoder setting (the median is kept)")
     parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "vitrina-bench-fmnist"))
     args = parser.parse_args()
 
@@ -78,28 +82,18 @@ def main() -> None:
     paths = make_folder(folder, args.images)
     pixels = torch.stack([encoder.image_transform(load_image(p)) for p in paths])  # (N, 3, H, W)
 
-    # workers=0: decode in the main thread between batches (nothing competes with the model's threads).
-    for decoder, workers in (("process", args.workers), ("thread", args.workers), ("thread", 0)):
-        # The model is timed right before and right after each end-to-end run: the machine is shared,
-        # so only measurements taken back to back are compared.
-        before = model_throughput(encoder, pixels, args.batch_size)
-        out = Path(tempfile.mkdtemp(prefix="vitrina-bench-index-"))
-        try:
-            report = index_folder(
-                folder,
-                encoder,
-                out / "idx",
-                model_ref=args.model,
-                batch_size=args.batch_size,
-                workers=workers,
-                decoder=decoder,
-                progress=False,
-            )
-        finally:
-            shutil.rmtree(out)
-        after = model_throughput(encoder, pixels, args.batch_size)
-        assert report.embedded == args.images, report.summary()
-        model = (before + after) / 2
+    decode_ms = decode_cost(paths, encoder.image_transform)
+    settings = [("process", args.workers), ("thread", args.workers), ("thread", 0)]
+    runs: dict[tuple[str, int], list[tuple[float, float, float]]] = {setting: [] for setting in settings}
+    # Rounds of every setting in turn: the machine is shared and drifts by tens of percent over minutes, so
+    # each setting is measured several times, spread over the run, and the median round is reported.
+    for _ in range(args.rounds):
+        for decoder, workers in settings:
+            runs[decoder, workers].append(measure(encoder, pixels, folder, args, decoder, workers))
+    for (decoder, workers), rounds in runs.items():
+        ratios = [e2e / model for model, _, e2e in rounds]
+        middle = sorted(range(len(rounds)), key=ratios.__getitem__)[len(rounds) // 2]  # the median round
+        model, spread, e2e = rounds[middle]
         row = {
             "model": args.model,
             "image px": "x".join(map(str, pixels.shape[-2:])),
@@ -108,13 +102,57 @@ def main() -> None:
             "batch": args.batch_size,
             "decoders": f"{workers} {decoder}" + ("es" if decoder == "process" else "s") if workers else "main thread",
             "model img/s": model,
-            "model img/s spread": abs(before - after) / model,
-            "end-to-end img/s": report.images_per_s,
-            "ratio": report.images_per_s / model,
+            "model img/s spread": spread,
+            "end-to-end img/s": e2e,
+            "ratio": ratios[middle],
+            "rounds": len(rounds),
+            "ratio per round": [round(r, 3) for r in ratios],
+            "decode ms/img": decode_ms,
+            # what a decoder that takes turns with the model can keep at most: model time / (model + decode)
+            "serial bound": 1 / (1 + decode_ms / 1000 * model),
             "torch threads": torch.get_num_threads(),
         }
         print(row, flush=True)
         record("index_throughput", f"{args.model} {decoder} x{workers}" if workers else f"{args.model} serial", row)
+
+
+def measure(encoder, pixels, folder: Path, args, decoder: str, workers: int) -> tuple[float, float, float]:
+    """(model img/s, its spread, end-to-end img/s) of one ``index_folder`` run into a fresh index."""
+    # The model is timed right before and right after the end-to-end run: only measurements taken back to
+    # back are compared.
+    before = model_throughput(encoder, pixels, args.batch_size)
+    out = Path(tempfile.mkdtemp(prefix="vitrina-bench-index-"))
+    try:
+        report = index_folder(
+            folder,
+            encoder,
+            out / "idx",
+            model_ref=args.model,
+            batch_size=args.batch_size,
+            workers=workers,
+            decoder=decoder,
+            progress=False,
+        )
+    finally:
+        shutil.rmtree(out)
+    after = model_throughput(encoder, pixels, args.batch_size)
+    assert report.embedded == args.images, report.summary()
+    model = (before + after) / 2
+    return model, abs(before - after) / model, report.images_per_s
+
+
+def decode_cost(paths: list[Path], transform) -> float:
+    """ms per image of the indexer's own decode step alone, in this thread: read the file once, hash it,
+    decode (JPEG draft scaling), the per-image geometry (``vitrina.index.decode.decode``)."""
+    per_image = getattr(transform, "to_uint8", transform)
+    draft = getattr(transform, "size", None)
+    jobs = [Job(p.name, p, 0, 0.0, None, None, is_new=True) for p in paths]
+    for job in jobs[:32]:  # warm-up: the page cache and Pillow's plugins
+        decode(job, per_image, draft)
+    start = time.perf_counter()
+    for job in jobs:
+        assert decode(job, per_image, draft).pixels is not None
+    return (time.perf_counter() - start) / len(jobs) * 1000
 
 
 if __name__ == "__main__":
