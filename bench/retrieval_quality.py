@@ -81,6 +81,7 @@ ROUND_START = {
     "batch_size": 256,
     "caption_variants": True,
     "fashion_images": 6000,
+    "precision": "fp32",
     "settings": ClipTrainSettings(),
 }
 CAPTION_NEGATIVES = ClipTrainSettings(negatives="captions")

@@ -232,6 +232,22 @@ def test_bf16_towers_feed_a_float32_loss_that_matches_the_plain_step():
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
 
 
+def test_a_demo_rerun_keeps_the_precision_its_checkpoint_was_trained_at(tmp_path: Path, monkeypatch):
+    # `make demo` resumes what it trained; a checkpoint of the other precision would refuse to resume
+    import vitrina.models.precision
+    from vitrina.demo import demo_precision
+
+    monkeypatch.setattr(vitrina.models.precision, "native_bf16", lambda: True)
+    assert demo_precision(tmp_path / "none-yet") == "bf16"  # a fresh demo on a bf16 CPU
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        config = tiny_config(epochs=1, precision=precision)
+        train_clip(model=locked_tiny_clip(), pairs=shape_pairs(20), out_dir=out, train_config=config, progress=False)
+        assert demo_precision(out) == precision
+    monkeypatch.setattr(vitrina.models.precision, "native_bf16", lambda: False)
+    assert demo_precision(tmp_path / "none-yet") == "fp32"
+
+
 def test_locked_text_tower_trains_only_what_sits_above_it(tmp_path: Path):
     model = locked_tiny_clip()
     text_before = {n: p.clone() for n, p in model.text.state_dict().items()}

@@ -53,6 +53,24 @@ def _step(console: Console, number: int, title: str) -> None:
     console.rule(f"[bold]{number}/5 {title}")
 
 
+def demo_precision(checkpoint: Path) -> str:
+    """The demo's training precision: that of the run already in ``checkpoint`` (a re-run resumes it, whatever
+    this CPU would choose), else bf16 where the CPU computes in bf16 natively, else fp32.
+
+    bf16 towers (float32 loss) pushed ~1.5x the images through the 10 minutes: held-out-style R@10 0.538 ->
+    0.597 with captions (retrieval_quality.json: caption-negatives-p12-batch128[-bf16], seeds 0/1). Without
+    native bf16 the same arithmetic is ~5x slower (BENCHMARKS.md, precision), so such CPUs train in fp32.
+    """
+    from vitrina.models.precision import native_bf16
+    from vitrina.train.checkpointing import STATE_JSON, find_checkpoint
+
+    found = find_checkpoint(checkpoint)
+    if found is not None:
+        identity = json.loads((found / STATE_JSON).read_text()).get("identity", {})
+        return identity.get("train", {}).get("precision", "fp32")  # fp32 runs record none
+    return "bf16" if native_bf16() else "fp32"
+
+
 def run_demo(
     *,
     out_dir: Path,
@@ -65,14 +83,15 @@ def run_demo(
     preset: str = DEMO_PRESET,
     learning_rate: float = LEARNING_RATE,
     batch_size: int = BATCH_SIZE,
-    precision: str = "fp32",
+    precision: str | None = None,
 ) -> dict:
     """Run the five steps; returns the evaluation results (also written to ``out_dir/eval.json``).
 
     ``settings`` (a ``ClipTrainSettings``), ``caption_variants`` (train on several phrasings of each emoji,
     keywords included, instead of one caption) and ``fashion_images`` (the Fashion-MNIST share of the mix)
     are the knobs ``bench/retrieval_quality.py`` ablates, with the model ``preset``, the peak
-    ``learning_rate``, the ``batch_size`` and the training ``precision`` (``TrainConfig.precision``).
+    ``learning_rate``, the ``batch_size`` and the training ``precision`` (``TrainConfig.precision``; None: bf16
+    where the CPU computes in bf16 natively, else fp32).
     """
     from vitrina.checkpoint import best_checkpoint, load_encoder
     from vitrina.config import TrainConfig, to_dict
@@ -113,7 +132,8 @@ def run_demo(
         all_pairs, all_concepts, held_out_concepts(all_concepts, rule)
     )
     n_emoji_held = sum(c.startswith("emoji:") for c in held_out.concepts)
-    console.print(f"training pairs: {len(pairs)} from {spec!r}; preset {preset}, cap {train_minutes} min")
+    precision = precision or demo_precision(checkpoint)
+    console.print(f"training pairs: {len(pairs)} from {spec!r}; preset {preset}, {precision}, cap {train_minutes} min")
     console.print(
         f"held out of training entirely: {n_emoji_held} emoji concepts (every style) and the garment classes "
         f"{', '.join(held_out.labels)} ({len(held_pairs)} pairs)"
