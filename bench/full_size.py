@@ -94,8 +94,12 @@ def open_clip_loop(model, preprocess, paths: list[Path], batch_size: int, worker
     return n / (time.perf_counter() - start)
 
 
-def vitrina_index(ref: str, folder: Path, paths: list[Path], batch_size: int, out: Path) -> tuple[float, object]:
-    """(img/s of ``index_folder`` over ``folder``, the encoder); one batch is indexed into a throw-away index first."""
+def vitrina_index(
+    ref: str, folder: Path, paths: list[Path], batch_size: int, out: Path
+) -> tuple[float, float, object]:
+    """(img/s of ``index_folder`` over ``folder``, the model's own img/s around it, the encoder); one batch is
+    indexed into a throw-away index first. The model alone is timed right before and right after the indexing
+    run and the two averaged: this machine drifts within minutes, so only back-to-back numbers are divided."""
     from vitrina.checkpoint import load_encoder
     from vitrina.index.embed import index_folder
 
@@ -105,8 +109,10 @@ def vitrina_index(ref: str, folder: Path, paths: list[Path], batch_size: int, ou
     for path in paths[:batch_size]:
         (warm / "x" / path.name).write_bytes(path.read_bytes())
     index_folder(warm, encoder, out / "warm-index", model_ref=ref, batch_size=batch_size, progress=False)
+    before = model_only(encoder, paths, batch_size)
     report = index_folder(folder, encoder, out / "index", model_ref=ref, batch_size=batch_size, progress=False)
-    return report.images_per_s, encoder
+    after = model_only(encoder, paths, batch_size)
+    return report.images_per_s, (before + after) / 2, encoder
 
 
 def model_only(encoder, paths: list[Path], batch_size: int) -> float:
@@ -153,8 +159,7 @@ def main() -> int:
         paths = make_jpegs(folder, args.images)
         ref = f"open_clip:ViT-B-32/{weights}"
 
-        ours_img_s, encoder = vitrina_index(ref, folder, paths, args.batch_size, tmp)
-        model_img_s = model_only(encoder, paths, args.batch_size)
+        ours_img_s, model_img_s, encoder = vitrina_index(ref, folder, paths, args.batch_size, tmp)
         peer = {f"{w} workers": open_clip_loop(model, preprocess, paths, args.batch_size, w) for w in (0, 2)}
         best_peer = max(peer, key=peer.get)
         # The towers agree: the same weights through vitrina's mapped model and through open_clip.
