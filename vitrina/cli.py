@@ -82,7 +82,7 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
     from vitrina.checkpoint import best_checkpoint
     from vitrina.config import TrainConfig
     from vitrina.data.sources import load_training_items
-    from vitrina.models.precision import native_bf16
+    from vitrina.models.precision import warn_without_native_bf16
     from vitrina.models.registry import build_model
     from vitrina.train.clip import ClipTrainSettings, train_clip
 
@@ -90,11 +90,8 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
     if not pairs:
         raise UserError(f"--data {args.data!r} yielded no image-caption pairs: check the spec and the data folder")
     model = build_model(args.preset)
-    if args.precision == "bf16" and not native_bf16():
-        print(
-            "warning: this CPU has no native bf16 (AVX-512 BF16 / AMX): --precision bf16 will train slower than fp32",
-            file=sys.stderr,
-        )
+    if args.precision == "bf16":
+        warn_without_native_bf16("training with --precision bf16")
     config = TrainConfig(
         batch_size=args.batch_size,
         lr=args.lr,

@@ -162,11 +162,11 @@ def default_workers(image_size: int | None, cpus: int | None = None) -> int:
     """Decoders to run beside the model: 2, except on a machine of 2 CPUs or fewer for a tower of <= 48 px
     input (the demo's), which decodes in the main thread between batches.
 
-    Measured on 2 cores (bench/index_throughput.json, bench/full_size.json): with a 48 px tower the model is
-    cheap per image and a decoder thread or process only takes turns with its matrix products (end-to-end /
-    model: main thread 0.85, 2 processes 0.78, 2 threads 0.71); from 64 px on, decoding beside the model pays
-    (64 px: 2 processes 0.84 vs main thread 0.79; ViT-B/32 on 300-640 px JPEGs: 2 decoders 0.988 of
-    open_clip's own loop, the main thread 0.855)."""
+    Measured on 2 cores (bench/index_throughput.json, medians of 3 rounds, 2026-12-04): with a 48 px tower the
+    model is cheap per image and a decoder thread or process only takes turns with its matrix products
+    (end-to-end / model, the demo's tower: main thread 0.58, 2 threads 0.49, 2 processes 0.45; clip-minilm:
+    0.72, 0.69, 0.54); at 64 px the two are even (main thread 0.77, 2 processes 0.76). A 224 px tower
+    (ViT-B/32 on 300-640 px JPEGs, bench/full_size.json) keeps 0.97 of its model's speed with 2 decoders."""
     small_machine = (usable_cpus() if cpus is None else cpus) <= 2
     return 0 if small_machine and image_size is not None and image_size <= 48 else 2
 

@@ -41,6 +41,15 @@ def native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def warn_without_native_bf16(what: str) -> None:
+    """One line on stderr when ``what`` asks for bf16 on a CPU without bf16 arithmetic, where it runs slower."""
+    if not native_bf16():
+        print(
+            f"warning: this CPU has no native bf16 (AVX-512 BF16 / AMX): {what} will be slower than fp32",
+            file=sys.stderr,
+        )
+
+
 def check_precision(precision: str) -> str:
     """``precision`` if known, else a ``UserError`` naming the choices."""
     if precision not in PRECISIONS:
@@ -69,11 +78,8 @@ class PrecisionEncoder:
                 raise UserError(f"--precision int8 needs a PyTorch model; {type(inner).__name__} has none")
             self.inner = copy.copy(inner)  # the caller's encoder keeps its float model
             self.inner.model = quantize_linear(model)
-        elif precision == "bf16" and not native_bf16():
-            print(
-                "warning: this CPU has no native bf16 (AVX-512 BF16 / AMX): --precision bf16 will be slower than fp32",
-                file=sys.stderr,
-            )
+        elif precision == "bf16":
+            warn_without_native_bf16("--precision bf16")
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)  # model, tokenizer... of the wrapped encoder
