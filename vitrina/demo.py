@@ -57,9 +57,9 @@ def demo_precision(checkpoint: Path) -> str:
     """The demo's training precision: that of the run already in ``checkpoint`` (a re-run resumes it, whatever
     this CPU would choose), else bf16 where the CPU computes in bf16 natively, else fp32.
 
-    bf16 towers (float32 loss) pushed 1.3x the images through the 10 minutes (2,447 steps against 1,887), and
-    held-out-style R@10 went 0.581 -> 0.605 with captions, 0.566 -> 0.594 with names (retrieval_quality.json:
-    caption-negatives-p12-batch128[-bf16], seed 0, the same day; bf16 seed 1: 0.589 / 0.583). Without
+    bf16 towers (float32 loss) pushed 1.3x the images through the 10 minutes (2,420 steps against 1,871), and
+    held-out-style R@10 went 0.564 -> 0.597 with captions, 0.558 -> 0.588 with names (retrieval_quality.json:
+    caption-negatives-p12-batch128[-bf16], means of seeds 0 and 1, all four runs on one day). Without
     native bf16 the same arithmetic is ~5x slower (BENCHMARKS.md, precision), so such CPUs train in fp32.
     """
     from vitrina.models.precision import native_bf16
