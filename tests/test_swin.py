@@ -8,6 +8,7 @@ import torch
 from timm.models.swin_transformer import SwinTransformer
 
 from vitrina.config import from_json, to_json
+from vitrina.models import swin
 from vitrina.models.swin import (
     MASKED,
     SWIN_PRESETS,
@@ -164,6 +165,24 @@ def test_mask_blocks_attention_across_wrapped_regions() -> None:
     # Without the mask the wrapped-around corner leaks in.
     block.attn_mask.zero_()
     assert _grad_of_corner_on_opposite_corner(block)[0, 0] > 1e-3
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+def test_fused_and_matmul_attention_agree(shift: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A block takes the fused SDPA kernel or plain matmuls by how many (window, head) pairs a call has:
+    # both must compute the same thing, shifted-window mask and relative position bias included.
+    torch.manual_seed(0)
+    block = SwinBlock(
+        dim=16, heads=2, resolution=14, window_size=7, shift=shift, mlp_ratio=2.0, qkv_bias=True, eps=1e-5
+    ).eval()
+    torch.nn.init.normal_(block.attn.relative_position_bias_table, std=1.0)
+    x = torch.randn(3, 14, 14, 16)  # 3 images x 4 windows x 2 heads = 24 (window, head) pairs
+    outputs = {}
+    for path, threshold in (("fused", 0), ("matmul", 10**9)):
+        monkeypatch.setattr(swin, "FUSED_ATTENTION_MIN_PAIRS", threshold)
+        with torch.no_grad():
+            outputs[path] = block(x)
+    torch.testing.assert_close(outputs["matmul"], outputs["fused"], atol=1e-5, rtol=1e-5)
 
 
 def test_no_shift_where_the_map_fits_one_window() -> None:

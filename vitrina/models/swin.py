@@ -31,6 +31,11 @@ from vitrina.models.vit import Mlp, init_transformer_weights
 # -inf: after softmax it is exactly 0 in float32 next to any real score, and it stays finite in half precision.
 MASKED = -100.0
 
+# Below this many (window, head) pairs per call, attention runs as plain matmuls + softmax: the fused SDPA
+# kernel splits its work by pair, and with few pairs its setup outweighs what it saves (Swin-T at batch 1,
+# stages 2-4: 96 pairs or fewer, ~1.5x slower fused on a 2-core AVX-512 CPU; bench/arch_throughput.py).
+FUSED_ATTENTION_MIN_PAIRS = 128
+
 
 @dataclass
 class SwinConfig:
@@ -202,6 +207,9 @@ class WindowAttention(nn.Module):
         BW, N, C = x.shape
         qkv = self.qkv(x).reshape(BW, N, 3, self.heads, C // self.heads)  # (B*nW, N, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B*nW, nh, N, hs)
+        if BW * self.heads < FUSED_ATTENTION_MIN_PAIRS:
+            x = self.attention_by_matmul(q, k, v, mask)
+            return self.proj(x.transpose(1, 2).reshape(BW, N, C))
         attn_mask = self.relative_position_bias().unsqueeze(0)  # (1, nh, N, N), the same for every window
         if mask is not None:
             nW = mask.shape[0]
@@ -212,6 +220,18 @@ class WindowAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.expand(BW, -1, -1, -1))  # (B*nW, nh, N, hs)
         x = x.transpose(1, 2).reshape(BW, N, C)  # (B*nW, N, C): heads side by side again
         return self.proj(x)
+
+    def attention_by_matmul(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """What ``forward``'s SDPA call computes, spelled out: (B*nW, nh, N, hs) q, k, v -> (B*nW, nh, N, hs).
+        The window mask is broadcast over the images instead of repeated per window."""
+        BW, nh, N, hs = q.shape
+        scores = (q * hs**-0.5) @ k.transpose(-2, -1) + self.relative_position_bias()  # (B*nW, nh, N, N)
+        if mask is not None:
+            nW = mask.shape[0]
+            scores = (scores.view(BW // nW, nW, nh, N, N) + mask[None, :, None]).view(BW, nh, N, N)
+        return scores.softmax(dim=-1) @ v
 
 
 class SwinBlock(nn.Module):
