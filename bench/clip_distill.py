@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget (the schedule ends with it)")
     parser.add_argument("--epochs", type=int, default=1000, help="an upper bound; the budget ends the run")
     parser.add_argument("--limit", type=int, default=None, help="smoke runs: at most N training images")
+    parser.add_argument("--text-weight", type=float, default=0.0, help="weight of the image-caption KL term")
+    parser.add_argument("--seed", type=int, default=0, help="the student's init and data order (another row)")
     parser.add_argument("--out", default="runs/bench/clip-distill")
     parser.add_argument("--results-dir", default=None, help="write results here instead of bench/results")
     args = parser.parse_args()
@@ -82,14 +84,16 @@ def main() -> None:
     if args.limit:
         pairs = pairs[: args.limit]
     # the schedule (warm-up, cosine) is laid over the budget's wall-clock time and ends with it; --epochs only caps it
-    config = TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, weight_decay=0.05, budget_minutes=args.minutes)
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=128, lr=1e-3, weight_decay=0.05, budget_minutes=args.minutes, seed=args.seed
+    )
     summary = distill_clip_tower(
         teacher_path=teacher,
         student_preset=args.student,
         pairs=pairs,
         out_dir=out / "student",
         train_config=config,
-        settings=ClipDistillSettings(),
+        settings=ClipDistillSettings(text_weight=args.text_weight),
     )
     print(f"student: {summary}")
 
@@ -124,7 +128,12 @@ def main() -> None:
         "budget_minutes": args.minutes,
         "val_cosine": summary.metrics.get("val/cosine"),
     }
-    path = report.record(BENCHMARK, args.student, row)
+    name = (
+        args.student
+        + (f"-text{args.text_weight:g}" if args.text_weight else "")
+        + (f"-seed{args.seed}" if args.seed else "")
+    )
+    path = report.record(BENCHMARK, name, row | {"text_weight": args.text_weight, "seed": args.seed})
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     print(f"written {path}")
 

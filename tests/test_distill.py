@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -173,6 +174,21 @@ def test_embedding_losses_match_naive_definitions():
     assert similarity_distribution_loss(s, 2 * s, tau).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_image_text_kl_matches_a_naive_loop_both_ways():
+    from vitrina.distill.clip_tower import image_text_kl
+
+    g = torch.Generator().manual_seed(7)
+    s, t, text = (F.normalize(torch.randn(4, 6, generator=g), dim=1) for _ in range(3))
+    text[3] = text[1]  # a caption two images share: a column twice over, no special case
+    scale, total = 5.0, 0.0
+    for rows_s, rows_t in ((s @ text.T, t @ text.T), ((s @ text.T).T, (t @ text.T).T)):
+        for i in range(4):
+            ps, pt = torch.softmax(scale * rows_s[i], 0), torch.softmax(scale * rows_t[i], 0)
+            total += float((pt * (pt.log() - ps.log())).sum()) / 4
+    assert image_text_kl(s, t, text, scale).item() == pytest.approx(total / 2, rel=1e-4)
+    assert image_text_kl(t, t, text, scale).item() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_hint_loss_resizes_the_teacher_map_to_the_student_grid():
     hint = HintLoss(8, 4)
     s, t = torch.randn(2, 8, 7, 7), torch.randn(2, 4, 14, 14)
@@ -315,6 +331,17 @@ def test_clip_tower_distillation_gives_a_searchable_clip(tmp_path):
         progress=False,
     )
     assert summary.epochs_done == 3 and "val/cosine" in summary.metrics
+    with_captions = distill_clip_tower(
+        teacher_path=teacher_dir,
+        student_preset="vit-nano-32",
+        pairs=pairs,
+        out_dir=tmp_path / "student-text",
+        train_config=TrainConfig(epochs=1, batch_size=8, lr=3e-3, val_fraction=0.2, log_every=1),
+        settings=ClipDistillSettings(augment=False, text_weight=1.0),
+        progress=False,
+    )
+    logged = [json.loads(line) for line in (with_captions.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(row.get("text_kl", 0) > 0 for row in logged)  # the caption term ran and was logged
     teacher, student = load_encoder(teacher_dir), load_encoder(tmp_path / "student")
     texts = ["picture 1", "a dog"]
     torch.testing.assert_close(student.encode_text(texts), teacher.encode_text(texts))  # the teacher's text side

@@ -242,7 +242,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
         if args.tta:
             raise UserError("--tta averages class logits over flips: it applies to classifiers, not to distill clip")
         pairs = load_training_pairs(args.data, seed=args.seed)
-        settings = ClipDistillSettings(augment=not args.no_augment, similarity_weight=args.similarity_weight)
+        settings = ClipDistillSettings(
+            augment=not args.no_augment, similarity_weight=args.similarity_weight, text_weight=args.text_weight
+        )
         summary = distill_clip_tower(
             teacher_path=args.teacher,
             student_preset=args.student,
@@ -854,6 +856,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--teacher-bf16", action="store_true", help="teacher forward under bf16 autocast (faster)")
     distill.add_argument("--beta", type=float, default=1.0, help="weight of the feature / relation term")
     distill.add_argument("--similarity-weight", type=float, default=1.0, help="clip: in-batch similarity KL weight")
+    distill.add_argument(
+        "--text-weight", type=float, default=0.0, help="clip: weight of the KL over the batch's captions (image-text)"
+    )
     _add_classify_options(distill, lr=1e-3, data_required=False)
     distill.set_defaults(handler=cmd_distill)
 

@@ -7,6 +7,12 @@ projection (to the same ``embed_dim``) learn to put every image where the teache
     loss = mean(1 - cos(student_emb, teacher_emb))                       (each image's direction)
          + similarity_weight * KL(teacher || student) over softmax(<e_i, e_j> / tau), j != i
                                                                             (the batch's geometry)
+         + text_weight * KL(teacher || student) over softmax(scale * <e_i, t_k>), both ways
+                                                       (where the batch's captions t_k see each image)
+
+The last term asks what retrieval asks: not only where an image lies, but how it ranks the batch's
+captions against each other (and each caption the batch's images), with the teacher's own temperature.
+The captions' vectors come from the frozen text tower, computed once per distinct caption.
 
 Since the text side is the teacher's, the student's image vectors are searched with the same text
 queries: ``vitrina index --model STUDENT_DIR`` works as with the teacher. Both towers see the same
@@ -29,7 +35,7 @@ from vitrina.checkpoint import load_model, save_model
 from vitrina.config import TrainConfig, to_dict
 from vitrina.data.datasets import ImageCaptionDataset
 from vitrina.data.transforms import eval_transform, train_transform
-from vitrina.distill.losses import embedding_cosine_loss, similarity_distribution_loss
+from vitrina.distill.losses import embedding_cosine_loss, similarity_distribution_loss, soft_target_kl
 from vitrina.errors import UserError
 from vitrina.models.clip import CLIP, CLIPConfig
 from vitrina.models.registry import VIT_PRESETS, preset_config
@@ -40,18 +46,22 @@ from vitrina.train.loop import StepOutput, TrainSummary, train
 
 @dataclass
 class ClipDistillSettings:
-    """``similarity_weight``: weight of the in-batch similarity KL (0 turns it off);
+    """``similarity_weight``: weight of the in-batch similarity KL (0 turns it off); ``text_weight``: weight
+    of the image-caption KL over the batch's captions (0 turns it off);
     ``similarity_temperature``: its softmax temperature; ``augment``: random resized crop + flip;
     ``val_max_items``: size of the fixed validation subset."""
 
     similarity_weight: float = 1.0
     similarity_temperature: float = 0.05
+    text_weight: float = 0.0  # the image-caption KL (0 turns it off); each image's first caption
     augment: bool = True
     val_max_items: int = 512
 
     def validate(self) -> None:
         if self.similarity_weight < 0 or self.similarity_temperature <= 0:
             raise UserError("similarity_weight must be >= 0 and similarity_temperature positive")
+        if self.text_weight < 0:
+            raise UserError(f"--text-weight must be 0 or more, got {self.text_weight}")
 
 
 def load_clip_teacher(path: str | os.PathLike) -> CLIP:
@@ -127,9 +137,43 @@ def teacher_embeddings(teacher: CLIP, pixels: torch.Tensor, batch_size: int = 25
     return torch.cat([teacher.encode_image(x) for x in pixels.split(batch_size)])
 
 
-def clip_distill_loss(student: CLIP, teacher: CLIP, settings: ClipDistillSettings, cache: torch.Tensor | None = None):
-    """The step's loss: batch ``(pixels at the teacher's size, indices)`` -> ``StepOutput``."""
+@torch.no_grad()
+def caption_vectors(teacher: CLIP, pairs: Sequence[Pair], batch_size: int = 256) -> torch.Tensor:
+    """(N, D) unit text vectors of each pair's first caption, each distinct caption encoded once."""
+    firsts = [captions_of(caption)[0] for _, caption in pairs]
+    distinct = list(dict.fromkeys(firsts))
+    vectors = torch.cat(
+        [
+            teacher.encode_text(teacher.tokenize(distinct[i : i + batch_size]))
+            for i in range(0, len(distinct), batch_size)
+        ]
+    )
+    row = {text: i for i, text in enumerate(distinct)}
+    return vectors[torch.tensor([row[text] for text in firsts])]
+
+
+def image_text_kl(student: torch.Tensor, teacher: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
+    """The mean of KL(teacher || student) over each image's softmax across the captions and each caption's
+    across the images, logits ``scale * <image, caption>``. (B, D) unit student / teacher image vectors,
+    (B, D) unit caption vectors -> scalar. A caption that several images share is a column several times
+    over: the teacher's soft targets spread over its copies as the student's must, so duplicates need
+    no special case."""
+    s_logits = scale * student @ text.T  # (B, B): image i, caption k
+    t_logits = scale * teacher @ text.T
+    return (soft_target_kl(s_logits, t_logits, 1.0) + soft_target_kl(s_logits.T, t_logits.T, 1.0)) / 2
+
+
+def clip_distill_loss(
+    student: CLIP,
+    teacher: CLIP,
+    settings: ClipDistillSettings,
+    cache: torch.Tensor | None = None,
+    captions: torch.Tensor | None = None,
+):
+    """The step's loss: batch ``(pixels at the teacher's size, indices)`` -> ``StepOutput``. ``captions``:
+    (N, D) caption vectors by item index (``caption_vectors``), needed when ``settings.text_weight`` > 0."""
     size = student.config.vision.image_size
+    scale = float(teacher.scale())
 
     def step(_: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
         pixels, index = batch
@@ -142,6 +186,10 @@ def clip_distill_loss(student: CLIP, teacher: CLIP, settings: ClipDistillSetting
             similarity = similarity_distribution_loss(emb, target, settings.similarity_temperature)
             loss = loss + settings.similarity_weight * similarity
             metrics["similarity_kl"] = float(similarity.detach())
+        if settings.text_weight > 0:
+            text_kl = image_text_kl(emb, target, captions[index], scale)
+            loss = loss + settings.text_weight * text_kl
+            metrics["text_kl"] = float(text_kl.detach())
         return StepOutput(loss, len(index), metrics)
 
     return step
@@ -203,6 +251,7 @@ def distill_clip_tower(
     if not settings.augment:
         loader = DataLoader(dataset, batch_size=256, num_workers=train_config.num_workers)
         cache = torch.cat([teacher_embeddings(teacher, x) for x, _ in loader])
+    captions = caption_vectors(teacher, train_pairs) if settings.text_weight > 0 else None
     total = sum(p.numel() for p in student.visual.parameters()) + student.image_projection.weight.numel()
     teacher_total = sum(p.numel() for p in teacher.visual.parameters())
     print(f"student image tower {student_preset}: {total:,} trainable parameters (teacher's: {teacher_total:,})")
@@ -215,7 +264,7 @@ def distill_clip_tower(
     trainable = torch.nn.ModuleDict({"visual": student.visual, "image_projection": student.image_projection})
     return train(
         model=trainable,
-        step_fn=clip_distill_loss(student, teacher, settings, cache),
+        step_fn=clip_distill_loss(student, teacher, settings, cache, captions),
         train_data=dataset,
         out_dir=out_dir,
         config=train_config,
