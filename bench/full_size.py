@@ -94,9 +94,7 @@ def open_clip_loop(model, preprocess, paths: list[Path], batch_size: int, worker
     return n / (time.perf_counter() - start)
 
 
-def vitrina_index(
-    ref: str, folder: Path, paths: list[Path], batch_size: int, out: Path
-) -> tuple[float, float, object]:
+def vitrina_index(ref: str, folder: Path, paths: list[Path], batch_size: int, out: Path) -> tuple[float, float, object]:
     """(img/s of ``index_folder`` over ``folder``, the model's own img/s around it, the encoder); one batch is
     indexed into a throw-away index first. The model alone is timed right before and right after the indexing
     run and the two averaged: this machine drifts within minutes, so only back-to-back numbers are divided."""

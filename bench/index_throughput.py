@@ -15,7 +15,8 @@ runs ``--rounds`` times, the settings in turn, and the median round is the row. 
 decode step's own cost (ms per image, one thread) and the ratio it allows a decoder that takes turns with
 the model. The protocol, in full: bench/notes/index_throughput.md.
 
-Usage: ``.venv/bin/python bench/index_throughput.py [--model clip-small] [--images 2000] [--batch-size 64] [--rounds 3]``.
+Usage:
+    .venv/bin/python bench/index_throughput.py [--model clip-small] [--images 2000] [--batch-size 64] [--rounds 3]
 """
 
 from __future__ import annotations
