@@ -27,13 +27,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench._report as report  # noqa: E402
-from vitrina.checkpoint import load_encoder, read_config  # noqa: E402
+from vitrina.checkpoint import load_encoder  # noqa: E402
 from vitrina.config import TrainConfig  # noqa: E402
 from vitrina.data.emoji import EMOJI_STYLES  # noqa: E402
+from vitrina.data.holdout import split_held_out  # noqa: E402
 from vitrina.data.sources import load_training_items  # noqa: E402
 from vitrina.demo import FASHION_TRAIN_IMAGES  # noqa: E402
 from vitrina.distill.clip_tower import ClipDistillSettings, distill_clip_tower  # noqa: E402
 from vitrina.eval.retrieval import evaluate_index  # noqa: E402
+from vitrina.eval.seen_unseen import held_out_of  # noqa: E402
 from vitrina.index.embed import index_folder  # noqa: E402
 
 BENCHMARK = "clip_distill"
@@ -79,8 +81,8 @@ def main() -> None:
     out = Path(args.out)
     pairs, concepts = load_training_items(args.data, seed=0)
     # the concepts the teacher was kept from (its config's held_out) stay out of the student's images too
-    held = set(read_config(teacher).get("held_out", {}).get("concepts", []))
-    pairs = [pair for pair, concept in zip(pairs, concepts, strict=True) if concept not in held]
+    held = set((held_out_of(str(teacher)) or {}).get("concepts", []))
+    pairs = split_held_out(pairs, concepts, held)[0]
     if args.limit:
         pairs = pairs[: args.limit]
     # the schedule (warm-up, cosine) is laid over the budget's wall-clock time and ends with it; --epochs only caps it

@@ -284,9 +284,9 @@ def train(args: argparse.Namespace) -> None:
 
 def score(args: argparse.Namespace) -> None:
     from vitrina.checkpoint import load_encoder
+    from vitrina.eval.seen_unseen import held_out_of
 
-    config = json.loads((Path(args.score) / "config.json").read_text())
-    held = set(config.get("held_out", {}).get("concepts", []))
+    held = set((held_out_of(args.score) or {}).get("concepts", []))
     quality = style_recalls(load_encoder(args.score), held, args.seed)
     print(json.dumps({"model": args.score, **summary(quality)}), flush=True)
 

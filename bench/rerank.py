@@ -38,7 +38,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _report  # noqa: E402
-from vitrina.checkpoint import BEST_FOLDER, read_config  # noqa: E402
+from vitrina.checkpoint import BEST_FOLDER  # noqa: E402
+from vitrina.eval.seen_unseen import held_out_of  # noqa: E402
 from vitrina.index.rerank_tokens import prepare_tokens  # noqa: E402
 from vitrina.search import Query, Searcher, Term  # noqa: E402
 
@@ -51,14 +52,15 @@ def train_if_missing(reranker: Path, model_ref: str, data: str, minutes: float) 
         return
     from vitrina.checkpoint import load_model, weights_digest
     from vitrina.config import TrainConfig
+    from vitrina.data.holdout import split_held_out
     from vitrina.data.sources import load_training_items
     from vitrina.train.rerank import train_reranker
 
     clip, config = load_model(model_ref)
     pairs, concepts = load_training_items(data)
     # the concepts the CLIP was kept from stay out of the re-ranker's training too (their queries are zero-shot)
-    held = set(config.get("held_out", {}).get("concepts", []))
-    pairs = [pair for pair, concept in zip(pairs, concepts, strict=True) if concept not in held]
+    held = set((held_out_of(model_ref) or {}).get("concepts", []))
+    pairs = split_held_out(pairs, concepts, held)[0]
     summary = train_reranker(
         clip=clip,
         clip_ref=str(Path(model_ref).resolve()),
@@ -117,7 +119,7 @@ def main() -> None:
             if args.queries is not None and args.queries < len(captions):
                 picked = np.random.default_rng(0).choice(len(captions), size=args.queries, replace=False)
                 captions = [captions[i] for i in sorted(picked)]
-            held_captions = set(read_config(Path(model_ref)).get("held_out", {}).get("captions", []))
+            held_captions = set((held_out_of(model_ref) or {}).get("captions", []))
             unseen = np.asarray([caption in held_captions for caption in captions], dtype=bool)
             searcher.run(Query(terms=[Term(captions[0], 1.0)], k=args.n, rerank=args.n))  # warm-up: loads it
             dual = measure(searcher, captions, relevant, args.n, rerank=False)
