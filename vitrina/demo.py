@@ -63,11 +63,11 @@ def demo_precision(checkpoint: Path) -> str:
     native bf16 the same arithmetic is ~5x slower (BENCHMARKS.md, precision), so such CPUs train in fp32.
     """
     from vitrina.models.precision import native_bf16
-    from vitrina.train.checkpointing import STATE_JSON, find_checkpoint
+    from vitrina.train.checkpointing import find_checkpoint, read_train_meta
 
     found = find_checkpoint(checkpoint)
     if found is not None:
-        identity = json.loads((found / STATE_JSON).read_text()).get("identity", {})
+        identity = read_train_meta(found).get("identity", {})
         return identity.get("train", {}).get("precision", "fp32")  # fp32 runs record none
     return "bf16" if native_bf16() else "fp32"
 

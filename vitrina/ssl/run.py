@@ -3,7 +3,6 @@ cap, pretrain, and (MAE) draw reconstructions. Shared by the CLI and ``bench/ssl
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from vitrina.ssl.data import load_image_set
 from vitrina.ssl.deepcluster import DeepCluster
 from vitrina.ssl.mae import MAE, save_reconstructions
 from vitrina.ssl.vicreg import VICRegConfig
-from vitrina.train.checkpointing import STATE_JSON, find_checkpoint
+from vitrina.train.checkpointing import find_checkpoint, read_train_meta
 from vitrina.train.loop import TrainSummary
 
 DEFAULT_EPOCHS = 10
@@ -45,7 +44,7 @@ def _saved_plan(out_dir: Path) -> tuple[int, int] | None:
     checkpoint = find_checkpoint(out_dir)
     if checkpoint is None:
         return None
-    meta = json.loads((checkpoint / STATE_JSON).read_text())
+    meta = read_train_meta(checkpoint)
     return meta["config"]["epochs"], meta["identity"]["items"]
 
 

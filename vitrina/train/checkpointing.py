@@ -79,6 +79,11 @@ def find_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return target if (target / STATE_JSON).is_file() else None
 
 
+def read_train_meta(checkpoint: Path) -> dict[str, Any]:
+    """The JSON half of a checkpoint folder's training state: epoch, step, config, identity, best..."""
+    return json.loads((checkpoint / STATE_JSON).read_text())
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -213,7 +218,7 @@ def load_train_state(
     folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Load the model, optimizer and RNG states saved in ``folder``; return the JSON and the extra tensors."""
-    meta = json.loads((folder / STATE_JSON).read_text())
+    meta = read_train_meta(folder)
     tensors = load_file(str(folder / STATE_TENSORS))
     model_tensors = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
     expected = set(model.state_dict())
@@ -265,7 +270,7 @@ def check_out_dir(out_dir: Path, identity: dict[str, Any], resume: bool) -> Path
                 "checkpoint; choose a new or empty output folder"
             )
         return None
-    meta = json.loads((checkpoint / STATE_JSON).read_text())
+    meta = read_train_meta(checkpoint)
     where = f"{out_dir} holds a checkpoint (epoch {meta['epoch']}, step {meta['global_step']})"
     if not resume:
         raise UserError(f"{where}; resume it, choose another output folder, or delete it to start over")

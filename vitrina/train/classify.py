@@ -41,7 +41,7 @@ from vitrina.config import TrainConfig, to_dict
 from vitrina.errors import UserError
 from vitrina.models.registry import build_from_config, kind_of, preset_config
 from vitrina.train import distributed
-from vitrina.train.checkpointing import STATE_JSON
+from vitrina.train.checkpointing import read_train_meta
 from vitrina.train.classify_data import (
     BatchAugment,
     ClassificationData,
@@ -207,7 +207,7 @@ def keep_best(out_dir: Path) -> Callable[[CheckpointInfo], None]:
     """An ``on_checkpoint`` hook: copy the checkpoint to ``out_dir/best`` when it is the best so far."""
 
     def hook(info: CheckpointInfo) -> None:
-        best = json.loads((info.path / STATE_JSON).read_text()).get("best")
+        best = read_train_meta(info.path).get("best")
         if best is not None and best["step"] == info.step:
             _copy_checkpoint(info.path, out_dir / BEST)
 

@@ -67,6 +67,7 @@ from vitrina.train.checkpointing import (
     find_checkpoint,
     load_train_state,
     optimizer_param_names,
+    read_train_meta,
     save_train_state,
     write_checkpoint,
 )
@@ -616,7 +617,7 @@ def train(
     with exclusive(out_dir) if main else contextlib.nullcontext():
         checkpoint = check_out_dir(out_dir, identity, resume)
         if world > 1:  # every rank resumes from the checkpoint rank 0 resumes from
-            step = json.loads((checkpoint / STATE_JSON).read_text())["global_step"] if checkpoint else None
+            step = read_train_meta(checkpoint)["global_step"] if checkpoint else None
             distributed.same_on_every_rank(step, f"checkpoints in {out_dir}")
         if main:
             clean_leftovers(out_dir)
