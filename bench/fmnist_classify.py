@@ -97,6 +97,8 @@ RUNS: dict[str, Run] = {
     "hybrid-seqpool-scratch": Run("scratch", "vit-hybrid-fmnist-seqpool"),
     # Three stride-2 convs (32-64-128) to 4 x 4 tokens, width 128, depth 6, sequence pooling: ~1.7x the steps.
     "hybrid-s8-scratch": Run("scratch", "vit-hybrid-fmnist-s8"),
+    # The same with a residual stride-1 conv refining each stage of the stem (the ViT paper's hybrid, small).
+    "hybrid-s8r1-scratch": Run("scratch", "vit-hybrid-fmnist-s8-r1"),
     # The plain-patch baselines: 4 px patches (49 tokens, width 192, depth 6), and 7 px (16 tokens, width 128,
     # depth 4: ~6x the img/s), each under the same budget recipe as the hybrids.
     "vit-scratch": Run("scratch", "vit-fmnist-28"),

@@ -138,7 +138,15 @@ def main() -> None:
         "--finetune-epochs", type=int, default=0, help="also fine-tune the pretrained backbone for N epochs (0: no)"
     )
     parser.add_argument(
-        "--pool", default="cls", choices=["cls", "mean"], help="probe the [CLS] token or the mean of the patch tokens"
+        "--pool",
+        default=None,
+        choices=["cls", "mean"],
+        help="probe the [CLS] token or the mean of the patch tokens (default: the backbone's own pooling)",
+    )
+    parser.add_argument(
+        "--backbone",
+        default=BACKBONE,
+        help=f"ViT preset to pretrain and probe (default {BACKBONE}); another one makes rows of its own",
     )
     parser.add_argument("--runs", default="runs/ssl_probe", help="where the pretrained checkpoints go")
     parser.add_argument("--dry-run", action="store_true", help="smoke run: results to a temporary folder only")
@@ -154,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    if args.pool != "cls" and args.method == "pixels":
+    if args.pool is not None and args.method == "pixels":
         parser.error("--pool: raw pixels have no tokens to pool")
     joint = args.method in JOINT_EMBEDDING
     if args.results_dir:
@@ -165,9 +173,17 @@ def main() -> None:
         args.probe_train = min(args.probe_train, args.limit)
         args.probe_test = min(args.probe_test or args.limit, args.limit)
     # a mean-pooled probe of a method is its own row, beside the [CLS] one; so is another multi-crop
-    row_name = args.method if args.pool == "cls" else f"{args.method}, mean-pooled"
-    slug = args.method if args.pool == "cls" else f"{args.method}_mean"
+    # and another backbone
+    mean_pooled = args.pool == "mean"
+    row_name = f"{args.method}, mean-pooled" if mean_pooled else args.method
+    slug = f"{args.method}_mean" if mean_pooled else args.method
     run_name = args.method  # the pretraining a row probes (a mean-pooled row probes its method's run)
+    if args.backbone != BACKBONE and args.method != "pixels":
+        row_name, slug, run_name = (
+            f"{row_name}, {args.backbone}",
+            f"{slug}_{args.backbone}",
+            f"{run_name}_{args.backbone}",
+        )
     if joint and args.local_crops != LOCAL_CROPS:
         row_name, slug = f"{row_name}, {args.local_crops} local crops", f"{slug}_{args.local_crops}local"
         run_name = f"{run_name}_{args.local_crops}local"
@@ -176,7 +192,7 @@ def main() -> None:
     # keeps the folder name of the runs from before seeds were a choice
     run_name = run_name if args.seed == 0 else f"{run_name}-seed{args.seed}"
     run_dir = (out / "runs" if args.dry_run else Path(args.runs)) / run_name
-    row: dict = {"backbone": BACKBONE if args.method != "pixels" else "-"}
+    row: dict = {"backbone": args.backbone if args.method != "pixels" else "-"}
     model = None
     if args.method in METHODS:
         batch_size, lr, max_items = SETTINGS[args.method]
@@ -189,7 +205,7 @@ def main() -> None:
             sizing = {"minutes": args.minutes, "train_settings": {"log_every": args.log_every}}
         result = run_pretraining(
             args.method,
-            backbone=BACKBONE,
+            backbone=args.backbone,
             data="fashion-mnist:train",
             out_dir=run_dir,
             batch_size=batch_size,
@@ -203,7 +219,7 @@ def main() -> None:
         if args.method == "mae":
             shutil.copyfile(run_dir / "reconstructions.png", out / "ssl_probe_mae_reconstructions.png")
     elif args.method == "random-init":
-        model = load_probe_model(BACKBONE, seed=args.seed)
+        model = load_probe_model(args.backbone, seed=args.seed)
         row["pretrain_minutes"] = 0.0
 
     train, test = probe_splits("fashion-mnist", 28, seed=args.seed)
@@ -229,7 +245,7 @@ def main() -> None:
         probe_train=results["linear"]["n_train"],
         probe_minutes=round(sum(results["seconds"].values()) / 60, 2),
     )
-    if args.finetune_epochs and args.method != "pixels" and args.pool == "cls":
+    if args.finetune_epochs and args.method != "pixels" and not mean_pooled:
         if args.method == "random-init":  # the control: the same fine-tuning from the untrained backbone
             from vitrina.checkpoint import save_model
 
@@ -242,7 +258,7 @@ def main() -> None:
     recipe = {
         "backbone": row["backbone"],
         "method": args.method,
-        "pool": args.pool,
+        "pool": row["pool"],
         "minutes": args.minutes if args.method in METHODS else None,
         "budget": joint,
         "local_crops": args.local_crops if joint else None,

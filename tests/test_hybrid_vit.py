@@ -46,6 +46,31 @@ def test_conv_stem_output_grid_is_the_token_grid() -> None:
         ViTConfig(image_size=28, patch_size=4, stem="conv", pool="mean", distilled=True)
 
 
+def test_refined_stem_keeps_the_grid_and_starts_as_a_residual_of_the_plain_stem(tmp_path: Path) -> None:
+    """``stem_refine``: residual stride-1 convs per stage; zeroed, they pass the plain stem's maps through."""
+    config = ViTConfig(image_size=28, patch_size=8, in_channels=1, width=32, depth=1, heads=2, stem="conv",
+                       stem_channels=(8, 16, 32), stem_refine=2, pool="seq")  # fmt: skip
+    refined, plain = ViT(config).eval(), ViT(dataclasses.replace(config, stem_refine=0)).eval()
+    assert plain.patch_embed.refine is None and not any(".refine." in k for k in plain.state_dict())
+    assert [len(stage) for stage in refined.patch_embed.refine] == [2, 2, 2]
+    x = _pixels(config)
+    assert refined.forward_features(x).shape == (3, 16, 32)
+    missing = refined.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(".refine." in k for k in missing)  # every other tensor is the plain model's
+    with torch.no_grad():
+        for stage in refined.patch_embed.refine:
+            for residual in stage:
+                residual.layer.conv.weight.zero_()
+        assert torch.allclose(refined(x), plain(x), atol=1e-6)  # BN(0) = 0 at init, GELU(0) = 0: identity
+    folder = save_model(refined, tmp_path / "ckpt")
+    loaded, _ = load_model(folder)
+    assert loaded.config.stem_refine == 2
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), refined(x))
+    with pytest.raises(ValueError, match="stem='conv' only"):
+        ViTConfig(image_size=28, patch_size=7, stem_refine=1)
+
+
 def test_conv_stem_grid_rounds_up_where_patches_do_not_divide() -> None:
     """28 px through three stride-2 convs: 14, 7, then 4 (padding 1 rounds up), the grid the config states."""
     config = ViTConfig(image_size=28, patch_size=8, in_channels=1, width=32, depth=1, heads=2, stem="conv", pool="seq")
@@ -133,6 +158,7 @@ def test_hybrid_presets_cost_and_listing(capsys: pytest.CaptureFixture) -> None:
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert "conv stem 48-96 (stride 4)" in rows["vit-hybrid-fmnist"]
     assert "seq pool" in rows["vit-hybrid-fmnist-seqpool"]
+    assert "conv stem 32-64-128 (stride 8) + 1 res conv/stage" in rows["vit-hybrid-fmnist-s8-r1"]
 
 
 def test_sequence_pool_rollout_is_the_weighted_mix_of_rows() -> None:
@@ -147,7 +173,9 @@ def test_sequence_pool_rollout_is_the_weighted_mix_of_rows() -> None:
     assert torch.allclose(heat.sum((1, 2)), torch.ones(2), atol=1e-5)  # all of the pooled feature is accounted for
 
 
-@pytest.mark.parametrize("preset", ["vit-hybrid-fmnist", "vit-hybrid-fmnist-seqpool", "vit-hybrid-fmnist-s8"])
+@pytest.mark.parametrize(
+    "preset", ["vit-hybrid-fmnist", "vit-hybrid-fmnist-seqpool", "vit-hybrid-fmnist-s8", "vit-hybrid-fmnist-s8-r1"]
+)
 def test_explain_runs_on_hybrid_presets(preset: str, tmp_path: Path) -> None:
     model = build_model(preset).eval()
     grid = model.config.grid_size

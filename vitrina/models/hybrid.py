@@ -6,6 +6,9 @@ convolution to the transformer's width. ``log2(patch)`` stride-2 convs shrink th
 patch size, so the stem's output grid is the same token grid as the patch embedding's, and the rest
 of the ViT (position embedding, blocks) is unchanged. The paper's stem uses ReLU and doubles the
 channels per conv up to the width; we use GELU (the transformer's activation) and the same doubling.
+Optionally each halving is followed by ``refine`` residual 3x3 stride-1 conv-BN-GELU layers at the
+same resolution, as the original ViT's hybrid put ResNet stages before its transformer: more
+convolution per token, which is cheap on a CPU and is what a short budget learns fastest from.
 
 Sequence pooling (Hassani et al., 2021, "Escaping the Big Data Paradigm with Compact
 Transformers"): the pooled feature is an attention-weighted mean of the output tokens,
@@ -43,18 +46,26 @@ class ConvStem(nn.Module):
     does not load into it, nor it into one.
     """
 
-    def __init__(self, *, channels: tuple[int, ...], in_channels: int, width: int) -> None:
+    def __init__(self, *, channels: tuple[int, ...], in_channels: int, width: int, refine: int = 0) -> None:
         super().__init__()
         ins = (in_channels, *channels[:-1])
         self.convs = nn.ModuleList(ConvBNAct(cin, cout) for cin, cout in zip(ins, channels, strict=True))
+        # stage i's residual stride-1 convs; absent (not empty) when refine is 0, so that the
+        # checkpoints of plain stems keep their exact tensor names
+        if refine:
+            self.refine = nn.ModuleList(nn.Sequential(*(ResidualConv(c) for _ in range(refine))) for c in channels)
+        else:
+            self.refine = None
         self.proj = nn.Conv2d(channels[-1], width, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels-last maps: faster CPU convs, as in vitrina.models.cnn (a training step of
         # vit-hybrid-fmnist-s8 at batch 128: 994 -> 1209 img/s)
         x = x.to(memory_format=torch.channels_last)  # .contiguous() would keep a 1-channel input as it is
-        for conv in self.convs:
+        for i, conv in enumerate(self.convs):
             x = conv(x)  # (B, c_i, H/2^(i+1), W/2^(i+1))
+            if self.refine is not None:
+                x = self.refine[i](x)  # same shape
         x = self.proj(x)  # (B, width, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, N, width), row-major like PatchEmbed
 
@@ -62,14 +73,25 @@ class ConvStem(nn.Module):
 class ConvBNAct(nn.Module):
     """``(B, C_in, H, W) -> (B, C_out, H/2, W/2)``: 3x3 stride-2 conv (no bias: BN follows), BatchNorm, GELU."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 2) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
+
+
+class ResidualConv(nn.Module):
+    """``(B, C, H, W) -> (B, C, H, W)``: ``x + GELU(BN(conv3x3(x)))``, a stride-1 conv that refines a stage."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.layer = ConvBNAct(channels, channels, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer(x)
 
 
 class SequencePool(nn.Module):

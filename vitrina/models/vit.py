@@ -73,6 +73,7 @@ class ViTConfig:
     # Hybrid ViT: "conv" puts a convolutional stem (log2(patch_size) stride-2 convs) where the patch embedding was
     stem: Literal["patch", "conv"] = "patch"
     stem_channels: tuple[int, ...] = ()  # channels of each stride-2 conv of a conv stem; () doubles up to width/2
+    stem_refine: int = 0  # residual 3x3 stride-1 convs after each stride-2 conv of a conv stem
 
     def __post_init__(self) -> None:
         # A conv stem's stride-2 convs (3x3, padding 1) round each halving up, so its grid is
@@ -99,8 +100,10 @@ class ViTConfig:
                     f"stem_channels {self.stem_channels}: a conv stem for patch_size {self.patch_size} "
                     f"has {halvings} stride-2 convs, one channel count each"
                 )
-        elif self.stem_channels:
-            raise ValueError("stem_channels applies to stem='conv' only")
+        elif self.stem_channels or self.stem_refine:
+            raise ValueError("stem_channels and stem_refine apply to stem='conv' only")
+        if self.stem_refine < 0:
+            raise ValueError(f"stem_refine must be >= 0, got {self.stem_refine}")
 
     @property
     def grid_size(self) -> int:
@@ -325,7 +328,9 @@ class ViT(nn.Module):
         c = config
         self.num_prefix_tokens = c.num_prefix_tokens
         if c.stem == "conv":
-            self.patch_embed = ConvStem(channels=c.conv_stem_channels, in_channels=c.in_channels, width=c.width)
+            self.patch_embed = ConvStem(
+                channels=c.conv_stem_channels, in_channels=c.in_channels, width=c.width, refine=c.stem_refine
+            )
         else:
             self.patch_embed = PatchEmbed(
                 patch_size=c.patch_size, in_channels=c.in_channels, width=c.width, bias=c.patch_bias
