@@ -140,6 +140,21 @@ def test_the_server_embeds_query_texts_with_the_exported_text_tower(index_dir: P
             np.testing.assert_allclose([r.hit.score for r in a.hits], [r.hit.score for r in b.hits], atol=1e-5)
 
 
+def test_the_text_tower_runs_on_as_many_threads_as_torch(index_dir: Path) -> None:
+    """`serve --threads N` sets PyTorch's threads; the ONNX text tower beside it takes N too, not every core."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with Searcher(index_dir, text_runtime="onnx") as searcher:
+            assert searcher.run(Query(terms=parse_query("a red circle"), k=3)).hits
+            session = searcher.served.text_encoder._sessions["text"]
+            assert session.get_session_options().intra_op_num_threads == 1
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_the_onnx_backed_server_answers_what_the_torch_backed_one_answers(index_dir: Path) -> None:
     photo = image_path(index_dir.parent / "photos", "red", "circle-0")
     onnx_app, torch_app = create_app(index_dir, runtime="onnx"), create_app(index_dir, runtime="torch")

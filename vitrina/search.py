@@ -299,6 +299,13 @@ class Served:
         return (self.encoder.identity.get("digest") or id(self.encoder), type(self.texts).__name__)
 
 
+def _torch_threads() -> int:
+    """PyTorch's intra-op threads in this process (imported already: the encoder beside the tower is PyTorch)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 class Searcher:
     """Queries against the active version of one index directory.
 
@@ -393,7 +400,9 @@ class Searcher:
             if digest != version.digest:
                 raise TowersUnavailable(f"the served model is not the weights {version.name} was built with")
             folder = towers_dir(version_dir(self.index_dir, version.id))
-            towers = OnnxQueryEncoder.load(folder, digest=digest)
+            # as many ONNX Runtime threads as PyTorch's (`serve --threads`), not every core: the text tower
+            # runs beside the PyTorch model in one process and should not take more cores than it may
+            towers = OnnxQueryEncoder.load(folder, digest=digest, threads=_torch_threads())
             reason = towers.why_not("text")
         except TowersUnavailable as error:
             reason = error.reason
