@@ -299,13 +299,6 @@ class Served:
         return (self.encoder.identity.get("digest") or id(self.encoder), type(self.texts).__name__)
 
 
-def _torch_threads() -> int:
-    """PyTorch's intra-op threads in this process (imported already: the encoder beside the tower is PyTorch)."""
-    import torch
-
-    return torch.get_num_threads()
-
-
 class Searcher:
     """Queries against the active version of one index directory.
 
@@ -391,6 +384,8 @@ class Searcher:
         None: the encoder embeds them. Only towers of the encoder's own weights count (``--model`` may name others)."""
         if self._text_runtime in (None, "torch") or not hasattr(encoder, "model"):
             return None
+        import torch  # loaded already: the encoder beside the tower is PyTorch
+
         from vitrina.index.ann import version_dir
         from vitrina.runtime import OnnxQueryEncoder, TowersUnavailable
         from vitrina.runtime.towers import towers_dir
@@ -402,7 +397,7 @@ class Searcher:
             folder = towers_dir(version_dir(self.index_dir, version.id))
             # as many ONNX Runtime threads as PyTorch's (`serve --threads`), not every core: the text tower
             # runs beside the PyTorch model in one process and should not take more cores than it may
-            towers = OnnxQueryEncoder.load(folder, digest=digest, threads=_torch_threads())
+            towers = OnnxQueryEncoder.load(folder, digest=digest, threads=torch.get_num_threads())
             reason = towers.why_not("text")
         except TowersUnavailable as error:
             reason = error.reason
