@@ -105,7 +105,7 @@ RUNS: dict[str, Run] = {
     "vit-scratch-p7": Run("scratch", STUDENT),
     # --- distillation ---
     # DeiT (hard): the s8 hybrid with a distillation token beside its sequence pooling learns the deep teacher's
-    # argmax; its own scratch row is hybrid-s8-scratch. The teacher is cnn-teacher-deep's recipe trained under
+    # argmax; its own scratch row is hybrid-s8-scratch-chlast. The teacher is cnn-teacher-deep's recipe trained under
     # bf16 (`--run cnn-teacher-deep --name cnn-teacher-deep-bf16`, a CPU with native bf16), and its forward
     # runs under bf16 here too where the CPU has it.
     "hybrid-kd-deit": Run(
