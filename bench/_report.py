@@ -43,17 +43,21 @@ def machine_summary() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB{torch_part}"
 
 
+def provenance(command: str | None = None) -> dict[str, str]:
+    """Where and when a result is measured: the command (default: this process's), the machine, the date."""
+    return {
+        "command": command or " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "machine": machine_summary(),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
 def record(benchmark: str, row: str, metrics: dict, command: str | None = None) -> Path:
     """Merge ``metrics`` as ``row`` of ``bench/results/<benchmark>.json`` and rebuild BENCHMARKS.md."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{benchmark}.json"
     table = json.loads(path.read_text()) if path.exists() else {}
-    table[row] = {
-        **metrics,
-        "command": command or " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "machine": machine_summary(),
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
+    table[row] = {**metrics, **provenance(command)}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(table, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
@@ -89,7 +93,7 @@ def record_seed(
 
     The row holds ``recipe`` (what every seed shares: model, budget, options), ``n_seeds`` and
     ``seeds``, the mean of every numeric metric, ``<key>_per_seed`` lists for the ``listed`` keys, and
-    ``per_seed`` ``{seed: metrics}``; nested values stay in the JSON, out of the markdown table,
+    ``per_seed`` ``{seed: metrics + provenance}``; nested values stay in the JSON, out of the markdown table,
     where the ``shown`` recipe fields appear as columns of their own. A seed run
     again replaces its own entry. A row that holds seeds of another recipe is not mixed into: that
     is a ``SystemExit`` naming the settings that differ.
@@ -97,8 +101,11 @@ def record_seed(
     check_recipe(benchmark, row, recipe)
     path = RESULTS_DIR / f"{benchmark}.json"
     table = json.loads(path.read_text()) if path.exists() else {}
-    per_seed = dict(table.get(row, {}).get("per_seed", {}))
-    per_seed[str(seed)] = metrics
+    old = table.get(row, {})
+    per_seed = dict(old.get("per_seed", {}))
+    _backfill_provenance(old, per_seed)
+    # each seed keeps its own command, machine and date: seeds of one row may run on different machines
+    per_seed[str(seed)] = {**metrics, **provenance(command)}
     per_seed = dict(sorted(per_seed.items(), key=lambda item: int(item[0])))
     means = {}
     for key in metrics:
@@ -114,6 +121,27 @@ def record_seed(
     headline = [name for k in listed for name in (k, f"{k}_per_seed") if name in merged]
     ordered = {k: merged.pop(k) for k in headline} | merged
     return record(benchmark, row, {**ordered, "per_seed": per_seed}, command=command)
+
+
+def _backfill_provenance(old_row: dict, per_seed: dict) -> None:
+    """Give the seed that ``old_row``'s provenance belongs to (the last one recorded) that provenance.
+
+    Rows written before seeds kept their own provenance hold it once, for the last seed recorded: the
+    one its command names (``--seed S``), or the only seed there is. Other seeds' stay unknown.
+    """
+    if "machine" not in old_row:
+        return
+    args = shlex.split(old_row.get("command", ""))
+    named = args[args.index("--seed") + 1] if "--seed" in args[:-1] else None
+    seed = named if named is not None else (next(iter(per_seed)) if len(per_seed) == 1 else None)
+    if seed in per_seed and "machine" not in per_seed[seed]:
+        per_seed[seed] = {**per_seed[seed], **{k: old_row[k] for k in PROVENANCE if k in old_row}}
+
+
+def _measured_where(metrics: dict) -> set[tuple]:
+    """The (machine, command, day) of a row and of each of its seeds that records its own."""
+    runs = [metrics, *(m for m in metrics.get("per_seed", {}).values() if "machine" in m)]
+    return {(m.get("machine"), m.get("command"), m.get("date", "")[:10]) for m in runs}
 
 
 def _cell(value) -> str:
@@ -148,9 +176,9 @@ def write_markdown() -> None:
         parts.append("|---" * (len(columns) + 1) + "|")
         for row, metrics in table.items():
             parts.append(f"| {row} | " + " | ".join(_cell(metrics.get(c, "")) for c in columns) + " |")
-        provenance = {(m.get("machine"), m.get("command"), m.get("date", "")[:10]) for m in table.values()}
+        measured = set().union(*(_measured_where(m) for m in table.values()))
         parts.append("")
-        for machine, command, day in sorted(provenance, key=str):
+        for machine, command, day in sorted(measured, key=str):
             parts.append(f"- `{command}` on {machine}, {day}")
         pictures = sorted(RESULTS_DIR.glob(f"{path.stem}*.png"))
         if pictures:
