@@ -101,9 +101,7 @@ def record_seed(
     check_recipe(benchmark, row, recipe)
     path = RESULTS_DIR / f"{benchmark}.json"
     table = json.loads(path.read_text()) if path.exists() else {}
-    old = table.get(row, {})
-    per_seed = dict(old.get("per_seed", {}))
-    _backfill_provenance(old, per_seed)
+    per_seed = dict(table.get(row, {}).get("per_seed", {}))
     # each seed keeps its own command, machine and date: seeds of one row may run on different machines
     per_seed[str(seed)] = {**metrics, **provenance(command)}
     per_seed = dict(sorted(per_seed.items(), key=lambda item: int(item[0])))
@@ -121,21 +119,6 @@ def record_seed(
     headline = [name for k in listed for name in (k, f"{k}_per_seed") if name in merged]
     ordered = {k: merged.pop(k) for k in headline} | merged
     return record(benchmark, row, {**ordered, "per_seed": per_seed}, command=command)
-
-
-def _backfill_provenance(old_row: dict, per_seed: dict) -> None:
-    """Give the seed that ``old_row``'s provenance belongs to (the last one recorded) that provenance.
-
-    Rows written before seeds kept their own provenance hold it once, for the last seed recorded: the
-    one its command names (``--seed S``), or the only seed there is. Other seeds' stay unknown.
-    """
-    if "machine" not in old_row:
-        return
-    args = shlex.split(old_row.get("command", ""))
-    named = args[args.index("--seed") + 1] if "--seed" in args[:-1] else None
-    seed = named if named is not None else (next(iter(per_seed)) if len(per_seed) == 1 else None)
-    if seed in per_seed and "machine" not in per_seed[seed]:
-        per_seed[seed] = {**per_seed[seed], **{k: old_row[k] for k in PROVENANCE if k in old_row}}
 
 
 def _measured_where(metrics: dict) -> set[tuple]:

@@ -75,24 +75,3 @@ def test_each_seed_keeps_the_machine_it_ran_on(report, monkeypatch):
     text = report.MARKDOWN.read_text()
     assert "- `bench/fm.py --run kd --seed 0` on AMD EPYC, 2 cores" in text
     assert "- `bench/fm.py --run kd --seed 1` on Intel Xeon, 2 cores" in text
-
-
-def test_a_row_written_before_seeds_kept_provenance_hands_it_to_the_seed_its_command_names(report, monkeypatch):
-    legacy = {
-        "test_acc": 0.93,
-        "n_seeds": 2,
-        "per_seed": {"0": {"test_acc": 0.92}, "1": {"test_acc": 0.94}},
-        "recipe": {"preset": "p"},
-        "command": "bench/fm.py --run old --seed 1",
-        "machine": "AMD EPYC, 2 cores",
-        "date": "2026-12-04 11:26 UTC",
-    }
-    report.RESULTS_DIR.mkdir(parents=True)
-    (report.RESULTS_DIR / "fm.json").write_text(json.dumps({"old": legacy}))
-    monkeypatch.setattr(report, "machine_summary", lambda: "Intel Xeon, 2 cores")
-    report.record_seed("fm", "old", 2, {"test_acc": 0.95}, recipe={"preset": "p"}, command="bench/fm.py --seed 2")
-    per_seed = json.loads((report.RESULTS_DIR / "fm.json").read_text())["old"]["per_seed"]
-    assert per_seed["1"]["machine"] == "AMD EPYC, 2 cores" and per_seed["1"]["date"] == "2026-12-04 11:26 UTC"
-    assert "machine" not in per_seed["0"]  # which machine seed 0 ran on was never written down
-    assert per_seed["2"]["machine"] == "Intel Xeon, 2 cores"
-    assert "- `bench/fm.py --run old --seed 1` on AMD EPYC, 2 cores, 2026-12-04" in report.MARKDOWN.read_text()
