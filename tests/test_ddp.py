@@ -66,6 +66,7 @@ def _rank_main(rank: int, world: int, port: int, job, args: tuple) -> None:
     )
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the loopback, whatever the host name resolves to
     job(rank, *args)
+    distributed.finish()  # what a run that succeeded does before its process exits
 
 
 def spawn(job, world: int, *args) -> None:
@@ -157,7 +158,9 @@ def job_resume(rank: int, out_dir: Path, root: Path) -> None:
 
 def job_cli(rank: int, argv_of_rank: list[list[str]], root: Path) -> None:
     """The command line, as ``torchrun -m vitrina.cli ...`` runs it in each process."""
-    (root / f"rc-rank{rank}").write_text(str(main(argv_of_rank[rank])))
+    rc = main(argv_of_rank[rank])
+    still_in_group = torch.distributed.is_initialized()  # main leaves the group once every rank is done
+    (root / f"rc-rank{rank}").write_text(f"{rc} {'in group' if still_in_group else 'left'}")
 
 
 def job_loss(rank: int, root: Path) -> None:
@@ -366,7 +369,7 @@ def test_train_classify_on_two_processes_gives_the_one_process_results(tmp_path:
     args += ["--batch-size", "8", "--lr", "1e-3", "--no-augment", "--workers", "0"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     spawn(job_cli, 2, [[*args, "--out", str(tmp_path / f"two-rank{r}")] for r in range(2)], tmp_path)
-    assert [(tmp_path / f"rc-rank{r}").read_text() for r in range(2)] == ["0", "0"]
+    assert [(tmp_path / f"rc-rank{r}").read_text() for r in range(2)] == ["0 left", "0 left"]
     assert not (tmp_path / "two-rank1").exists()  # rank 1 neither trains into, nor tests into, its folder
     want = json.loads((tmp_path / "one" / "results.json").read_text())
     got = json.loads((tmp_path / "two-rank0" / "results.json").read_text())

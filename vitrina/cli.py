@@ -1097,12 +1097,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _finish_process_group() -> None:
+    """Under torchrun, no rank leaves the process group before every rank is done (see ``finish``)."""
+    if "vitrina.train.distributed" in sys.modules:  # only training joins a group; others skip the import
+        from vitrina.train import distributed
+
+        distributed.finish()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command not in LIGHT_COMMANDS:
             _use_all_cores()
         args.handler(args)
+        _finish_process_group()
     except UserError as error:
         print(f"vitrina: error: {error}", file=sys.stderr)
         return 2

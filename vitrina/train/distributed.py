@@ -56,7 +56,8 @@ def setup() -> bool:
     """Join the process group torchrun describes (once per process); True when training is data-parallel.
 
     Each process gets ``cpu_count / LOCAL_WORLD_SIZE`` torch threads, so N processes on one
-    machine share its cores instead of fighting over them. The group is destroyed at exit.
+    machine share its cores instead of fighting over them. A run that succeeds ends with ``finish``;
+    otherwise the group is destroyed at exit.
     """
     if active() or not launched():
         return active()
@@ -73,9 +74,26 @@ def setup() -> bool:
 
 
 def cleanup() -> None:
-    """Leave the process group (nothing when there is none)."""
+    """Leave the process group (nothing when there is none).
+
+    At exit this runs without waiting for the other ranks: a rank that failed must not block on
+    peers that may never arrive. A run that succeeded ends with ``finish`` instead.
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish() -> None:
+    """End a run that succeeded on this rank: wait for every rank, then leave the group.
+
+    Why the barrier: a rank that tears its gloo connections down while a peer is still using them
+    (the peer one step behind, finishing its last file) can abort that peer at exit with
+    "terminate called without an active exception"; seen once in CI on two ranks, as SIGABRT
+    after both had written every result. With the barrier no rank leaves before all are done.
+    """
+    if active():
+        dist.barrier()
+    cleanup()
 
 
 def rank() -> int:
