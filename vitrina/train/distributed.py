@@ -91,8 +91,7 @@ def finish() -> None:
     "terminate called without an active exception"; seen once in CI on two ranks, as SIGABRT
     after both had written every result. With the barrier no rank leaves before all are done.
     """
-    if active():
-        dist.barrier()
+    barrier()
     cleanup()
 
 
