@@ -17,6 +17,12 @@ of the same seed; the teacher's training minutes stand beside it, with the total
     .venv/bin/python bench/fmnist_classify.py --run hybrid-kd-deit --seed 0     # its teacher: that seed's
     .venv/bin/python bench/fmnist_classify.py --run hybrid-scratch --seed 1 --no-ema --name hybrid-scratch-no-ema
 
+``--retest-of ROW`` trains nothing: it tests ROW's best checkpoint of ``--seed`` again with this
+command's test settings (``--tta-shift``) into a row of its own, carrying the training facts over:
+
+    .venv/bin/python bench/fmnist_classify.py --run hybrid-s8r1-scratch --retest-of hybrid-s8r1-scratch-amx \
+        --tta-shift 1 --seed 0 --name hybrid-s8r1-scratch-amx-tta10
+
 Smoke test (tiny, results kept out of bench/results):
     .venv/bin/python bench/fmnist_classify.py --run hybrid-scratch --minutes 0.3 --limit 2000 \\
         --out /tmp/fmnist-smoke --results-dir /tmp/fmnist-smoke/results
@@ -69,6 +75,7 @@ class Run:
     erasing: float = 0.0
     ema: bool = True
     tta: bool = True
+    tta_shift: int = 0  # px; > 0: the test averages 10 views (flips of the image and of 4 shifts), not 2
     distill: DistillSettings | None = None
     teacher_row: str | None = None  # the row whose checkpoint (same seed) a distill run learns from
     transfer: TransferSettings | None = None
@@ -187,7 +194,11 @@ def train_config(run: Run, *, minutes: float, epochs: int | None, seed: int, log
 def execute(run: Run, data, out: Path, config: TrainConfig, teacher: Path | None, clip: Path):
     """Train ``run`` into ``out``; returns the ``ClassifyOutcome``."""
     settings = ClassifySettings(
-        label_smoothing=run.label_smoothing, crop_pad=run.crop_pad, erasing=run.erasing, tta=run.tta
+        label_smoothing=run.label_smoothing,
+        crop_pad=run.crop_pad,
+        erasing=run.erasing,
+        tta=run.tta,
+        tta_shift=run.tta_shift,
     )
     if run.kind == "scratch":
         model = build_classifier(run.model, len(data.class_names), seed=config.seed)
@@ -242,6 +253,8 @@ def recipe_of(run: Run, args) -> dict:
         "split_seed": SPLIT_SEED,
         "limit": args.limit,
     }
+    if run.tta_shift:  # only then: the rows written before the option keep their recipe
+        recipe["tta_shift"] = run.tta_shift
     if run.distill is not None:
         recipe["distill"] = {k: str(v) if isinstance(v, KDKind) else v for k, v in asdict(run.distill).items()}
         recipe["teacher_row"] = run.teacher_row
@@ -289,7 +302,7 @@ def cpu_has_bf16() -> bool:
 
 def apply_overrides(run: Run, args) -> Run:
     """The row's recipe with the command line's ``--ema``/``--tta``/``--precision``/``--teacher-bf16`` choices."""
-    options = (("ema", args.ema), ("tta", args.tta), ("precision", args.precision))
+    options = (("ema", args.ema), ("tta", args.tta), ("tta_shift", args.tta_shift), ("precision", args.precision))
     run = replace(run, **{k: v for k, v in options if v is not None})
     if run.precision == "auto":
         run = replace(run, precision="bf16" if cpu_has_bf16() else "fp32")
@@ -307,6 +320,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="fixed epochs instead of the budget (a cap then)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="weight average (row's)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip TTA (row's)")
+    parser.add_argument(
+        "--tta-shift", type=int, default=None, metavar="PX", help="test: also 4 views shifted by PX px (row's: 0)"
+    )
+    parser.add_argument(
+        "--retest-of",
+        default=None,
+        metavar="ROW",
+        help="train nothing: test ROW's best checkpoint of --seed with this run's test settings (e.g. --tta-shift)",
+    )
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default=None, help="forward precision (row's)")
     parser.add_argument(
         "--teacher-bf16", action=argparse.BooleanOptionalAction, default=None, help="distill: teacher forward (row's)"
@@ -324,7 +346,7 @@ def main() -> None:
     name = args.name or args.run
     out_root = Path(args.out)
     teacher = None
-    if run.kind == "distill":
+    if run.kind == "distill" and not args.retest_of:  # a re-test needs the student's checkpoint only
         teacher = Path(args.teacher or out_root / run.teacher_row / f"seed{args.seed}" / "best")
         if not teacher.is_dir():
             raise SystemExit(
@@ -338,9 +360,15 @@ def main() -> None:
         report.MARKDOWN = report.RESULTS_DIR / "BENCHMARKS.md"
 
     recipe = recipe_of(run, args)
+    if args.retest_of:
+        recipe["retest_of"] = args.retest_of
     report.check_recipe(BENCHMARK, name, recipe)  # before the run, not after it
     out = out_root / name / f"seed{args.seed}"
     data = load_classification_data("fashion-mnist", limit=args.limit, seed=SPLIT_SEED)
+    if args.retest_of:
+        seed_row, r = retest(args.retest_of, args.seed, recipe, data, out_root, out, run)
+        record(name, args.seed, seed_row, recipe, r["test_acc"], out_root / args.retest_of)
+        return
     epochs = args.epochs or run.epochs
     config = train_config(run, minutes=args.minutes, epochs=epochs, seed=args.seed, log_every=args.log_every)
     outcome = execute(run, data, out, config, teacher, Path(args.clip))
@@ -357,19 +385,60 @@ def main() -> None:
         "train_img_per_s": measured_img_per_s(out / "metrics.jsonl"),
         "budget_spent": r["budget_spent"],
         "test_images": r["test_images"],
+        "tta_views": r["tta_views"],
         "checkpoint": str(outcome.best_dir),
     }
     if teacher is not None:
         seed_row["teacher"] = str(teacher)
+    record(name, args.seed, seed_row, recipe, r["test_acc"], out_root / name)
+
+
+# what a re-test may change: the test's settings, nothing that trains
+TEST_ONLY = ("tta_shift", "retest_of")
+
+
+def retest(source: str, seed: int, recipe: dict, data, out_root: Path, out: Path, run: Run) -> tuple[dict, dict]:
+    """Test row ``source``'s best checkpoint of ``seed`` with ``run``'s test settings, training nothing.
+
+    The source seed's training facts (minutes, epochs, img/s, the command and machine that trained
+    it) are carried over, so the row says what its checkpoint cost; its recipe must be this one's
+    but for the test settings (``TEST_ONLY``), or the carried facts would describe another recipe.
+    """
+    from vitrina.train.classify import preprocess_of, test_report
+
+    table = json.loads((report.RESULTS_DIR / f"{BENCHMARK}.json").read_text())
+    trained = table.get(source, {}).get("per_seed", {}).get(str(seed))
+    if trained is None:
+        raise SystemExit(f"--retest-of {source}: the row has no seed {seed} in {BENCHMARK}.json; train it first")
+    saved = table[source]["recipe"]
+    differ = sorted(k for k in {*saved, *recipe} - set(TEST_ONLY) if saved.get(k) != recipe.get(k))
+    if differ:
+        raise SystemExit(f"--retest-of {source}: its recipe differs from --run's in {', '.join(differ)}")
+    checkpoint = out_root / source / f"seed{seed}" / "best"
+    if not checkpoint.is_dir():
+        raise SystemExit(f"--retest-of {source}: {checkpoint} not found; train it again: {trained['command']}")
+    from vitrina.checkpoint import load_model
+
+    model, config = load_model(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    r = test_report(model, data, preprocess_of(config, model), out, tta=run.tta, tta_shift=run.tta_shift)
+    carried = ("train_minutes", "teacher_minutes", "total_minutes", "epochs", "best_epoch", "train_img_per_s")
+    seed_row = {"test_acc": r["test_acc"], "params": count_parameters(model)[0]}
+    seed_row |= {k: trained[k] for k in (*carried, "budget_spent") if k in trained}
+    seed_row |= {"test_images": r["test_images"], "tta_views": r["tta_views"], "checkpoint": str(checkpoint)}
+    seed_row["trained_by"] = {k: trained.get(k) for k in ("command", "machine", "date")}
+    return seed_row, r
+
+
+def record(name: str, seed: int, seed_row: dict, recipe: dict, test_acc: float, runs_of_row: Path) -> None:
+    """Merge the seed into its row and redraw the row's learning curves (from ``runs_of_row``'s seeds)."""
     report.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     png = report.RESULTS_DIR / f"{BENCHMARK}-{name}.png"
-    seeds = sorted(
-        (int(p.name[4:]), p / "metrics.jsonl") for p in (out_root / name).glob("seed*") if p.name[4:].isdigit()
-    )
-    learning_curves([(s, m) for s, m in seeds if m.is_file()], png, f"{name}: seed {args.seed} {r['test_acc']:.2%}")
+    seeds = sorted((int(p.name[4:]), p / "metrics.jsonl") for p in runs_of_row.glob("seed*") if p.name[4:].isdigit())
+    learning_curves([(s, m) for s, m in seeds if m.is_file()], png, f"{name}: seed {seed} {test_acc:.2%}")
     shown = ("preset", "budget_minutes", "ema", "tta")
-    path = report.record_seed(BENCHMARK, name, args.seed, seed_row, recipe=recipe, shown=shown)
-    print(f"{name} seed {args.seed}: test accuracy {r['test_acc']:.4f}; written {path} and {png}")
+    path = report.record_seed(BENCHMARK, name, seed, seed_row, recipe=recipe, shown=shown)
+    print(f"{name} seed {seed}: test accuracy {test_acc:.4f}; written {path} and {png}")
 
 
 def load_best(folder: Path):

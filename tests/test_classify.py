@@ -17,7 +17,14 @@ from vitrina.data.fashion_mnist import DEFAULT_ROOT
 from vitrina.data.splits import stratified_split
 from vitrina.errors import UserError
 from vitrina.models.registry import build_model
-from vitrina.train.classify import ClassifySettings, build_classifier, confusion_matrix, cross_entropy_loss, predict
+from vitrina.train.classify import (
+    ClassifySettings,
+    build_classifier,
+    confusion_matrix,
+    cross_entropy_loss,
+    predict,
+    shifted,
+)
 from vitrina.train.classify_data import (
     BatchAugment,
     Preprocess,
@@ -173,6 +180,39 @@ def test_flip_tta_logits_are_the_mean_of_the_image_and_its_flip():
     assert not torch.allclose(tta, plain, atol=1e-4)  # the flip mattered: the test can tell the two apart
 
 
+def test_shifted_moves_the_content_and_fills_the_border_with_black():
+    image = torch.zeros(1, 1, 5, 5)
+    image[0, 0, 2, 4] = 1.0  # on the right border
+    image[0, 0, 0, 1] = 0.5  # on the top border
+    right = shifted(image, 1, 0)
+    assert right[0, 0, 2, 4] == 0 and right.sum() == 0.5 and right[0, 0, 0, 2] == 0.5  # the right one left the frame
+    up = shifted(image, 0, -2)
+    assert up.sum() == 1.0 and up[0, 0, 0, 4] == 1.0  # moved 2 rows up; the top one left the frame
+    torch.testing.assert_close(shifted(shifted(image, -1, 0), 1, 0)[..., 1:], image[..., 1:])  # but column 0
+
+
+def test_shift_tta_averages_ten_views_taken_in_pixel_space():
+    model = build_classifier("vit-fmnist-28-fast", 3, seed=1, in_channels=1)
+    preprocess = Preprocess(28, (0.3,) * 3, (0.4,) * 3, in_channels=1)
+    pixels = (torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    unit = pixels.float() / 255
+
+    def logits(views: torch.Tensor) -> torch.Tensor:
+        return predict(model, views, preprocess, batch_size=2)
+
+    # the shifts pad with black *before* normalisation (what the training crop does), hence the unit pixels
+    moves = [(0, 0), (2, 0), (-2, 0), (0, 2), (0, -2)]
+    views = [shifted(unit, dx, dy) for dx, dy in moves]
+    expected = torch.stack([logits(v) for v in views] + [logits(v.flip(-1)) for v in views]).mean(dim=0)
+    got = predict(model, pixels, preprocess, batch_size=2, tta=True, tta_shift=2)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, predict(model, pixels, preprocess, batch_size=2, tta=True), atol=1e-4)
+    with pytest.raises(UserError, match="--tta-shift 1 adds shifted views"):
+        ClassifySettings(tta_shift=1).validate()
+    with pytest.raises(UserError, match="--tta-shift -1"):
+        ClassifySettings(tta=True, tta_shift=-1).validate()
+
+
 # --- end to end ---------------------------------------------------------------------------------
 
 
@@ -217,14 +257,16 @@ def test_train_classify_with_a_time_budget_ema_and_tta(tmp_path):
     root = make_folder(tmp_path / "shapes", per_class=6)
     out = tmp_path / "budget"
     args = ["train", "classify", "--model", "vit-fmnist-28-fast", "--data", str(root), "--batch-size", "4"]
-    budget = ["--minutes", "0.05", "--ema", "0.5", "--tta", "--crop-pad", "4", "--erasing", "0"]
+    budget = ["--minutes", "0.05", "--ema", "0.5", "--tta", "--tta-shift", "1", "--crop-pad", "4", "--erasing", "0"]
     assert main([*args, *budget, "--out", str(out)]) == 0
     results = check_outputs(out, sorted(CLASSES))
     assert results["tta"] is True and results["ema"] is True and results["budget_spent"] is True
+    assert results["tta_views"] == 10  # flips and 1 px shifts at the test
     state = json.loads((out / "train_state.json").read_text())
     assert state["config"]["budget_minutes"] == 0.05 and state["config"]["ema_decay"] == 0.5
     settings = state["identity"]["run"]["settings"]
     assert (settings["crop_pad"], settings["erasing"]) == (4, 0.0)  # the augmentation asked for is the one used
+    assert settings["tta"] is True and "tta_shift" not in settings  # the test's views do not change the training
     assert state["elapsed_s"] >= 3.0  # the budget, not the epochs (no limit without --epochs), ended it
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["ema"] for m in metrics if "eval" in m] == [True] * sum("eval" in m for m in metrics)

@@ -191,6 +191,7 @@ def _classify_settings(args: argparse.Namespace):
         crop_pad=args.crop_pad,
         erasing=args.erasing,
         tta=args.tta,
+        tta_shift=args.tta_shift,
     )
 
 
@@ -239,7 +240,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
         if args.data is None:
             raise UserError("vitrina distill clip needs --data SPEC (e.g. emoji:apple,google+fashion-mnist:train:6000)")
-        if args.tta:
+        if args.tta or args.tta_shift:
             raise UserError("--tta averages class logits over flips: it applies to classifiers, not to distill clip")
         pairs = load_training_pairs(args.data, seed=args.seed)
         settings = ClipDistillSettings(
@@ -744,6 +745,13 @@ def _add_classify_options(parser: argparse.ArgumentParser, *, lr: float, data_re
         "--erasing", type=float, default=0.25, metavar="P", help="in-memory images: random erasing probability"
     )
     parser.add_argument("--tta", action="store_true", help="evaluate on the mean logits of each image and its flip")
+    parser.add_argument(
+        "--tta-shift",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="with --tta: the test also averages 4 views shifted by PX px, and their flips (10 views)",
+    )
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (folders of photos)")
     parser.add_argument(
         "--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast forward (fast CNNs on AVX-512)"

@@ -10,8 +10,10 @@
    per-class accuracy, confusion matrix) and ``OUT/confusion.png``.
 
 With ``ClassifySettings.tta`` every evaluation (validation and test) averages the logits of each
-image and of its horizontal flip (``results.json``: ``"tta": true``). With ``TrainConfig.ema_decay``
-the model evaluated and saved is the loop's weight average (``"ema": true``).
+image and of its horizontal flip (``results.json``: ``"tta": true``). ``tta_shift`` adds, at the
+final test only, the image shifted by that many px up, down, left and right, each with its flip: 10
+views instead of 2 (``"tta_views": 10``); the per-epoch validation keeps the 2 flip views, 5x cheaper.
+With ``TrainConfig.ema_decay`` the model evaluated and saved is the loop's weight average (``"ema": true``).
 
 Under ``torchrun`` the loop trains data-parallel (``--batch-size`` is the global batch); rank 0
 keeps ``OUT/best``, runs the test and writes the results, which every rank returns.
@@ -47,6 +49,7 @@ from vitrina.train.classify_data import (
     ClassificationData,
     IndexedImages,
     Preprocess,
+    to_unit,
     unit_pixels,
 )
 from vitrina.train.loop import CheckpointInfo, StepOutput, TrainSummary, train
@@ -66,7 +69,9 @@ class ClassifySettings:
     ``augment``: crop/flip/erasing for in-memory images, random resized crop + flip for files.
     ``crop_pad``: max shift in px of the in-memory random crop. ``erasing``: probability of random
     erasing per image. ``eval_batch_size``: images per forward pass when evaluating. ``tta``:
-    evaluate on the mean logits of each image and its horizontal flip.
+    evaluate on the mean logits of each image and its horizontal flip. ``tta_shift`` (px, with
+    ``tta``): the test also averages the views shifted by that much in each of 4 directions, and their
+    flips (``tta_views``); validation, run every epoch, keeps the flips only.
     """
 
     label_smoothing: float = 0.1
@@ -75,6 +80,12 @@ class ClassifySettings:
     erasing: float = 0.25
     eval_batch_size: int = 500
     tta: bool = False
+    tta_shift: int = 0
+
+    @property
+    def test_views(self) -> int:
+        """How many views of each test image the test's logits average (1: no TTA)."""
+        return tta_view_count(self.tta, self.tta_shift)
 
     def validate(self) -> None:
         if not 0 <= self.label_smoothing < 1:
@@ -83,6 +94,10 @@ class ClassifySettings:
             raise UserError(f"--crop-pad {self.crop_pad} (crop_pad): a shift in px, must be >= 0")
         if not 0 <= self.erasing <= 1:
             raise UserError(f"--erasing {self.erasing}: a probability, must be in [0, 1]")
+        if self.tta_shift < 0:
+            raise UserError(f"--tta-shift {self.tta_shift}: a shift in px, must be >= 0")
+        if self.tta_shift and not self.tta:
+            raise UserError(f"--tta-shift {self.tta_shift} adds shifted views to the flip TTA: give --tta too")
 
 
 def build_classifier(preset: str, num_classes: int, *, seed: int = 0, **overrides: Any) -> nn.Module:
@@ -111,21 +126,54 @@ def logits_of(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     return (output[0] + output[1]) / 2 if isinstance(output, tuple) else output
 
 
-def flip_tta_logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Mean logits of ``inputs`` (B, C, H, W) and of their horizontal flips: flip test-time augmentation."""
-    return (logits_of(model(inputs)) + logits_of(model(inputs.flip(-1)))) / 2
+def tta_view_count(tta: bool, shift: int = 0) -> int:
+    """Views per image of a test-time augmentation: 1 without, 2 with flips, 10 with flips and shifts."""
+    return 1 if not tta else 10 if shift else 2
+
+
+def shifted(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """(B, C, H, W) moved ``dx`` px right and ``dy`` px down, the uncovered border zero (as the training crop pads)."""
+    pad = max(abs(dx), abs(dy))
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (pad, pad, pad, pad))
+    return padded[..., pad - dy : pad - dy + height, pad - dx : pad - dx + width]
+
+
+def tta_views(images: torch.Tensor, shift: int = 0) -> list[torch.Tensor]:
+    """The views flip TTA averages: each image and its horizontal flip; with ``shift`` (px) also the images
+    shifted that far right, left, down and up, and their flips (10 views)."""
+    views = [images]
+    if shift:
+        views += [shifted(images, dx, dy) for dx, dy in ((shift, 0), (-shift, 0), (0, shift), (0, -shift))]
+    return views + [view.flip(-1) for view in views]
 
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, pixels: torch.Tensor, preprocess: Preprocess, batch_size: int = 500, *, tta: bool = False
+    model: nn.Module,
+    pixels: torch.Tensor,
+    preprocess: Preprocess,
+    batch_size: int = 500,
+    *,
+    tta: bool = False,
+    tta_shift: int = 0,
 ) -> torch.Tensor:
-    """(N, C, H, W) pixels (uint8 or [0, 1]) -> (N, classes) logits, in eval mode (``tta``: with flips)."""
+    """(N, C, H, W) pixels (uint8 or [0, 1]) -> (N, classes) logits, in eval mode.
+
+    ``tta``: the mean logits over the image and its flip; ``tta_shift``: also over its shifted views
+    (``tta_views``; the shifts are taken in pixel space, before normalisation, so the border is black).
+    """
     was_training = model.training
     model.eval()
-    forward = (lambda x: flip_tta_logits(model, x)) if tta else (lambda x: logits_of(model(x)))
+
+    def forward(unit: torch.Tensor) -> torch.Tensor:
+        if not tta:
+            return logits_of(model(preprocess(unit)))
+        views = tta_views(to_unit(unit), tta_shift)
+        return torch.stack([logits_of(model(preprocess(view))) for view in views]).mean(dim=0)
+
     try:
-        chunks = [forward(preprocess(x)) for x in pixels.split(batch_size)]
+        chunks = [forward(x) for x in pixels.split(batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
@@ -222,10 +270,11 @@ def test_report(
     *,
     batch_size: int = 500,
     tta: bool = False,
+    tta_shift: int = 0,
 ) -> dict[str, Any]:
     """Accuracy, per-class accuracy and confusion matrix on the test split; writes the JSON and the PNG."""
     pixels = unit_pixels(data.test, preprocess.image_size)
-    logits = predict(model, pixels, preprocess, batch_size, tta=tta)
+    logits = predict(model, pixels, preprocess, batch_size, tta=tta, tta_shift=tta_shift)
     labels = data.test.labels
     predicted = logits.argmax(dim=1)
     matrix = confusion_matrix(labels, predicted, len(data.class_names))
@@ -235,6 +284,7 @@ def test_report(
         "test_loss": float(F.cross_entropy(logits, labels)),
         "test_images": len(labels),
         "tta": tta,
+        "tta_views": tta_view_count(tta, tta_shift),
         "per_class_acc": {name: float(a) for name, a in zip(data.class_names, per_class, strict=True)},
         "class_names": data.class_names,
         "confusion": matrix.tolist(),
@@ -334,7 +384,8 @@ def fit_classifier(
         "model": to_dict(classifier.config),
         "data": {"source": data.source, "train": len(data.train), "val": len(data.val)},
         # tta picks the best epoch, so it is part of the run; left out when off, as runs before it were
-        "settings": {k: v for k, v in to_dict(settings).items() if k != "tta" or v},
+        # tta_shift (the test's extra views) does not: a run may resume with another
+        "settings": {k: v for k, v in to_dict(settings).items() if k != "tta_shift" and (k != "tta" or v)},
         **(identity or {}),
     }
     summary = train(
@@ -356,7 +407,15 @@ def fit_classifier(
     results = None
     if distributed.is_main():  # under torchrun rank 0 tests and writes; the others receive its results
         best, _ = load_model(best_dir)
-        results = test_report(best, data, preprocess, out_dir, batch_size=settings.eval_batch_size, tta=settings.tta)
+        results = test_report(
+            best,
+            data,
+            preprocess,
+            out_dir,
+            batch_size=settings.eval_batch_size,
+            tta=settings.tta,
+            tta_shift=settings.tta_shift,
+        )
         results.update(
             ema=train_config.ema_decay is not None,
             best_epoch=summary.best["epoch"] if summary.best else None,
