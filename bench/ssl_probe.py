@@ -15,7 +15,9 @@ Protocol (the same for every method):
 * probes on the frozen [CLS] features: logistic regression on all 60k standardised training
   features, scored on the 10k test set (``linear_acc``), and beside it MAE's protocol, a
   BatchNorm(affine=False) + linear layer trained by SGD (``linear_bn_acc``, ``--no-probe-bn`` to
-  skip); weighted cosine kNN (k = 20, T = 0.07; k = 200 too);
+  skip), and DINO's multi-block probe (``linear_multiblock_acc``, ``--no-probe-multiblock`` to skip:
+  the pooled features of the last 1 or 4 blocks, with or without the last block's mean patch token, the
+  choice made on a held-out 10% of the training features); weighted cosine kNN (k = 20, T = 0.07; k = 200 too);
   k-means (10 clusters) NMI and ARI on the test features; t-SNE of 2,000 test points;
 * baselines: ``random-init`` (the untrained backbone) and ``pixels`` (the raw 784 pixels).
 
@@ -158,6 +160,12 @@ def main() -> None:
     parser.add_argument(
         "--probe-bn", action=argparse.BooleanOptionalAction, default=True, help="also the BatchNorm + linear probe"
     )
+    parser.add_argument(
+        "--probe-multiblock",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also DINO's probe of the last 1 or 4 blocks [+ mean patch token], chosen on held-out training features",
+    )
     parser.add_argument("--log-every", type=int, default=10, help="steps per logged img/s window (smoke: 2)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -230,14 +238,33 @@ def main() -> None:
     probe_dir = (out if args.dry_run else Path(args.runs)) / f"probe_{slug}{f'-seed{args.seed}' if args.seed else ''}"
     pool = None if args.method == "pixels" else args.pool
     results = probe_representation(
-        model, train, test, probe_dir, seed=args.seed, label=row_name, pool=pool, probe_bn=args.probe_bn
+        model,
+        train,
+        test,
+        probe_dir,
+        seed=args.seed,
+        label=row_name,
+        pool=pool,
+        probe_bn=args.probe_bn,
+        multi_block=args.probe_multiblock and model is not None,
     )
+    multi = results.get("linear_multiblock")
     shutil.copyfile(probe_dir / "tsne.png", out / f"ssl_probe_tsne_{slug}.png")
     row.update(
         pool=results["pool"],
         linear_acc=results["linear"]["accuracy"],
         # MAE's BatchNorm + linear probe: another protocol, so a column of its own
         **({"linear_bn_acc": results["linear_bn"]["accuracy"]} if "linear_bn" in results else {}),
+        # DINO's multi-block probe: wider features (up to 4 blocks + a mean token), so a column of its own too
+        **(
+            {
+                "linear_multiblock_acc": multi["accuracy"],
+                "multiblock_choice": f"{multi['blocks']} blocks{' + mean token' if multi['avgpool'] else ''}",
+                "multiblock_dim": multi["feature_dim"],
+            }
+            if multi
+            else {}
+        ),
         knn_acc=results["knn"]["k20"],
         knn200_acc=results["knn"]["k200"],
         nmi=results["cluster"]["nmi"],
@@ -269,7 +296,7 @@ def main() -> None:
         "finetune_epochs": args.finetune_epochs,
     }
     shown = ("backbone", "minutes", "local_crops") if joint else ("backbone",)
-    listed = ("linear_acc", "linear_bn_acc")
+    listed = ("linear_acc", "linear_bn_acc", "linear_multiblock_acc")
     path = _report.record_seed("ssl_probe", row_name, args.seed, row, recipe=recipe, listed=listed, shown=shown)
     print(f"{row_name} seed {args.seed}: {json.dumps(row)}\nwritten: {path}")
 

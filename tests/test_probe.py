@@ -17,9 +17,12 @@ from vitrina.eval.probe import (
     NormalisedPixels,
     bn_linear_probe,
     cluster_scores,
+    extract_block_features,
     extract_features,
     knn_accuracy,
     linear_probe,
+    multi_block_features,
+    multi_block_probe,
     probe_representation,
     tsne_plot,
 )
@@ -140,6 +143,46 @@ def test_extract_features_can_pool_by_mean_for_one_call(fashion_sets):
     assert model.config.pool == "cls"  # the model's own setting is back
 
 
+def test_forward_intermediates_ends_with_the_features_the_head_reads():
+    model = ViT(ViTConfig(image_size=28, patch_size=7, width=32, depth=3, heads=2)).eval()
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        outputs = model.forward_intermediates(pixels, 2)
+        torch.testing.assert_close(outputs[-1], model.forward_features(pixels))
+        x = model.embed(pixels)
+        for block in model.blocks[:2]:
+            x = block(x)
+        torch.testing.assert_close(outputs[0], model.norm(x))  # the block before the last, normed alike
+    assert len(outputs) == 2
+    with pytest.raises(ValueError, match="has 3 blocks"):
+        model.forward_intermediates(pixels, 4)
+
+
+def test_multi_block_features_stack_the_last_blocks_then_the_mean_token():
+    pooled = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)  # (N, blocks, D)
+    mean_tokens = -np.ones((2, 3), dtype=np.float32)
+    assert np.array_equal(multi_block_features(pooled, mean_tokens, 1, False), pooled[:, 3])
+    both = multi_block_features(pooled, mean_tokens, 4, True)
+    assert both.shape == (2, 15) and np.array_equal(both[:, :12], pooled.reshape(2, 12))
+    assert np.array_equal(both[:, 12:], mean_tokens)
+
+
+def test_multi_block_probe_picks_its_choice_on_held_out_training_features(fashion_sets):
+    model = ViT(ViTConfig(image_size=28, patch_size=7, width=32, depth=4, heads=2))
+    train, test = fashion_sets
+    result = multi_block_probe(model, NormalisedPixels(train), NormalisedPixels(test), seed=0, batch_size=64)
+    assert set(result["val_accuracy"]) == {"1 block", "1 block + mean token", "4 blocks", "4 blocks + mean token"}
+    chosen = f"{result['blocks']} block{'s' * (result['blocks'] > 1)}{' + mean token' * result['avgpool']}"
+    assert result["val_accuracy"][chosen] == max(result["val_accuracy"].values())
+    assert result["feature_dim"] == 32 * result["blocks"] + 32 * result["avgpool"]
+    assert result["n_train"] == len(train) and result["n_test"] == len(test) and 0.1 < result["accuracy"] <= 1
+    # the one-block choice without the mean token reads what the plain linear probe reads
+    plain, labels = extract_features(model, NormalisedPixels(test), batch_size=64)
+    pooled, _, same_labels = extract_block_features(model, NormalisedPixels(test), blocks=4, batch_size=64)
+    np.testing.assert_allclose(pooled[:, -1], plain, rtol=1e-4, atol=1e-5)
+    assert np.array_equal(labels, same_labels) and model.training  # the mode is restored
+
+
 def test_probe_representation_on_pixels_beats_chance_and_writes_its_files(fashion_sets, tmp_path):
     train, test = fashion_sets
     results = probe_representation(None, train, test, tmp_path, tsne_points=100)
@@ -156,12 +199,13 @@ def test_cli_pretrains_then_probes(tmp_path, capsys):
     assert main([*args, "--out", str(ckpt), "--epochs", "1", "--batch-size", "64"]) == 0
     assert (ckpt / "model.safetensors").is_file()
     probe = ["eval", "probe", "--ckpt", str(ckpt), "--limit-train", "200", "--limit-test", "100"]
-    assert main([*probe, "--tsne-points", "60", "--out", str(tmp_path / "probe"), "--probe-bn"]) == 0
+    assert main([*probe, "--tsne-points", "60", "--out", str(tmp_path / "probe"), "--probe-bn", "--multi-block"]) == 0
     results = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert results["linear_multiblock"]["n_test"] == 100 and results["linear_multiblock"]["blocks"] in (1, 4)
     assert results["linear"]["n_train"] == 200 and results["linear"]["n_test"] == 100
     assert results["linear_bn"]["protocol"] != results["linear"]["protocol"]  # two protocols, side by side
     assert results["linear_bn"]["n_test"] == 100 and 0 <= results["linear_bn"]["accuracy"] <= 1
-    assert "linear-bn" in capsys.readouterr().out
+    assert "linear-bn" in (printed := capsys.readouterr().out) and "linear-multiblock" in printed
     assert main(["eval", "probe", "--ckpt", "pixels", "--data", "no-such-source", "--out", str(tmp_path / "x")]) == 2
     assert "not a known source" in capsys.readouterr().err
 

@@ -592,10 +592,14 @@ def cmd_eval_probe(args: argparse.Namespace) -> None:
     if args.limit_test:
         test = test.subset(stratified_indices(test.labels, args.limit_test, args.seed))
     options = {"seed": args.seed, "label": args.ckpt, "tsne_points": args.tsne_points, "pool": args.pool}
-    options["probe_bn"] = args.probe_bn
+    options["probe_bn"], options["multi_block"] = args.probe_bn, args.multi_block
     results = probe_representation(model, train, test, Path(args.out), **options)
     knn = ", ".join(f"kNN@{k[1:]} {v:.4f}" for k, v in results["knn"].items())
     linear_bn = f"linear-bn {results['linear_bn']['accuracy']:.4f}, " if "linear_bn" in results else ""
+    multi = results.get("linear_multiblock")
+    if multi is not None:
+        linear_bn += f"linear-multiblock {multi['accuracy']:.4f} ({multi['blocks']} blocks"
+        linear_bn += f"{' + mean token' if multi['avgpool'] else ''}, {multi['feature_dim']} dims), "
     print(
         f"linear {results['linear']['accuracy']:.4f}, {linear_bn}{knn}, "
         f"NMI {results['cluster']['nmi']:.4f}, ARI {results['cluster']['ari']:.4f}"
@@ -1055,6 +1059,11 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--image-size", type=int, default=None, help="pixel baseline only: resize images to this")
     probe.add_argument(
         "--probe-bn", action="store_true", help="also the BatchNorm(affine=False) + linear probe, as linear_bn"
+    )
+    probe.add_argument(
+        "--multi-block",
+        action="store_true",
+        help="ViT: also DINO's probe of the last 1 or 4 blocks [+ mean patch token], as linear_multiblock",
     )
     probe.add_argument("--out", required=True, help="folder for probe.json and tsne.png")
     probe.add_argument("--seed", type=int, default=0)

@@ -7,6 +7,11 @@
   ones at test). Reported as ``linear_bn`` beside ``linear`` (``--probe-bn``): the BN's
   statistics are learnt from batches, and SGD stops short of the exact optimum that L-BFGS reaches,
   so the two protocols give different numbers for the same features.
+* ``multi_block_probe`` — DINO's linear evaluation of a ViT (Caron et al., 2021): the pooled features of
+  the last 1 or 4 blocks, concatenated, with or without the mean of the last block's patch tokens; the
+  choice of the four is made on a held-out 10% of the training features, then ``linear_probe`` is fit on
+  all of them and tested once. Reported as ``linear_multiblock`` beside ``linear`` (``--multi-block``):
+  its features are up to 5x wider than the single pooled vector that ``linear`` reads.
 * ``knn_accuracy`` — the weighted kNN of Wu et al. (2018), as DINO uses it: cosine similarity to
   the k nearest training features, each neighbour voting for its class with ``exp(sim / T)``.
 * ``cluster_scores`` — k-means (scikit-learn) on L2-normalised features with as many clusters as
@@ -19,9 +24,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +48,13 @@ from vitrina.ssl.data import ImageSet
 PIXELS = "pixels"
 LINEAR_PROTOCOL = "linear: standardised features, logistic regression (L-BFGS)"
 LINEAR_BN_PROTOCOL = "linear-bn: BatchNorm1d(affine=False) + linear layer, SGD (MAE)"
+MULTI_BLOCK_PROTOCOL = (
+    "linear-multiblock: the pooled features of the last 1 or 4 blocks [+ the last block's mean patch token], "
+    "chosen on 10% of the training features; then the linear protocol (DINO)"
+)
+# DINO's grid (eval_linear.py: n_last_blocks, avgpool_patchtokens): (blocks, with the mean patch token)
+MULTI_BLOCK_CHOICES = ((1, False), (1, True), (4, False), (4, True))
+MULTI_BLOCK_VAL_FRACTION = 0.1
 
 
 class NormalisedPixels(Dataset):
@@ -65,6 +79,17 @@ def extract_features(
     The model runs in eval mode under ``inference_mode``; its training flag is restored afterwards.
     ``pool`` ("cls" or "mean", ViT only) overrides the model's own pooling for this extraction.
     """
+    features, labels = [], []
+    with pooled_as(model, pool), torch.inference_mode():
+        for pixels, label in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            features.append(model.forward_head(model.forward_features(pixels), pre_logits=True).float())
+            labels.append(torch.as_tensor(label))
+    return torch.cat(features).numpy(), torch.cat(labels).numpy().astype(np.int64)
+
+
+@contextlib.contextmanager
+def pooled_as(model: nn.Module, pool: str | None) -> Iterator[None]:
+    """``model`` in eval mode, pooling by ``pool`` ("cls" or "mean", ViT only; None: its own) for a while."""
     was_training = model.training
     saved_pool = getattr(model.config, "pool", None)
     if pool is not None:
@@ -74,17 +99,72 @@ def extract_features(
             raise UserError("--pool cls: this ViT pools by sequence pooling and has no [CLS] token; use --pool mean")
         model.config.pool = pool
     model.eval()
-    features, labels = [], []
     try:
-        with torch.inference_mode():
-            for pixels, label in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-                features.append(model.forward_head(model.forward_features(pixels), pre_logits=True).float())
-                labels.append(torch.as_tensor(label))
+        yield
     finally:
         model.train(was_training)
         if pool is not None:
             model.config.pool = saved_pool
-    return torch.cat(features).numpy(), torch.cat(labels).numpy().astype(np.int64)
+
+
+def extract_block_features(
+    model: nn.Module, dataset: Dataset, *, blocks: int, batch_size: int = 256, pool: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For a ViT: (N, blocks, D) its pooled feature (``pool`` as in ``extract_features``) of each of the
+    last ``blocks`` blocks, (N, D) the mean patch token of the last block, and (N,) the labels."""
+    if not hasattr(model, "forward_intermediates"):
+        raise UserError(f"the multi-block probe reads ViT blocks; a {type(model).__name__} has none")
+    blocks = min(blocks, len(model.blocks))
+    pooled, mean_tokens, labels = [], [], []
+    with pooled_as(model, pool), torch.inference_mode():
+        for pixels, label in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            outputs = model.forward_intermediates(pixels, blocks)
+            pooled.append(torch.stack([model.pool(tokens) for tokens in outputs], dim=1).float())
+            mean_tokens.append(outputs[-1][:, model.num_prefix_tokens :].mean(dim=1).float())
+            labels.append(torch.as_tensor(label))
+    return torch.cat(pooled).numpy(), torch.cat(mean_tokens).numpy(), torch.cat(labels).numpy().astype(np.int64)
+
+
+def multi_block_features(pooled: np.ndarray, mean_tokens: np.ndarray, blocks: int, avgpool: bool) -> np.ndarray:
+    """The features of one choice: the last ``blocks`` pooled vectors side by side [+ the mean patch token]."""
+    parts = [pooled[:, -blocks:].reshape(len(pooled), -1)] + ([mean_tokens] if avgpool else [])
+    return np.concatenate(parts, axis=1)
+
+
+def multi_block_probe(
+    model: nn.Module, train: Dataset, test: Dataset, *, seed: int = 0, batch_size: int = 256, pool: str | None = None
+) -> dict[str, Any]:
+    """DINO's linear evaluation: pick (blocks, mean patch token) from ``MULTI_BLOCK_CHOICES`` on a stratified
+    held-out 10% of the training features, fit ``linear_probe`` on all of them with it, test once."""
+    from sklearn.model_selection import train_test_split
+
+    deepest = max(blocks for blocks, _ in MULTI_BLOCK_CHOICES)
+    options = {"blocks": deepest, "batch_size": batch_size, "pool": pool}
+    train_pooled, train_mean, train_y = extract_block_features(model, train, **options)
+    test_pooled, test_mean, test_y = extract_block_features(model, test, **options)
+    choices = sorted({(min(blocks, train_pooled.shape[1]), avgpool) for blocks, avgpool in MULTI_BLOCK_CHOICES})
+    fit, held_out = train_test_split(
+        np.arange(len(train_y)), test_size=MULTI_BLOCK_VAL_FRACTION, stratify=train_y, random_state=seed
+    )
+    val_accuracy = {}
+    for blocks, avgpool in choices:
+        x = multi_block_features(train_pooled, train_mean, blocks, avgpool)
+        val_accuracy[(blocks, avgpool)] = linear_probe(x[fit], train_y[fit], x[held_out], train_y[held_out])["accuracy"]
+    blocks, avgpool = max(choices, key=lambda choice: val_accuracy[choice])  # ties: the narrower, listed first
+    result = linear_probe(
+        multi_block_features(train_pooled, train_mean, blocks, avgpool),
+        train_y,
+        multi_block_features(test_pooled, test_mean, blocks, avgpool),
+        test_y,
+    )
+    return {
+        **result,
+        "blocks": blocks,
+        "avgpool": avgpool,
+        "feature_dim": int(multi_block_features(test_pooled[:1], test_mean[:1], blocks, avgpool).shape[1]),
+        "val_accuracy": {f"{b} block{'s' * (b > 1)}{' + mean token' * a}": v for (b, a), v in val_accuracy.items()},
+        "protocol": MULTI_BLOCK_PROTOCOL,
+    }
 
 
 def linear_probe(
@@ -277,11 +357,15 @@ def probe_representation(
     pool: str | None = None,
     label: str = "",
     probe_bn: bool = False,
+    multi_block: bool = False,
 ) -> dict[str, Any]:
     """Every measure above for ``model`` (None: raw pixels); writes ``probe.json`` and ``tsne.png``.
 
-    ``probe_bn`` adds the BatchNorm linear probe as ``linear_bn`` beside ``linear``.
+    ``probe_bn`` adds the BatchNorm linear probe as ``linear_bn`` beside ``linear``; ``multi_block``
+    (a ViT) DINO's multi-block one as ``linear_multiblock``.
     """
+    if multi_block and model is None:
+        raise UserError("the multi-block probe reads a ViT's blocks: raw pixels have none")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -303,6 +387,14 @@ def probe_representation(
         start = time.perf_counter()
         linear_bn = bn_linear_probe(train_x, train_y, test_x, test_y, seed=seed)
         seconds["linear_bn"] = time.perf_counter() - start
+    linear_multiblock = None
+    if multi_block:
+        start = time.perf_counter()
+        in_channels = getattr(model.config, "in_channels", 3)
+        train_set, test_set = NormalisedPixels(train, in_channels), NormalisedPixels(test, in_channels)
+        options = {"seed": seed, "batch_size": batch_size, "pool": pool}
+        linear_multiblock = multi_block_probe(model, train_set, test_set, **options)
+        seconds["linear_multiblock"] = time.perf_counter() - start
     start = time.perf_counter()
     knn = {f"k{k}": knn_accuracy(train_x, train_y, test_x, test_y, k=k) for k in knn_ks}
     seconds["knn"] = time.perf_counter() - start
@@ -320,6 +412,7 @@ def probe_representation(
         "pool": "pixels" if model is None else pool or getattr(model.config, "pool", "own"),
         "linear": linear,
         **({"linear_bn": linear_bn} if linear_bn is not None else {}),
+        **({"linear_multiblock": linear_multiblock} if linear_multiblock is not None else {}),
         "knn": knn,
         "cluster": clusters,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},

@@ -418,6 +418,19 @@ class ViT(nn.Module):
             x = block(x)
         return self.norm(x)
 
+    def forward_intermediates(self, pixels: torch.Tensor, last: int) -> list[torch.Tensor]:
+        """(B, C_in, H, W) -> the tokens (B, P+N, C) after each of the last ``last`` blocks, first to last,
+        each through the final LayerNorm (as DINO reads intermediate blocks for its linear evaluation)."""
+        if not 1 <= last <= len(self.blocks):
+            raise ValueError(f"last={last}: this ViT has {len(self.blocks)} blocks")
+        x = self.embed(pixels)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= len(self.blocks) - last:
+                outputs.append(self.norm(x))
+        return outputs
+
     def forward_for_head(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> the tokens ``forward_head`` reads, after the final LayerNorm.
 
