@@ -259,7 +259,7 @@ def main() -> None:
         **(
             {
                 "linear_multiblock_acc": multi["accuracy"],
-                "multiblock_choice": f"{multi['blocks']} blocks{' + mean token' if multi['avgpool'] else ''}",
+                "multiblock_choice": multi["choice"],
                 "multiblock_dim": multi["feature_dim"],
             }
             if multi

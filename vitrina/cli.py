@@ -598,8 +598,7 @@ def cmd_eval_probe(args: argparse.Namespace) -> None:
     linear_bn = f"linear-bn {results['linear_bn']['accuracy']:.4f}, " if "linear_bn" in results else ""
     multi = results.get("linear_multiblock")
     if multi is not None:
-        linear_bn += f"linear-multiblock {multi['accuracy']:.4f} ({multi['blocks']} blocks"
-        linear_bn += f"{' + mean token' if multi['avgpool'] else ''}, {multi['feature_dim']} dims), "
+        linear_bn += f"linear-multiblock {multi['accuracy']:.4f} ({multi['choice']}, {multi['feature_dim']} dims), "
     print(
         f"linear {results['linear']['accuracy']:.4f}, {linear_bn}{knn}, "
         f"NMI {results['cluster']['nmi']:.4f}, ARI {results['cluster']['ari']:.4f}"

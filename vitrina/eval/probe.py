@@ -125,6 +125,11 @@ def extract_block_features(
     return torch.cat(pooled).numpy(), torch.cat(mean_tokens).numpy(), torch.cat(labels).numpy().astype(np.int64)
 
 
+def multi_block_name(blocks: int, avgpool: bool) -> str:
+    """How a choice is reported: "1 block", "4 blocks + mean token"."""
+    return f"{blocks} block{'s' if blocks > 1 else ''}{' + mean token' if avgpool else ''}"
+
+
 def multi_block_features(pooled: np.ndarray, mean_tokens: np.ndarray, blocks: int, avgpool: bool) -> np.ndarray:
     """The features of one choice: the last ``blocks`` pooled vectors side by side [+ the mean patch token]."""
     parts = [pooled[:, -blocks:].reshape(len(pooled), -1)] + ([mean_tokens] if avgpool else [])
@@ -162,7 +167,8 @@ def multi_block_probe(
         "blocks": blocks,
         "avgpool": avgpool,
         "feature_dim": int(multi_block_features(test_pooled[:1], test_mean[:1], blocks, avgpool).shape[1]),
-        "val_accuracy": {f"{b} block{'s' * (b > 1)}{' + mean token' * a}": v for (b, a), v in val_accuracy.items()},
+        "choice": multi_block_name(blocks, avgpool),
+        "val_accuracy": {multi_block_name(*choice): accuracy for choice, accuracy in val_accuracy.items()},
         "protocol": MULTI_BLOCK_PROTOCOL,
     }
 
