@@ -19,6 +19,8 @@ moves a weight by up to about lr * d / eps: at lr 1e-3 the weights after 3 steps
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -158,7 +160,10 @@ def job_resume(rank: int, out_dir: Path, root: Path) -> None:
 
 def job_cli(rank: int, argv_of_rank: list[list[str]], root: Path) -> None:
     """The command line, as ``torchrun -m vitrina.cli ...`` runs it in each process."""
-    rc = main(argv_of_rank[rank])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(argv_of_rank[rank])
+    (root / f"printed-rank{rank}").write_text(printed.getvalue())
     still_in_group = torch.distributed.is_initialized()  # main leaves the group once every rank is done
     (root / f"rc-rank{rank}").write_text(f"{rc} {'in group' if still_in_group else 'left'}")
 
@@ -370,6 +375,9 @@ def test_train_classify_on_two_processes_gives_the_one_process_results(tmp_path:
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     spawn(job_cli, 2, [[*args, "--out", str(tmp_path / f"two-rank{r}")] for r in range(2)], tmp_path)
     assert [(tmp_path / f"rc-rank{r}").read_text() for r in range(2)] == ["0 left", "0 left"]
+    # one summary, from rank 0: rank 1 would only repeat it
+    assert "test accuracy" in (tmp_path / "printed-rank0").read_text()
+    assert (tmp_path / "printed-rank1").read_text() == ""
     assert not (tmp_path / "two-rank1").exists()  # rank 1 neither trains into, nor tests into, its folder
     want = json.loads((tmp_path / "one" / "results.json").read_text())
     got = json.loads((tmp_path / "two-rank0" / "results.json").read_text())

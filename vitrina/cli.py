@@ -4,9 +4,11 @@ of the package; heavy imports happen inside the handlers so `vitrina --help` is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from vitrina.config import NEGATIVES, PRECISIONS
@@ -1121,12 +1123,25 @@ def _finish_process_group() -> None:
         distributed.finish()
 
 
+@contextlib.contextmanager
+def _stdout_of_this_rank() -> Iterator[None]:
+    """Under torchrun only rank 0 prints: every other rank would repeat its summary lines word for word.
+    Their errors and warnings still reach stderr."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if os.environ.get("RANK", "0") == "0" or not world.isdigit() or int(world) < 2:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command not in LIGHT_COMMANDS:
             _use_all_cores()
-        args.handler(args)
+        with _stdout_of_this_rank():
+            args.handler(args)
         _finish_process_group()
     except UserError as error:
         print(f"vitrina: error: {error}", file=sys.stderr)
