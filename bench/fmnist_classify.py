@@ -42,9 +42,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench._report as report  # noqa: E402
+from vitrina.checkpoint import load_model  # noqa: E402
 from vitrina.config import TrainConfig  # noqa: E402
 from vitrina.distill.trainer import DistillSettings, KDKind, distill_classifier  # noqa: E402
-from vitrina.train.classify import ClassifySettings, build_classifier, count_parameters, train_classifier  # noqa: E402
+from vitrina.train.classify import (  # noqa: E402
+    ClassifySettings,
+    build_classifier,
+    count_parameters,
+    preprocess_of,
+    test_report,
+    train_classifier,
+)
 from vitrina.train.classify_data import load_classification_data  # noqa: E402
 from vitrina.train.schedule import BUDGET_EPOCH_LIMIT  # noqa: E402
 from vitrina.train.transfer import TransferSettings, transfer_classifier  # noqa: E402
@@ -404,8 +412,6 @@ def retest(source: str, seed: int, recipe: dict, data, out_root: Path, out: Path
     it) are carried over, so the row says what its checkpoint cost; its recipe must be this one's
     but for the test settings (``TEST_ONLY``), or the carried facts would describe another recipe.
     """
-    from vitrina.train.classify import preprocess_of, test_report
-
     table = json.loads((report.RESULTS_DIR / f"{BENCHMARK}.json").read_text())
     trained = table.get(source, {}).get("per_seed", {}).get(str(seed))
     if trained is None:
@@ -417,8 +423,6 @@ def retest(source: str, seed: int, recipe: dict, data, out_root: Path, out: Path
     checkpoint = out_root / source / f"seed{seed}" / "best"
     if not checkpoint.is_dir():
         raise SystemExit(f"--retest-of {source}: {checkpoint} not found; train it again: {trained['command']}")
-    from vitrina.checkpoint import load_model
-
     model, config = load_model(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     r = test_report(model, data, preprocess_of(config, model), out, tta=run.tta, tta_shift=run.tta_shift)
@@ -442,8 +446,6 @@ def record(name: str, seed: int, seed_row: dict, recipe: dict, test_acc: float, 
 
 
 def load_best(folder: Path):
-    from vitrina.checkpoint import load_model
-
     return load_model(folder)[0]
 
 

@@ -156,17 +156,13 @@ def multi_block_probe(
         x = multi_block_features(train_pooled, train_mean, blocks, avgpool)
         val_accuracy[(blocks, avgpool)] = linear_probe(x[fit], train_y[fit], x[held_out], train_y[held_out])["accuracy"]
     blocks, avgpool = max(choices, key=lambda choice: val_accuracy[choice])  # ties: the narrower, listed first
-    result = linear_probe(
-        multi_block_features(train_pooled, train_mean, blocks, avgpool),
-        train_y,
-        multi_block_features(test_pooled, test_mean, blocks, avgpool),
-        test_y,
-    )
+    test_x = multi_block_features(test_pooled, test_mean, blocks, avgpool)
+    result = linear_probe(multi_block_features(train_pooled, train_mean, blocks, avgpool), train_y, test_x, test_y)
     return {
         **result,
         "blocks": blocks,
         "avgpool": avgpool,
-        "feature_dim": int(multi_block_features(test_pooled[:1], test_mean[:1], blocks, avgpool).shape[1]),
+        "feature_dim": int(test_x.shape[1]),
         "choice": multi_block_name(blocks, avgpool),
         "val_accuracy": {multi_block_name(*choice): accuracy for choice, accuracy in val_accuracy.items()},
         "protocol": MULTI_BLOCK_PROTOCOL,

@@ -82,11 +82,6 @@ class ClassifySettings:
     tta: bool = False
     tta_shift: int = 0
 
-    @property
-    def test_views(self) -> int:
-        """How many views of each test image the test's logits average (1: no TTA)."""
-        return tta_view_count(self.tta, self.tta_shift)
-
     def validate(self) -> None:
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
