@@ -292,3 +292,40 @@ def test_cli_says_when_the_terms_cancel_out_and_what_is_missing(index_dir, capsy
     assert "give a text query or --image PATH" in capsys.readouterr().err
     assert cli(["search", str(index_dir), "cat", "--image", "x.png", "--image-weight", "11"]) == 2
     assert "--image-weight 11.0: must be within ±10" in capsys.readouterr().err
+
+
+def test_the_results_table_keeps_every_path_whole_and_shows_caption_and_label_apart(tmp_path, monkeypatch):
+    """A narrow terminal folds a long path onto more lines instead of cutting off its file name; a path
+    below the working directory is shown relative to it; caption and label each get their own column."""
+    from rich.console import Console
+
+    from vitrina.cli import _print_hits
+    from vitrina.index.store import Hit
+
+    monkeypatch.chdir(tmp_path)
+    deep = tmp_path / "collections" / "emoji-facebook" / "animals_and_nature" / "1f431-cat-face-long-name.png"
+    elsewhere = "/elsewhere/photos/2024/beach.jpg"
+    hits = [
+        Hit(1, str(deep), 0.43, "animals and nature", "an emoji of a cat face"),
+        Hit(2, elsewhere, 0.38, None, None),
+    ]
+    console = Console(width=60, record=True, emoji=False, markup=False, highlight=False)
+    _print_hits(hits, False, console=console)
+    text = console.export_text()
+    header, *rows = text.splitlines()
+    assert header.split() == ["rank", "┃", "score", "┃", "caption", "┃", "label", "┃", "path"]
+    # read each column of the table back by its cells, the folded lines joined
+    cells: list[list[str]] = []
+    words = {2, 3}  # caption and label wrap between words; a path folds within itself
+    for line in rows[1:]:  # past the header rule
+        parts = [part.strip() for part in line.split("│")]
+        if parts[0]:  # a new row starts with its rank
+            cells.append(parts)
+            continue
+        joined = zip(cells[-1], parts, strict=True)
+        cells[-1] = [a + (" " if a and b and i in words else "") + b for i, (a, b) in enumerate(joined)]
+    assert [row[0] for row in cells] == ["1", "2"]
+    assert cells[0][4] == "collections/emoji-facebook/animals_and_nature/1f431-cat-face-long-name.png"
+    assert cells[1][4] == elsewhere
+    assert cells[0][2] == "an emoji of a cat face" and cells[0][3] == "animals and nature"
+    assert cells[1][2] == cells[1][3] == ""

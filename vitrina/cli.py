@@ -20,20 +20,36 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _print_hits(hits, as_json: bool) -> None:
+def _shown_path(path: str) -> str:
+    """A hit's path as a table shows it: relative to the working directory when it lies below it."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return path
+    return path if relative.startswith("..") else relative
+
+
+def _print_hits(hits, as_json: bool, console=None) -> None:
     if as_json:
         print(json.dumps([hit.to_json() for hit in hits], indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
+    # a caption says what the image shows, a label what folder it came from: each gets a column when any hit has
+    # one. The path folds onto more lines instead of losing its end: the file name is what a user opens.
     table = Table(show_edge=False)
-    for column in ("rank", "score", "label / caption", "path"):
-        table.add_column(column)
+    table.add_column("rank", no_wrap=True)
+    table.add_column("score", no_wrap=True)
+    texts = [(name, [getattr(hit, name) or "" for hit in hits]) for name in ("caption", "label")]
+    texts = [(name, column) for name, column in texts if any(column)]
+    for name, _ in texts:
+        table.add_column(name, overflow="fold", ratio=1)
+    table.add_column("path", overflow="fold", ratio=2)
     for rank, hit in enumerate(hits, 1):
-        text = hit.label or hit.caption or ""
-        table.add_row(str(rank), f"{hit.score:.3f}", text, str(hit.path))
-    Console(emoji=False, markup=False, highlight=False).print(table)  # captions and paths are shown as they are
+        table.add_row(str(rank), f"{hit.score:.3f}", *(column[rank - 1] for _, column in texts), _shown_path(hit.path))
+    # captions and paths are shown as they are (no markup, emoji codes or highlighting read into them)
+    (console or Console(emoji=False, markup=False, highlight=False)).print(table)
 
 
 # Commands that must not pay for importing torch: a search runs the index's exported towers (vitrina.runtime)
