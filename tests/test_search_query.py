@@ -310,7 +310,7 @@ def test_the_results_table_keeps_every_path_whole_and_shows_caption_and_label_ap
         Hit(2, elsewhere, 0.38, None, None),
     ]
     console = Console(width=60, record=True, emoji=False, markup=False, highlight=False)
-    _print_hits(hits, False, console=console)
+    _print_hits(hits, console=console)
     text = console.export_text()
     header, *rows = text.splitlines()
     assert header.split() == ["rank", "┃", "score", "┃", "caption", "┃", "label", "┃", "path"]

@@ -29,10 +29,8 @@ def _shown_path(path: str) -> str:
     return path if relative.startswith("..") else relative
 
 
-def _print_hits(hits, as_json: bool, console=None) -> None:
-    if as_json:
-        print(json.dumps([hit.to_json() for hit in hits], indent=2))
-        return
+def _print_hits(hits, console=None) -> None:
+    """The hits as a table (``--json`` prints them in ``cmd_search``)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -41,13 +39,13 @@ def _print_hits(hits, as_json: bool, console=None) -> None:
     table = Table(show_edge=False)
     table.add_column("rank", no_wrap=True)
     table.add_column("score", no_wrap=True)
-    texts = [(name, [getattr(hit, name) or "" for hit in hits]) for name in ("caption", "label")]
-    texts = [(name, column) for name, column in texts if any(column)]
-    for name, _ in texts:
+    texts = [name for name in ("caption", "label") if any(getattr(hit, name) for hit in hits)]
+    for name in texts:
         table.add_column(name, overflow="fold", ratio=1)
     table.add_column("path", overflow="fold", ratio=2)
     for rank, hit in enumerate(hits, 1):
-        table.add_row(str(rank), f"{hit.score:.3f}", *(column[rank - 1] for _, column in texts), _shown_path(hit.path))
+        shown = (getattr(hit, name) or "" for name in texts)
+        table.add_row(str(rank), f"{hit.score:.3f}", *shown, _shown_path(hit.path))
     # captions and paths are shown as they are (no markup, emoji codes or highlighting read into them)
     (console or Console(emoji=False, markup=False, highlight=False)).print(table)
 
@@ -487,7 +485,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps([{**r.hit.to_json(), "duplicates": r.duplicates} for r in results.hits], indent=2))
         return
-    _print_hits([r.hit for r in results.hits], False)
+    _print_hits([r.hit for r in results.hits])
     for rank, ranked in enumerate(results.hits, 1):
         if ranked.duplicates:
             paths = [folded[d].path if folded[d] is not None else f"id {d}" for d in ranked.duplicates]
