@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -72,11 +73,12 @@ def demo_precision(checkpoint: Path) -> str:
     return "bf16" if native_bf16() else "fp32"
 
 
-def run_demo(
+def train_demo_clip(
+    checkpoint: Path,
     *,
-    out_dir: Path,
-    train_minutes: float = 8.0,
-    held_out_style: str = "facebook",
+    train_styles: Sequence[str],
+    held_out_style: str,
+    train_minutes: float,
     seed: int = 0,
     settings=None,
     caption_variants: bool = True,
@@ -85,46 +87,21 @@ def run_demo(
     learning_rate: float = LEARNING_RATE,
     batch_size: int = BATCH_SIZE,
     precision: str | None = None,
-) -> dict:
-    """Run the five steps; returns the evaluation results (also written to ``out_dir/eval.json``).
+    console: Console | None = None,
+):
+    """Step 2: train the demo's CLIP into ``checkpoint`` on ``train_styles`` + Fashion-MNIST, less the seeded
+    held-out concepts, its best epoch chosen on half of ``held_out_style``; returns the ``HeldOut`` record.
 
-    ``settings`` (a ``ClipTrainSettings``), ``caption_variants`` (train on several phrasings of each emoji,
-    keywords included, instead of one caption) and ``fashion_images`` (the Fashion-MNIST share of the mix)
-    are the knobs ``bench/retrieval_quality.py`` ablates, with the model ``preset``, the peak
-    ``learning_rate``, the ``batch_size`` and the training ``precision`` (``TrainConfig.precision``; None: bf16
-    where the CPU computes in bf16 natively, else fp32).
+    ``bench/trials/rerank_style_gap.py`` trains the same recipe on fewer styles.
     """
-    from vitrina.checkpoint import best_checkpoint, load_encoder
     from vitrina.config import TrainConfig, to_dict
-    from vitrina.data.emoji import export_emoji
-    from vitrina.data.fashion_mnist import export_fashion_mnist
     from vitrina.data.holdout import HoldOutRule, held_out_concepts, selection_split, split_held_out
     from vitrina.data.sources import load_training_items
-    from vitrina.eval.retrieval import evaluate_index, format_table
-    from vitrina.eval.style import format_style_table, style_recalls
-    from vitrina.index.embed import index_folder
     from vitrina.models.registry import build_model
-    from vitrina.search import Searcher
     from vitrina.train.clip import ClipTrainSettings, train_clip
     from vitrina.train.schedule import BUDGET_EPOCH_LIMIT
 
-    if held_out_style not in EMOJI_STYLES:
-        raise UserError(f"--held-out {held_out_style!r}: choose one of {', '.join(EMOJI_STYLES)}")
-    console = Console(emoji=False)  # a data spec like "fashion-mnist:train:6000" is not an emoji code
-    started = time.monotonic()
-    train_styles = [s for s in EMOJI_STYLES if s != held_out_style]
-    collections = out_dir / "collections"
-    emoji_folder = collections / f"emoji-{held_out_style}"
-    fashion_folder = collections / "fashion-mnist-test"
-    checkpoint = out_dir / "clip"
-
-    _step(console, 1, "data")
-    n_emoji = export_emoji(held_out_style, emoji_folder)
-    n_fashion = export_fashion_mnist("test", fashion_folder)
-    console.print(f"held-out emoji style [bold]{held_out_style}[/]: {n_emoji} images → {emoji_folder}")
-    console.print(f"Fashion-MNIST test set: {n_fashion} images → {fashion_folder}")
-
-    _step(console, 2, "train")
+    console = console or Console(emoji=False)
     variants = ":variants" if caption_variants else ""
     spec = f"emoji:{','.join(train_styles)}{variants}+fashion-mnist:train:{fashion_images}"
     all_pairs, all_concepts = load_training_items(spec, seed=seed)
@@ -165,6 +142,75 @@ def run_demo(
         watch_sets={HELD_OUT_STYLE_SET: selection_pairs, "held-out-concepts": held_pairs},
         extra_config={"held_out": {"rule": to_dict(rule), **to_dict(held_out)}},
     )
+    return held_out
+
+
+def run_demo(
+    *,
+    out_dir: Path,
+    train_minutes: float = 8.0,
+    held_out_style: str = "facebook",
+    seed: int = 0,
+    settings=None,
+    caption_variants: bool = True,
+    fashion_images: int = FASHION_TRAIN_IMAGES,
+    preset: str = DEMO_PRESET,
+    learning_rate: float = LEARNING_RATE,
+    batch_size: int = BATCH_SIZE,
+    precision: str | None = None,
+) -> dict:
+    """Run the five steps; returns the evaluation results (also written to ``out_dir/eval.json``).
+
+    ``settings`` (a ``ClipTrainSettings``), ``caption_variants`` (train on several phrasings of each emoji,
+    keywords included, instead of one caption) and ``fashion_images`` (the Fashion-MNIST share of the mix)
+    are the knobs ``bench/retrieval_quality.py`` ablates, with the model ``preset``, the peak
+    ``learning_rate``, the ``batch_size`` and the training ``precision`` (``TrainConfig.precision``; None: bf16
+    where the CPU computes in bf16 natively, else fp32).
+    """
+    from vitrina.checkpoint import best_checkpoint, load_encoder
+    from vitrina.config import to_dict
+    from vitrina.data.emoji import export_emoji
+    from vitrina.data.fashion_mnist import export_fashion_mnist
+    from vitrina.data.holdout import HoldOutRule
+    from vitrina.eval.retrieval import evaluate_index, format_table
+    from vitrina.eval.style import format_style_table, style_recalls
+    from vitrina.index.embed import index_folder
+    from vitrina.search import Searcher
+
+    if held_out_style not in EMOJI_STYLES:
+        raise UserError(f"--held-out {held_out_style!r}: choose one of {', '.join(EMOJI_STYLES)}")
+    console = Console(emoji=False)  # a data spec like "fashion-mnist:train:6000" is not an emoji code
+    started = time.monotonic()
+    train_styles = [s for s in EMOJI_STYLES if s != held_out_style]
+    collections = out_dir / "collections"
+    emoji_folder = collections / f"emoji-{held_out_style}"
+    fashion_folder = collections / "fashion-mnist-test"
+    checkpoint = out_dir / "clip"
+
+    _step(console, 1, "data")
+    n_emoji = export_emoji(held_out_style, emoji_folder)
+    n_fashion = export_fashion_mnist("test", fashion_folder)
+    console.print(f"held-out emoji style [bold]{held_out_style}[/]: {n_emoji} images → {emoji_folder}")
+    console.print(f"Fashion-MNIST test set: {n_fashion} images → {fashion_folder}")
+
+    _step(console, 2, "train")
+    held_out = train_demo_clip(
+        checkpoint,
+        train_styles=train_styles,
+        held_out_style=held_out_style,
+        train_minutes=train_minutes,
+        seed=seed,
+        settings=settings,
+        caption_variants=caption_variants,
+        fashion_images=fashion_images,
+        preset=preset,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        precision=precision,
+        console=console,
+    )
+    rule = HoldOutRule(seed=seed)
+    n_emoji_held = sum(c.startswith("emoji:") for c in held_out.concepts)
     model_dir = best_checkpoint(checkpoint)
     console.print(f"model used from here on: {model_dir} (best R@10 on the selection half of the held-out style)")
     encoder = load_encoder(str(model_dir))

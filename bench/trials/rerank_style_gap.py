@@ -5,18 +5,19 @@ The frozen CLIP's features are cached for the re-ranker's training data (``--tra
 held-out concepts) and for the facebook style (every concept, one caption per image); a re-ranker
 (``vitrina.models.rerank``, the loss of ``vitrina.train.rerank``) is trained for ``--minutes`` and after every
 epoch each facebook caption's top 50 dual-encoder images are re-scored: R@1 before and after, over every
-caption and over the CLIP's held-out concepts alone. Three ways to give it realistic errors:
+caption and over the CLIP's held-out concepts alone. Beside the plain run, two ways to give it realistic errors:
 
 * ``--copies K``: K extra looks of every training image (random crop ``--crop``, colour jitter ``--jitter``
   / ``--hue``, grayscale ``--gray``, light blur), each look a collection of its own (a caption's positive
   and its hard negatives come from the same look, as a query's candidates come from one index);
-* ``--clip-styles apple,google``: a CLIP trained now by the demo's recipe on those styles alone (into
-  ``--clip``, when it is not there yet), so that ``--train-data emoji:twitter`` is a style it never saw.
+* ``--clip-styles apple,google``: a CLIP trained now by the demo's recipe (``vitrina.demo.train_demo_clip``)
+  on those styles alone (into ``--clip``, when it is not there yet), so that ``--train-data emoji:twitter``
+  is a style it never saw.
 
-    python bench/trials/rerank_style_gap.py --clip runs/demo/clip/best --minutes 4
-    python bench/trials/rerank_style_gap.py --clip runs/demo/clip/best --minutes 6 --copies 3 \\
+    python bench/trials/rerank_style_gap.py --clip runs/demo/clip --minutes 4
+    python bench/trials/rerank_style_gap.py --clip runs/demo/clip --minutes 6 --copies 3 \\
         --crop 0.5 --jitter 0.4 --hue 0.1 --gray 0.2
-    python bench/trials/rerank_style_gap.py --clip runs/demo/clip/best --minutes 6 --copies 2
+    python bench/trials/rerank_style_gap.py --clip runs/demo/clip --minutes 6 --copies 2
     python bench/trials/rerank_style_gap.py --clip runs/explore/clip-apple-google --clip-styles apple,google \\
         --train-data emoji:twitter --minutes 6
 """
@@ -40,48 +41,12 @@ from vitrina.data.datasets import open_source  # noqa: E402
 from vitrina.data.holdout import split_held_out  # noqa: E402
 from vitrina.data.sources import load_training_items  # noqa: E402
 from vitrina.data.transforms import eval_transform  # noqa: E402
+from vitrina.demo import train_demo_clip  # noqa: E402
 from vitrina.eval.seen_unseen import held_out_of  # noqa: E402
 from vitrina.models.rerank import CrossAttentionReranker, config_for  # noqa: E402
 from vitrina.train import rerank as R  # noqa: E402
 
 TEST_STYLE = "facebook"
-
-
-def train_clip_on(styles: str, out: Path, minutes: float) -> None:
-    """The demo's CLIP recipe (vitrina.demo) on ``styles`` + its Fashion-MNIST share, the same held-out rule."""
-    from vitrina import demo as D
-    from vitrina.config import TrainConfig, to_dict
-    from vitrina.data.holdout import HoldOutRule, held_out_concepts, selection_split
-    from vitrina.models.registry import build_model
-    from vitrina.train.clip import ClipTrainSettings, train_clip
-    from vitrina.train.schedule import BUDGET_EPOCH_LIMIT
-
-    spec = f"emoji:{styles}:variants+fashion-mnist:train:{D.FASHION_TRAIN_IMAGES}"
-    all_pairs, all_concepts = load_training_items(spec, seed=0)
-    rule = HoldOutRule(seed=0)
-    held = held_out_concepts(all_concepts, rule)
-    pairs, concepts, held_pairs, held_out = split_held_out(all_pairs, all_concepts, held)
-    style_pairs, style_concepts = load_training_items(f"emoji:{TEST_STYLE}", seed=0)
-    seen = [(p, c) for p, c in zip(style_pairs, style_concepts, strict=True) if c not in held_out.concepts]
-    selection, _, _ = selection_split([p for p, _ in seen], [c for _, c in seen], seed=0)
-    config = TrainConfig(
-        epochs=BUDGET_EPOCH_LIMIT,
-        batch_size=D.BATCH_SIZE,
-        lr=D.LEARNING_RATE,
-        seed=0,
-        budget_minutes=minutes,
-        precision=D.demo_precision(out),
-    )
-    train_clip(
-        model=build_model(D.DEMO_PRESET),
-        pairs=pairs,
-        concepts=concepts,
-        out_dir=out,
-        train_config=config,
-        settings=ClipTrainSettings(**D.DEMO_SETTINGS),
-        watch_sets={D.HELD_OUT_STYLE_SET: selection, "held-out-concepts": held_pairs},
-        extra_config={"held_out": {"rule": to_dict(rule), **to_dict(held_out)}},
-    )
 
 
 def add_looks(cache: R.FeatureCache, clip, sources: list, look, copies: int) -> None:
@@ -129,7 +94,8 @@ def main() -> None:
 
     model_dir = Path(args.clip)
     if args.clip_styles and not (model_dir / "config.json").is_file():
-        train_clip_on(args.clip_styles, model_dir, args.clip_minutes)
+        styles = args.clip_styles.split(",")
+        train_demo_clip(model_dir, train_styles=styles, held_out_style=TEST_STYLE, train_minutes=args.clip_minutes)
     model_dir = best_checkpoint(model_dir)
     clip = load_model(model_dir)[0].requires_grad_(False).eval()
     held = set((held_out_of(str(model_dir)) or {}).get("concepts", []))
