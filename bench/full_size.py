@@ -11,7 +11,7 @@ Rows, each timed end to end over the same files (model load excluded, one warm-u
 
 * vitrina: ``index_folder`` into a fresh index (scan, read once and hash, decode with JPEG draft scaling,
   transform, encode, SQLite commits, ANN publish), ``--batch-size`` 32, its default decoders
-  (``default_workers()``: 2 decoders for a 224 px tower);
+  (``default_decoding()``: 2 decoder threads for a 224 px tower);
 * open_clip loop: what its README does, batched: ``PIL.Image.open`` → open_clip's ``preprocess`` →
   ``model.encode_image`` → normalise, in a torch ``DataLoader`` with 2 worker processes (the faster of
   that and a plain loop in this process is the peer);

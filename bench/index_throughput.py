@@ -68,6 +68,23 @@ def model_throughput(encoder, pixels: torch.Tensor, batch_size: int) -> float:
     return len(pixels) / (time.perf_counter() - start)
 
 
+def replica_model_throughput(encoder, pixels: torch.Tensor, batch_size: int, workers: int) -> float:
+    """Images/s of ``encode_image`` alone in ``workers`` forked processes of one torch thread each (what
+    ``--decoder replica`` runs), over the same pre-decoded pixels: the ceiling of that setting."""
+    chunks = list(torch.split(pixels, batch_size))
+    loader = torch.utils.data.DataLoader(
+        chunks,
+        batch_size=None,  # each item is a whole batch already
+        num_workers=workers,
+        collate_fn=lambda chunk: encoder.encode_image(chunk)[:0],  # only the time travels back
+        multiprocessing_context="fork",
+    )
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    return len(pixels) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="clip-small", help="the demo-sized encoder (preset or checkpoint)")
@@ -84,17 +101,17 @@ def main() -> None:
     pixels = torch.stack([encoder.image_transform(load_image(p)) for p in paths])  # (N, 3, H, W)
 
     decode_ms = decode_cost(paths, encoder.image_transform)
-    settings = [("process", args.workers), ("thread", args.workers), ("thread", 0)]
-    runs: dict[tuple[str, int], list[tuple[float, float, float]]] = {setting: [] for setting in settings}
+    settings = [("replica", args.workers), ("process", args.workers), ("thread", args.workers), ("thread", 0)]
+    runs: dict[tuple[str, int], list[tuple]] = {setting: [] for setting in settings}
     # Rounds of every setting in turn: the machine is shared and drifts by tens of percent over minutes, so
     # each setting is measured several times, spread over the run, and the median round is reported.
     for _ in range(args.rounds):
         for decoder, workers in settings:
             runs[decoder, workers].append(measure(encoder, pixels, folder, args, decoder, workers))
     for (decoder, workers), rounds in runs.items():
-        ratios = [e2e / model for model, _, e2e in rounds]
+        ratios = [e2e / model for model, _, e2e, _ in rounds]
         middle = sorted(range(len(rounds)), key=ratios.__getitem__)[len(rounds) // 2]  # the median round
-        model, spread, e2e = rounds[middle]
+        model, spread, e2e, replica_model = rounds[middle]
         row = {
             "model": args.model,
             "image px": "x".join(map(str, pixels.shape[-2:])),
@@ -113,12 +130,16 @@ def main() -> None:
             "serial bound": 1 / (1 + decode_ms / 1000 * model),
             "torch threads": torch.get_num_threads(),
         }
+        if replica_model is not None:  # the model alone as this setting runs it: the ratio's other reading
+            row["replica model img/s"] = replica_model
+            row["ratio to replica model"] = e2e / replica_model
         print(row, flush=True)
         record("index_throughput", f"{args.model} {decoder} x{workers}" if workers else f"{args.model} serial", row)
 
 
-def measure(encoder, pixels, folder: Path, args, decoder: str, workers: int) -> tuple[float, float, float]:
-    """(model img/s, its spread, end-to-end img/s) of one ``index_folder`` run into a fresh index."""
+def measure(encoder, pixels, folder: Path, args, decoder: str, workers: int) -> tuple:
+    """(model img/s, its spread, end-to-end img/s, the replicas' model img/s or None) of one ``index_folder``
+    run into a fresh index."""
     # The model is timed right before and right after the end-to-end run: only measurements taken back to
     # back are compared.
     before = model_throughput(encoder, pixels, args.batch_size)
@@ -139,7 +160,10 @@ def measure(encoder, pixels, folder: Path, args, decoder: str, workers: int) -> 
     after = model_throughput(encoder, pixels, args.batch_size)
     assert report.embedded == args.images, report.summary()
     model = (before + after) / 2
-    return model, abs(before - after) / model, report.images_per_s
+    replica_model = None
+    if decoder == "replica":
+        replica_model = replica_model_throughput(encoder, pixels, args.batch_size, workers)
+    return model, abs(before - after) / model, report.images_per_s, replica_model
 
 
 def decode_cost(paths: list[Path], transform) -> float:

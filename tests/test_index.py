@@ -202,8 +202,8 @@ import sys
 sys.path.insert(0, {tests!r})
 from test_index import PausingEncoder, make_encoder
 from vitrina.index.embed import index_folder
-encoder = PausingEncoder(make_encoder(), pause_after=3)
-index_folder({folder!r}, encoder, {out!r}, model_ref="clip-tiny", batch_size=4, progress=False)
+encoder = PausingEncoder(make_encoder(), pause_after=3)  # pauses in this process: the model runs here
+index_folder({folder!r}, encoder, {out!r}, model_ref="clip-tiny", batch_size=4, progress=False, workers=0)
 """
 
 
@@ -249,6 +249,69 @@ def test_resume_after_sigkill_keeps_committed_batches(tmp_path: Path, encoder) -
         assert store.view.index.ntotal == 36
 
 
+_REPLICA_KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_index import PausingEncoder, make_encoder
+from vitrina.index.embed import index_folder
+encoder = PausingEncoder(make_encoder(), delay_s=0.3)  # each replica's copy sleeps 0.3 s a batch
+print("started", flush=True)
+index_folder({folder!r}, encoder, {out!r}, model_ref="clip-tiny", batch_size=4, progress=False, decoder="replica")
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # an unreaped zombie has exited
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="model replicas fork: Linux only")
+def test_killed_indexer_leaves_no_replica_running_and_resumes(tmp_path: Path, encoder) -> None:
+    collection = tmp_path / "photos"
+    write_collection(collection, variants=3)  # 36 images = 9 batches of 4, 0.3 s each
+    index_dir = tmp_path / "idx"
+    script = _REPLICA_KILL_SCRIPT.format(tests=str(TESTS_DIR), folder=str(collection), out=str(index_dir))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "started\n"
+        replicas: list[int] = []
+        deadline = time.monotonic() + 60
+        while len(replicas) < 2 and time.monotonic() < deadline:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            replicas = [int(pid) for pid in children]
+            time.sleep(0.05)
+        assert len(replicas) == 2, "the indexer started no model replicas"
+        time.sleep(1.0)  # some batches committed, others in flight in the replicas
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 30  # a replica notices its parent is gone once its batch is done
+    while any(map(_alive, replicas)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, replicas)), "model replicas outlived the killed indexer"
+    with IndexStore.open(index_dir) as store:
+        committed = by_path_of(store)
+    assert 0 < len(committed) < 36 and len(committed) % 4 == 0  # whole batches only
+
+    report = index_folder(collection, encoder, index_dir, model_ref="clip-tiny", batch_size=4, progress=False)
+    assert report.embedded == 36 - len(committed) and report.total == 36
+    with IndexStore.open(index_dir) as store:
+        resumed = by_path_of(store)
+    for path, vector in committed.items():  # what was committed before the kill is kept as it was
+        np.testing.assert_array_equal(resumed[path], vector)
+
+
+def by_path_of(store: IndexStore) -> dict[str, np.ndarray]:
+    """The vectors of version 1 keyed by image path."""
+    paths = {i: p for i, p, _, _ in store.items()}
+    ids, vectors = store.all_vectors(version=1)
+    return {paths[int(i)]: v for i, v in zip(ids, vectors, strict=True)}
+
+
 def _png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose valid header claims ``width`` x ``height`` pixels (a decompression bomb)."""
 
@@ -271,7 +334,11 @@ def test_each_bad_file_lands_in_the_ledger(collection: Path, tmp_path: Path, enc
     (bad / "bomb.png").write_bytes(_png_claiming(20_000, 20_000))
     (bad / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
 
-    report = index_folder(collection, encoder, tmp_path / "idx", model_ref="clip-tiny", batch_size=4, progress=False)
+    # Model replicas decode (a batch of bad files only, too), the ledger is written here.
+    report = index_folder(
+        collection, encoder, tmp_path / "idx", model_ref="clip-tiny", batch_size=4, decoder="replica", workers=2,
+        progress=False,
+    )  # fmt: skip
     assert report.total == 24 and report.embedded == 24
     assert report.bad == {"empty": 1, "not-an-image": 1, "truncated": 1, "too-large": 1, "unreadable": 1}
     assert "5 bad" in report.summary() and "too-large: 1" in report.summary()
@@ -386,7 +453,8 @@ def test_empty_folder_gives_empty_index(tmp_path: Path, encoder) -> None:
 
 
 def test_index_kinds_and_decoders_agree(collection: Path, tmp_path: Path, encoder) -> None:
-    # The thread pool here, processes below; the main thread (the default on 2 CPUs) in most other tests.
+    # The thread pool, processes, the main thread and model replicas (the default for a small tower on 2 CPUs,
+    # so most other tests run it on a 2-core machine) write the same vectors.
     flat = index_folder(collection, encoder, tmp_path / "flat", model_ref="clip-tiny", workers=2, progress=False)
     procs = index_folder(
         collection,
@@ -398,10 +466,17 @@ def test_index_kinds_and_decoders_agree(collection: Path, tmp_path: Path, encode
         workers=2,
         progress=False,
     )
-    assert flat.total == procs.total == 24
+    here = index_folder(collection, encoder, tmp_path / "here", model_ref="clip-tiny", workers=0, progress=False)
+    replicas = index_folder(
+        collection, encoder, tmp_path / "replicas", model_ref="clip-tiny", decoder="replica", workers=2,
+        batch_size=5, progress=False,
+    )  # fmt: skip
+    assert flat.total == procs.total == here.total == replicas.embedded == 24
     a, b = vectors_by_path(tmp_path / "flat"), vectors_by_path(tmp_path / "hnsw")
-    for path in a:
-        np.testing.assert_allclose(a[path], b[path], atol=1e-6)
+    for other in (b, vectors_by_path(tmp_path / "here"), vectors_by_path(tmp_path / "replicas")):
+        assert sorted(other) == sorted(a)
+        for path in a:  # a replica multiplies on one thread: the same vectors up to float rounding
+            np.testing.assert_allclose(a[path], other[path], atol=1e-5)
     with IndexStore.open(tmp_path / "hnsw") as store:
         inner = faiss.downcast_index(faiss.downcast_index(store.view.index).index)
         assert isinstance(inner, faiss.IndexHNSWFlat)
@@ -503,10 +578,24 @@ def test_each_file_is_read_once_and_hashed_as_decoded(tmp_path: Path, monkeypatc
     assert sorted(opened) == sorted(map(str, paths))
 
 
-def test_default_decoders_leave_a_two_core_machine_to_a_small_model() -> None:
-    from vitrina.index.decode import default_workers
+def test_replicas_are_refused_where_forking_the_model_is_unsafe(
+    collection: Path, tmp_path: Path, encoder, monkeypatch
+) -> None:
+    import vitrina.index.replicas as replicas
 
-    # the demo's 48 px tower on 2 CPUs: decode in the main thread, between batches
-    assert default_workers(48, cpus=1) == default_workers(48, cpus=2) == 0
-    assert default_workers(64, cpus=2) == default_workers(224, cpus=2) == 2  # bigger towers: decoders beside
-    assert default_workers(48, cpus=4) == default_workers(None, cpus=2) == 2
+    monkeypatch.setattr(replicas.torch.cuda, "is_initialized", lambda: True)  # a process that started CUDA
+    with pytest.raises(UserError, match="--decoder replica forks the model.*use --decoder thread"):
+        index_folder(collection, encoder, tmp_path / "idx", model_ref="clip-tiny", decoder="replica", progress=False)
+    assert not (tmp_path / "idx").exists()  # refused before anything was written
+    report = index_folder(collection, encoder, tmp_path / "idx", model_ref="clip-tiny", progress=False)
+    assert report.embedded == 24  # the default turns to decoder threads
+
+
+def test_default_decoding_gives_a_small_tower_on_two_cores_model_replicas() -> None:
+    from vitrina.index.decode import default_decoding
+
+    # the demo's 48 px and a 64 px tower on 2 CPUs: two processes that each decode and embed whole batches
+    assert default_decoding(48, cpus=1) == default_decoding(64, cpus=2) == ("replica", 2)
+    assert default_decoding(224, cpus=2) == default_decoding(None, cpus=2) == ("thread", 2)  # long products
+    assert default_decoding(48, cpus=4) == ("thread", 2)  # not measured on more cores: decoders beside
+    assert default_decoding(48, cpus=2, can_fork=False) == ("thread", 2)  # CUDA started, or not Linux

@@ -165,9 +165,10 @@ sys.path.insert(0, {tests!r})
 from test_index import PausingEncoder
 from vitrina.checkpoint import load_encoder
 from vitrina.index.embed import index_folder
-encoder = PausingEncoder(load_encoder({model!r}), delay_s=0.1)
+encoder = PausingEncoder(load_encoder({model!r}), delay_s=0.1)  # the model runs here: 0.1 s a batch
 print("started", flush=True)
-index_folder({folder!r}, encoder, {out!r}, model_ref={model!r}, batch_size=2, new_version=True, progress=False)
+index_folder({folder!r}, encoder, {out!r}, model_ref={model!r}, batch_size=2, new_version=True, progress=False,
+             workers=0)
 print("done", flush=True)
 """
 
@@ -222,8 +223,8 @@ import sys
 sys.path.insert(0, {tests!r})
 from test_index import PausingEncoder, make_encoder
 from vitrina.index.embed import index_folder
-encoder = PausingEncoder(make_encoder(), pause_after=2)
-index_folder({folder!r}, encoder, {out!r}, model_ref="clip-tiny", batch_size=4, progress=False)
+encoder = PausingEncoder(make_encoder(), pause_after=2)  # pauses in this process: the model runs here
+index_folder({folder!r}, encoder, {out!r}, model_ref="clip-tiny", batch_size=4, progress=False, workers=0)
 """
 
 

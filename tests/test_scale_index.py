@@ -243,6 +243,9 @@ def test_source_and_flag_errors_name_what_to_fix(photos, tmp_path, capsys) -> No
     assert "--actors: only for --engine ray" in capsys.readouterr().err
     assert cli_main(["index", str(bad), "--model", "clip-tiny", "--out", str(tmp_path / "x")]) == 2
     assert "a list of images is read by --engine ray" in capsys.readouterr().err
+    ray_decoder = ["index", str(photos), "--model", "clip-tiny", "--out", str(tmp_path / "x"), "--engine", "ray"]
+    assert cli_main([*ray_decoder, "--decoder", "replica"]) == 2
+    assert "--decoder: only for --engine local" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

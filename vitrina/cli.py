@@ -308,6 +308,8 @@ def cmd_index(args: argparse.Namespace) -> None:
     ray_only = [flag for flag, given in {**ray_flags, "--shard-size": args.shard_size}.items() if given is not None]
     if args.engine == "local" and ray_only:
         raise UserError(f"{', '.join(ray_only)}: only for --engine ray; add it, or leave them out")
+    if args.engine == "ray" and args.decoder is not None:
+        raise UserError("--decoder: only for --engine local (Ray decodes in actors, --workers of them); leave it out")
     if args.engine == "local" and folder.is_file():
         raise UserError(f"{folder}: a list of images is read by --engine ray; add it, or give a folder")
     if args.engine == "local" and not folder.is_dir():
@@ -345,7 +347,7 @@ def cmd_index(args: argparse.Namespace) -> None:
             **common,
         )
     else:
-        report = index_folder(folder, encoder, Path(args.out), workers=args.workers, **common)
+        report = index_folder(folder, encoder, Path(args.out), workers=args.workers, decoder=args.decoder, **common)
     print(report.summary())
     if args.new_version and report.ready and args.activate_if_better and not report.activated:
         _activate_if_better(Path(args.out), report.version)
@@ -900,9 +902,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=None,
-        help="image decoders beside the model (default: 2, or 0 = the main thread for a <= 48 px tower on "
-        "2 CPUs or fewer; "
-        "--engine ray: the CPUs actors leave)",
+        help="decoders (or model replicas, --decoder replica); 0: decode in the main thread (default: 2; "
+        "--engine ray: decoding actors, default the CPUs the embedding actors leave)",
+    )
+    index.add_argument(
+        "--decoder",
+        default=None,
+        choices=["thread", "process", "replica"],
+        help="thread / process: --workers decoders beside the model; replica: --workers processes that each decode "
+        "and embed whole batches with their own copy of the model, one torch thread each (default: replica for a "
+        "<= 64 px tower on 2 CPUs or fewer, else thread; measured in bench/results/index_throughput.json)",
     )
     index.add_argument(
         "--engine",

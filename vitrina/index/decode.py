@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vitrina.data.images import MAX_BYTES, BadImageError, decode_image_bytes, read_image_bytes
@@ -55,6 +56,7 @@ class Batch:
 
     items: list[Decoded]
     pixels: torch.Tensor | None  # (G, 3, H, W) for the items without a ``reason``, in order
+    vectors: np.ndarray | None = None  # (G, D) float32, once a model replica embedded them (``replicas``)
 
 
 def collate(decoded: list[Decoded], normalize: Callable | None = None) -> Batch:
@@ -158,17 +160,20 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def default_workers(image_size: int | None, cpus: int | None = None) -> int:
-    """Decoders to run beside the model: 2, except on a machine of 2 CPUs or fewer for a tower of <= 48 px
-    input (the demo's), which decodes in the main thread between batches.
+def default_decoding(image_size: int | None, cpus: int | None = None, *, can_fork: bool = True) -> tuple[str, int]:
+    """(decoder, workers) of a run that names neither: 2 model replicas (``vitrina.index.replicas``) for a
+    tower of <= 64 px input on a machine of 2 CPUs or fewer, where forking is possible; 2 decoder threads
+    beside the model otherwise.
 
-    Measured on 2 cores (bench/index_throughput.json, medians of 3 rounds, 2026-12-04): with a 48 px tower the
-    model is cheap per image and a decoder thread or process only takes turns with its matrix products
-    (end-to-end / model, the demo's tower: main thread 0.58, 2 threads 0.49, 2 processes 0.45; clip-minilm:
-    0.72, 0.69, 0.54); at 64 px the two are even (main thread 0.77, 2 processes 0.76). A 224 px tower
-    (ViT-B/32 on 300-640 px JPEGs, bench/full_size.json) keeps 0.97 of its model's speed with 2 decoders."""
+    Measured on 2 cores (bench/results/index_throughput.json, medians of 3 rounds, Intel Xeon, 2026-12-05),
+    end-to-end / model img/s with 2 replicas, the main thread, 2 decoder threads, 2 decoder processes: the
+    demo's 48 px tower 0.59, 0.47, 0.43, 0.37; clip-minilm (48 px) 0.73, 0.62, 0.60, 0.54; clip-small (64 px)
+    0.84, 0.77, 0.78, 0.70. A 224 px tower (ViT-B/32 on 300-640 px JPEGs, bench/full_size.json) keeps 0.97
+    of its model's speed with 2 decoder threads: its products are long enough for two threads to share."""
     small_machine = (usable_cpus() if cpus is None else cpus) <= 2
-    return 0 if small_machine and image_size is not None and image_size <= 48 else 2
+    if small_machine and can_fork and image_size is not None and image_size <= 64:
+        return "replica", 2
+    return "thread", 2
 
 
 def thread_batches(jobs: list[Job], transform: Callable, batch_size: int, workers: int) -> Iterator[Batch]:

@@ -36,23 +36,24 @@ from tqdm import tqdm
 
 from vitrina.data.folder import scan_collection, stratified_fraction
 from vitrina.digest import short
-from vitrina.encoder import Encoder
+from vitrina.encoder import Encoder, as_numpy
 from vitrina.errors import UserError
 from vitrina.index.ann import choose_index_kind
 from vitrina.index.decode import (
     Decoded,
     Job,
     content_hash,
-    default_workers,
+    default_decoding,
     file_stat,
     is_url,
     process_batches,
     thread_batches,
 )
 from vitrina.index.lock import WriterLock
+from vitrina.index.replicas import can_fork_replicas, check_can_fork_replicas, replica_batches
 from vitrina.index.store import META_FILE, READY, IndexStore, ItemRow, Version
 
-DECODERS = ("thread", "process")
+DECODERS = ("thread", "process", "replica")
 PUBLISH_EVERY_S = 60.0  # during a long primary pass, publish the active ANN this often
 
 
@@ -216,7 +217,7 @@ def index_folder(
     fraction: float | None = None,
     seed: int = 0,
     progress: bool = True,
-    decoder: str = "thread",
+    decoder: str | None = None,
     new_version: bool = False,
     activate: bool = True,
     load_encoder: EncoderLoader = _default_loader,
@@ -231,18 +232,27 @@ def index_folder(
     ``new_version`` builds a version for it beside the others, activated when complete unless
     ``activate`` is False. The other versions' models are loaded with ``load_encoder(model_ref)`` when
     they have files to catch up on. ``index_kind`` None keeps the version's stored choice. ``decoder``
-    picks a thread pool or a process-based DataLoader of ``workers`` decoders (None: ``default_workers()``:
-    0 for a tower of <= 48 px on a machine of 2 CPUs or fewer, else 2; 0 decodes in the main thread).
+    picks ``workers`` decoders beside the model in a thread pool ("thread") or a process-based DataLoader
+    ("process"), or ``workers`` processes that decode and embed whole batches with their own copy of the
+    model ("replica", ``vitrina.index.replicas``); 0 workers decode in the main thread. None: the measured
+    default (``default_decoding()``).
     ``export_towers``: export the query towers of versions that lack them (``report.towers``, timed in
     ``report.towers_seconds``).
     """
-    if decoder not in DECODERS:
-        raise UserError(f"decoder {decoder!r} is unknown; use one of {', '.join(DECODERS)}")
+    if decoder is not None and decoder not in DECODERS:
+        raise UserError(f"--decoder {decoder!r} is unknown; use one of {', '.join(DECODERS)}")
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {workers}")
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder of images; give the collection's root folder")
-    if workers is None:
-        workers = default_workers(getattr(encoder.image_transform, "size", None))
+    default_decoder, default_count = default_decoding(
+        getattr(encoder.image_transform, "size", None), can_fork=can_fork_replicas()
+    )
+    decoder = decoder or default_decoder
+    workers = default_count if workers is None else workers
+    if decoder == "replica" and workers:
+        check_can_fork_replicas()  # before anything is written
 
     def entries() -> list:
         found = scan_collection(folder.resolve())
@@ -438,17 +448,20 @@ class _Run:
     ) -> None:
         """The local ``PassRunner``: decode, embed with ``version``'s model and commit ``jobs`` batch by batch."""
         encoder = self.encoder_of(version)
-        batches = (thread_batches if decoder == "thread" else process_batches)(
-            jobs, encoder.image_transform, batch_size, workers
-        )
+        if decoder == "replica":
+            batches = replica_batches(jobs, encoder, batch_size, workers)
+        else:
+            batches = (thread_batches if decoder == "thread" else process_batches)(
+                jobs, encoder.image_transform, batch_size, workers
+            )
         desc = f"embedding ({version.name})"
         bar = tqdm(total=len(jobs), unit="img", desc=desc, disable=not progress or not jobs, file=sys.stderr)
         with bar:
             for batch in batches:
                 good = [d for d in batch.items if not d.reason]
-                vectors = None
-                if good:
-                    vectors = encoder.encode_image(batch.pixels).detach().cpu().numpy().astype(np.float32)  # (B, D)
+                vectors = batch.vectors  # (G, D), where a replica embedded the batch
+                if good and vectors is None:
+                    vectors = as_numpy(encoder.encode_image(batch.pixels))
                 self.commit(version, batch.items, vectors, upsert=upsert)
                 if good:
                     on_commit()
