@@ -42,9 +42,8 @@ def check_can_fork_replicas() -> None:
 
 def replica_batches(jobs: list[Job], encoder: Encoder, batch_size: int, workers: int) -> Iterator[Batch]:
     """``jobs`` as batches in order, each with the vectors of its good items (``Batch.vectors``, (G, D)
-    float32) and no pixels; ``workers`` 0 decodes and embeds here, at this process's thread count."""
-    if workers:
-        check_can_fork_replicas()
+    float32) and no pixels; ``workers`` 0 decodes and embeds here, at this process's thread count. The caller
+    checks ``can_fork_replicas()`` first (``index_folder`` does, before anything is written)."""
     per_image, normalize = _split(encoder.image_transform)
     loader = torch.utils.data.DataLoader(
         DecodeDataset(jobs, per_image, getattr(encoder.image_transform, "size", None)),
