@@ -455,7 +455,9 @@ def test_empty_folder_gives_empty_index(tmp_path: Path, encoder) -> None:
 def test_index_kinds_and_decoders_agree(collection: Path, tmp_path: Path, encoder) -> None:
     # The thread pool, processes, the main thread and model replicas (the default for a small tower on 2 CPUs,
     # so most other tests run it on a 2-core machine) write the same vectors.
-    flat = index_folder(collection, encoder, tmp_path / "flat", model_ref="clip-tiny", workers=2, progress=False)
+    flat = index_folder(
+        collection, encoder, tmp_path / "flat", model_ref="clip-tiny", decoder="thread", workers=2, progress=False
+    )
     procs = index_folder(
         collection,
         encoder,
@@ -472,6 +474,8 @@ def test_index_kinds_and_decoders_agree(collection: Path, tmp_path: Path, encode
         batch_size=5, progress=False,
     )  # fmt: skip
     assert flat.total == procs.total == here.total == replicas.embedded == 24
+    assert "img/s, 2 model replicas)" in replicas.summary() and "img/s, 2 decoder processes)" in procs.summary()
+    assert "img/s, decoded in the main thread)" in here.summary() and "img/s, 2 decoder threads)" in flat.summary()
     a, b = vectors_by_path(tmp_path / "flat"), vectors_by_path(tmp_path / "hnsw")
     for other in (b, vectors_by_path(tmp_path / "here"), vectors_by_path(tmp_path / "replicas")):
         assert sorted(other) == sorted(a)

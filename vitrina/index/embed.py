@@ -53,7 +53,7 @@ from vitrina.index.lock import WriterLock
 from vitrina.index.replicas import can_fork_replicas, check_can_fork_replicas, replica_batches
 from vitrina.index.store import META_FILE, READY, IndexStore, ItemRow, Version
 
-DECODERS = ("thread", "process", "replica")
+DECODERS = {"thread": "decoder threads", "process": "decoder processes", "replica": "model replicas"}
 PUBLISH_EVERY_S = 60.0  # during a long primary pass, publish the active ANN this often
 
 
@@ -79,6 +79,7 @@ class IndexReport:
     towers: dict[str, str] = field(default_factory=dict)  # version -> what exporting its query towers did
     towers_seconds: float = 0.0  # spent exporting towers (not in ``seconds``: a one-off per version)
     from_shards: int = 0  # images whose vectors came from embedding shards a killed run had finished (Ray engine)
+    decoding: str = ""  # how the local engine decoded, e.g. "2 model replicas" (``decoding_of``)
 
     @property
     def images_per_s(self) -> float:
@@ -92,7 +93,8 @@ class IndexReport:
         line = (
             f"{self.seen} files seen: {self.new} new, {self.changed} changed, {self.unchanged} unchanged, "
             f"{self.deleted} deleted, {bad}; {self.total} in index; "
-            f"{self.embedded} embedded in {self.seconds:.1f}s ({self.images_per_s:.1f} img/s)"
+            f"{self.embedded} embedded in {self.seconds:.1f}s ({self.images_per_s:.1f} img/s"
+            + (f", {self.decoding})" if self.decoding and self.embedded else ")")
         )
         if len(self.by_version) > 1:
             line += " [" + ", ".join(f"{v}: {n}" for v, n in sorted(self.by_version.items())) + "]"
@@ -101,6 +103,11 @@ class IndexReport:
         for version, what in sorted(self.towers.items()):
             line += f"\nquery towers of {version}: {what}"
         return f"{line}\n{self.message}" if self.message else line
+
+
+def decoding_of(decoder: str, workers: int) -> str:
+    """How a local pass decodes, in words for the summary line."""
+    return f"{workers} {DECODERS[decoder]}" if workers else "decoded in the main thread"
 
 
 def _plan(
@@ -448,6 +455,7 @@ class _Run:
     ) -> None:
         """The local ``PassRunner``: decode, embed with ``version``'s model and commit ``jobs`` batch by batch."""
         encoder = self.encoder_of(version)
+        self.report.decoding = decoding_of(decoder, workers)
         if decoder == "replica":
             batches = replica_batches(jobs, encoder, batch_size, workers)
         else:
