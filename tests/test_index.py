@@ -97,6 +97,13 @@ def collection(tmp_path: Path) -> Path:
     return root
 
 
+def by_path(store: IndexStore, version: int) -> dict[str, np.ndarray]:
+    """A version's vectors keyed by image path (also of a version not complete or not active)."""
+    paths = {i: p for i, p, _, _ in store.items()}
+    ids, vectors = store.all_vectors(version=version)
+    return {paths[int(i)]: v for i, v in zip(ids, vectors, strict=True)}
+
+
 def vectors_by_path(index_dir: Path) -> dict[str, np.ndarray]:
     with IndexStore.open(index_dir) as store:
         ids, vectors = store.all_vectors()
@@ -225,9 +232,7 @@ def test_resume_after_sigkill_keeps_committed_batches(tmp_path: Path, encoder) -
             proc.kill()
     with IndexStore.open(index_dir) as store:  # killed before the first publish: nothing active yet
         assert [(v.name, v.state, v.active) for v in store.versions()] == [("v1", "building", False)]
-        ids, vectors = store.all_vectors(version=1)
-        paths = dict((i, p) for i, p, _, _ in store.items())
-        committed = {paths[int(i)]: v for i, v in zip(ids, vectors, strict=True)}
+        committed = by_path(store, 1)
     assert len(committed) == 12 and not (index_dir / "versions").exists()
     with pytest.raises(UserError, match="no active version yet"):
         Searcher(index_dir, encoder)
@@ -294,22 +299,15 @@ def test_killed_indexer_leaves_no_replica_running_and_resumes(tmp_path: Path, en
         time.sleep(0.1)
     assert not any(map(_alive, replicas)), "model replicas outlived the killed indexer"
     with IndexStore.open(index_dir) as store:
-        committed = by_path_of(store)
+        committed = by_path(store, 1)
     assert 0 < len(committed) < 36 and len(committed) % 4 == 0  # whole batches only
 
     report = index_folder(collection, encoder, index_dir, model_ref="clip-tiny", batch_size=4, progress=False)
     assert report.embedded == 36 - len(committed) and report.total == 36
     with IndexStore.open(index_dir) as store:
-        resumed = by_path_of(store)
+        resumed = by_path(store, 1)
     for path, vector in committed.items():  # what was committed before the kill is kept as it was
         np.testing.assert_array_equal(resumed[path], vector)
-
-
-def by_path_of(store: IndexStore) -> dict[str, np.ndarray]:
-    """The vectors of version 1 keyed by image path."""
-    paths = {i: p for i, p, _, _ in store.items()}
-    ids, vectors = store.all_vectors(version=1)
-    return {paths[int(i)]: v for i, v in zip(ids, vectors, strict=True)}
 
 
 def _png_claiming(width: int, height: int) -> bytes:

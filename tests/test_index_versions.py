@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_index import TESTS_DIR, image_path, write_collection
+from test_index import TESTS_DIR, by_path, image_path, write_collection
 
 from vitrina.checkpoint import load_encoder, save_model
 from vitrina.cli import main as cli
@@ -150,13 +150,6 @@ def test_activate_if_better_swaps_on_evidence(models, collection, tmp_path, caps
     assert ("activated" in out) == (new >= old) and "headline" in out
     assert cli(["versions", str(index_dir), "--compare", "v1", "v2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["headline"] == [old, new]
-
-
-def by_path(store: IndexStore, version: int) -> dict[str, np.ndarray]:
-    """A version's vectors keyed by image path."""
-    paths = {i: p for i, p, _, _ in store.items()}
-    ids, vectors = store.all_vectors(version=version)
-    return {paths[int(i)]: v for i, v in zip(ids, vectors, strict=True)}
 
 
 _NEW_VERSION_SCRIPT = """
