@@ -337,7 +337,12 @@ def main() -> None:
         metavar="ROW",
         help="train nothing: test ROW's best checkpoint of --seed with this run's test settings (e.g. --tta-shift)",
     )
-    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default=None, help="forward precision (row's)")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "bf16-stem", "auto"],
+        default=None,
+        help="forward precision (row's); bf16-stem: a hybrid ViT's conv stem only",
+    )
     parser.add_argument(
         "--teacher-bf16", action=argparse.BooleanOptionalAction, default=None, help="distill: teacher forward (row's)"
     )

@@ -166,6 +166,12 @@ def main() -> None:
         default=True,
         help="also DINO's probe of the last 1 or 4 blocks [+ mean patch token], chosen on held-out training features",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16-stem"],
+        default="fp32",
+        help="joint-embedding pretraining: bf16-stem runs a hybrid backbone's conv stem under bf16 autocast",
+    )
     parser.add_argument("--log-every", type=int, default=10, help="steps per logged img/s window (smoke: 2)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -195,6 +201,14 @@ def main() -> None:
     if joint and args.local_crops != LOCAL_CROPS:
         row_name, slug = f"{row_name}, {args.local_crops} local crops", f"{slug}_{args.local_crops}local"
         run_name = f"{run_name}_{args.local_crops}local"
+    if args.precision != "fp32":
+        if not joint:
+            parser.error("--precision: only the time-budgeted joint-embedding methods (vicreg, byol) take it")
+        row_name, slug, run_name = (
+            f"{row_name}, {args.precision}",
+            f"{slug}_{args.precision}",
+            f"{run_name}_{args.precision}",
+        )
     out = Path(tempfile.mkdtemp(prefix="ssl_probe_")) if args.dry_run else _report.RESULTS_DIR
     # the pretrained checkpoint (for random-init, the untrained backbone saved for its fine-tune); seed 0
     # keeps the folder name of the runs from before seeds were a choice
@@ -208,7 +222,11 @@ def main() -> None:
             max_items = min(max_items or args.limit, args.limit)
         if joint:  # a time budget: the schedule ends with --minutes, however fast the steps go
             sizing = {"epochs": BUDGET_EPOCH_LIMIT, "local_crops": args.local_crops}
-            sizing["train_settings"] = {"budget_minutes": args.minutes, "log_every": args.log_every}
+            sizing["train_settings"] = {
+                "budget_minutes": args.minutes,
+                "log_every": args.log_every,
+                "precision": args.precision,
+            }
         else:  # sized from a measured step rate, the cap as a safety stop
             sizing = {"minutes": args.minutes, "train_settings": {"log_every": args.log_every}}
         result = run_pretraining(
@@ -289,6 +307,7 @@ def main() -> None:
         "minutes": args.minutes if args.method in METHODS else None,
         "budget": joint,
         "local_crops": args.local_crops if joint else None,
+        "precision": args.precision,
         "batch_size": row.get("batch_size"),
         "lr": row.get("lr"),
         "probe_train": row["probe_train"],

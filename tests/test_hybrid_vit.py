@@ -18,7 +18,7 @@ from vitrina.distill.trainer import Distiller, DistillSettings, KDKind, build_st
 from vitrina.errors import UserError
 from vitrina.models.cnn import CNN, CNNConfig
 from vitrina.models.explain import model_rollout, rollout_matrix, sequence_pool_rollout
-from vitrina.models.hybrid import ConvStem, default_stem_channels
+from vitrina.models.hybrid import ConvStem, default_stem_channels, stems_in_bf16
 from vitrina.models.registry import build_model, preset_config, preset_cost
 from vitrina.models.vit import ViT, ViTConfig
 from vitrina.train.classify_data import Preprocess
@@ -44,6 +44,23 @@ def test_conv_stem_output_grid_is_the_token_grid() -> None:
         ViTConfig(image_size=28, patch_size=4, stem="conv", stem_channels=(8, 16, 32))
     with pytest.raises(ValueError, match="pool must be 'cls' or 'seq'"):
         ViTConfig(image_size=28, patch_size=4, stem="conv", pool="mean", distilled=True)
+
+
+def test_stems_in_bf16_change_only_the_stems_arithmetic_for_a_while() -> None:
+    model = ViT(dataclasses.replace(SEQPOOL, stem_refine=1)).eval()
+    x = _pixels(SEQPOOL, batch=4)
+    with torch.no_grad():
+        exact = model(x)
+        with stems_in_bf16(model):
+            assert model.patch_embed.bf16
+            tokens = model.patch_embed(x)
+            fast = model(x)
+        again = model(x)
+    assert tokens.dtype == torch.float32 and fast.dtype == torch.float32  # what the transformer gets
+    assert not torch.equal(fast, exact)  # the convs did run in bf16
+    torch.testing.assert_close(fast, exact, rtol=0.05, atol=0.05)
+    assert torch.equal(again, exact) and not model.patch_embed.bf16  # and stop doing so afterwards
+    assert "bf16" not in str(model.state_dict().keys())  # a runtime switch, not a weight
 
 
 def test_refined_stem_keeps_the_grid_and_starts_as_a_residual_of_the_plain_stem(tmp_path: Path) -> None:

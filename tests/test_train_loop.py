@@ -218,6 +218,49 @@ def test_bf16_autocast_trains_with_float32_weights_and_gradients(tmp_path: Path)
         toy_config(precision="fp16").validate()
 
 
+class TinyImages(Dataset):
+    """16 seeded 1 x 8 x 8 images of two classes (bright vs dark), for a hybrid ViT's conv stem."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(5)
+        self.y = torch.arange(16) % 2
+        self.x = torch.rand(16, 1, 8, 8, generator=g) + self.y.view(-1, 1, 1, 1).float()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], int(self.y[i])
+
+
+def test_bf16_stem_runs_only_the_conv_stem_in_bf16_and_evaluates_in_float32(tmp_path: Path):
+    from vitrina.models.vit import ViT, ViTConfig
+
+    model = ViT(ViTConfig(image_size=8, patch_size=4, in_channels=1, width=16, depth=1, heads=2, num_classes=2,
+                          stem="conv", pool="seq"))  # fmt: skip
+    seen: dict[str, set] = {"stem conv": set(), "block": set()}
+    model.patch_embed.convs[0].conv.register_forward_hook(lambda m, i, o: seen["stem conv"].add((m.training, o.dtype)))
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen["block"].add((m.training, o.dtype)))
+    evals = []
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        evals.append(m.patch_embed.bf16)
+        return {"val/loss": float(F.cross_entropy(m(images.x), images.y))}
+
+    images = TinyImages()
+    config = toy_config(precision="bf16-stem", epochs=2, val_fraction=0.0)
+    train(model=model, step_fn=toy_step, train_data=images, out_dir=tmp_path / "stem", config=config,
+          save_fn=toy_save, eval_fn=evaluate, progress=False)  # fmt: skip
+    assert seen["stem conv"] == {(True, torch.bfloat16), (False, torch.float32)}  # training steps / evaluations
+    assert seen["block"] == {(True, torch.float32), (False, torch.float32)}  # the transformer never in bf16
+    assert evals == [False, False] and model.patch_embed.bf16 is False  # switched off outside the steps
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(UserError, match="bf16-stem: the ToyMLP has no convolutional stem"):
+        train(model=toy_model(), step_fn=toy_step, train_data=NoisyBlobs(), out_dir=tmp_path / "plain",
+              config=toy_config(precision="bf16-stem"), save_fn=toy_save, progress=False)  # fmt: skip
+    assert not (tmp_path / "plain").exists()  # refused before anything is written
+
+
 def test_lr_factor_warmup_then_cosine():
     kw = dict(warmup_steps=4, total_steps=20, min_lr_ratio=0.1)
     assert lr_factor(0, **kw) == pytest.approx(0.25)

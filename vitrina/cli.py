@@ -775,7 +775,10 @@ def _add_classify_options(parser: argparse.ArgumentParser, *, lr: float, data_re
     )
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (folders of photos)")
     parser.add_argument(
-        "--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast forward (fast CNNs on AVX-512)"
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="bf16: autocast forward (fast CNNs on AVX-512); bf16-stem: a hybrid ViT's conv stem only",
     )
     parser.add_argument("--seed", type=int, default=0)
 
@@ -839,7 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clip.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=("fp32", "bf16"),  # a CLIP's image tower has no conv stem for bf16-stem
         default="fp32",
         help="bf16: the towers' forward under bf16 autocast, the loss in float32 (pays on AVX-512 BF16 / AMX CPUs)",
     )

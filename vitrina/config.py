@@ -21,7 +21,7 @@ from vitrina.errors import UserError
 T = TypeVar("T")
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16-stem")
 # what a CLIP training image is contrasted with (ClipTrainSettings.negatives): its batch, every training caption,
 # or auto (the captions where the run can have them)
 NEGATIVES = ("batch", "captions", "auto")
@@ -63,7 +63,9 @@ class TrainConfig:
     val_fraction: float = 0.1
     # "bf16" runs the forward pass (and the loss) under CPU autocast to bfloat16: the weights, their
     # gradients and the optimizer stay float32. On CPUs with AVX-512 BF16 convolutions run ~1.8x faster;
-    # small-width transformers gain little. Evaluation always runs in float32.
+    # small-width transformers gain little. "bf16-stem" puts only a hybrid ViT's convolutional stem under
+    # autocast (``vitrina.models.hybrid.stems_in_bf16``): its transformer stays float32, where bf16 is
+    # slower at small widths. Evaluation always runs in float32.
     precision: str = "fp32"
 
     # Fields that change how a run is carried out but not what it computes: a run may be resumed

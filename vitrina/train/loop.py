@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from vitrina.atomic import atomic_write_text
 from vitrina.config import TrainConfig, to_dict
 from vitrina.errors import UserError
+from vitrina.models.hybrid import ConvStem, stems_in_bf16
 from vitrina.train import distributed
 from vitrina.train.checkpointing import (
     METRICS_FILE,
@@ -178,6 +179,13 @@ def param_groups_for(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 # --- the loop -------------------------------------------------------------------------------
+
+
+def forward_precision(model: nn.Module, precision: str) -> contextlib.AbstractContextManager:
+    """The arithmetic of a training forward pass (``TrainConfig.precision``)."""
+    if precision == "bf16-stem":
+        return stems_in_bf16(model)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 class _MetricsLog:
@@ -450,7 +458,7 @@ class _Run:
 
     def train_step(self, batch: Any, *, seconds_since: float) -> tuple[float, int]:
         """Forward, backward, clip, optimizer and schedule step, log; returns the loss and batch size."""
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+        with forward_precision(self.model, self.config.precision):
             out = self.step_fn(self.model, batch) if self.forward is None else StepOutput(*self.forward(batch))
         loss = float(out.loss.detach())
         logged = out
@@ -589,6 +597,11 @@ def train(
     ``config.batch_size`` is then the global batch and must be a multiple of the process count.
     """
     config.validate()
+    if config.precision == "bf16-stem" and not any(isinstance(m, ConvStem) for m in model.modules()):
+        raise UserError(
+            f"precision bf16-stem: the {type(model).__name__} has no convolutional stem (a hybrid ViT preset has); "
+            "use bf16 or fp32"
+        )
     out_dir = Path(out_dir)
     distributed.setup()
     world = distributed.world_size()
