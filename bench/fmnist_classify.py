@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench._report as report  # noqa: E402
 from vitrina.checkpoint import load_model  # noqa: E402
-from vitrina.config import TrainConfig  # noqa: E402
+from vitrina.config import PRECISIONS, TrainConfig  # noqa: E402
 from vitrina.distill.trainer import DistillSettings, KDKind, distill_classifier  # noqa: E402
 from vitrina.train.classify import (  # noqa: E402
     ClassifySettings,
@@ -339,7 +339,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=["fp32", "bf16", "bf16-stem", "auto"],
+        choices=[*PRECISIONS, "auto"],
         default=None,
         help="forward precision (row's); bf16-stem: a hybrid ViT's conv stem only",
     )
