@@ -11,7 +11,8 @@ reaches its floor when ``--minutes`` of wall-clock time are spent, evaluations i
 the run whatever the step rate. ``train_img_per_s`` is the median logged training rate of the run
 itself. EMA of the weights and flip TTA are options of each row (``--ema``/``--no-ema``,
 ``--tta``/``--no-tta``), recorded in it. A distillation row learns from its teacher row's checkpoint
-of the same seed; the teacher's training minutes stand beside it, with the total.
+of the same seed; the teacher's training minutes stand beside it (and the minutes its cached view
+logits took to build, for ``-views`` rows), with the total.
 
     .venv/bin/python bench/fmnist_classify.py --run cnn-teacher-deep --seed 0 --name cnn-teacher-deep-bf16
     .venv/bin/python bench/fmnist_classify.py --run hybrid-kd-deit --seed 0     # its teacher: that seed's
@@ -135,6 +136,15 @@ RUNS: dict[str, Run] = {
         "distill",
         "vit-hybrid-fmnist-s8-r1",
         distill=DistillSettings(KDKind.RESPONSE, alpha=0.7, temperature=4.0, teacher_bf16=True),
+        teacher_row="cnn-teacher-deep-bf16",
+    ),
+    # The same soft targets, looked up instead of computed per step: the teacher's logits for every shift/flip
+    # view of every training image, built once beside the teacher checkpoint (DistillSettings.cache_views), so
+    # the student steps at its scratch row's rate; the build's minutes stand beside the teacher's.
+    "hybrid-r1-kd-response-views": Run(
+        "distill",
+        "vit-hybrid-fmnist-s8-r1",
+        distill=DistillSettings(KDKind.RESPONSE, alpha=0.7, temperature=4.0, teacher_bf16=True, cache_views=True),
         teacher_row="cnn-teacher-deep-bf16",
     ),
     # The first round's KD rows: the vit-fmnist-28-fast student from cnn-teacher (baseline: vit-scratch-p7).
@@ -265,6 +275,8 @@ def recipe_of(run: Run, args) -> dict:
         recipe["tta_shift"] = run.tta_shift
     if run.distill is not None:
         recipe["distill"] = {k: str(v) if isinstance(v, KDKind) else v for k, v in asdict(run.distill).items()}
+        if not run.distill.cache_views:  # only then: the rows written before the option keep their recipe
+            del recipe["distill"]["cache_views"]
         recipe["teacher_row"] = run.teacher_row
     if run.transfer is not None:
         recipe["transfer"] = asdict(run.transfer)
@@ -391,7 +403,10 @@ def main() -> None:
     if teacher is not None:  # beside the student's own minutes: what the whole recipe cost
         spent = teacher_minutes(teacher)
         seed_row["teacher_minutes"] = spent
-        seed_row["total_minutes"] = None if spent is None else spent + r["train_minutes"]
+        views = r.get("teacher_view_logits_minutes")  # the cached views' build, once per teacher (reused)
+        if views is not None:
+            seed_row["teacher_view_logits_minutes"] = views
+        seed_row["total_minutes"] = None if spent is None else spent + (views or 0.0) + r["train_minutes"]
     seed_row |= {
         "epochs": outcome.summary.epochs_done,
         "best_epoch": r["best_epoch"],

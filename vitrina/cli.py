@@ -258,6 +258,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
             raise UserError("vitrina distill clip needs --data SPEC (e.g. emoji:apple,google+fashion-mnist:train:6000)")
         if args.tta or args.tta_shift:
             raise UserError("--tta averages class logits over flips: it applies to classifiers, not to distill clip")
+        if args.cache_teacher_views:
+            raise UserError("--cache-teacher-views caches a classifier teacher's logits: not for distill clip")
         pairs = load_training_pairs(args.data, seed=args.seed)
         settings = ClipDistillSettings(
             augment=not args.no_augment, similarity_weight=args.similarity_weight, text_weight=args.text_weight
@@ -285,6 +287,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
         temperature=args.temperature,
         beta=args.beta,
         teacher_bf16=args.teacher_bf16,
+        cache_views=args.cache_teacher_views,
     )
     outcome = distill_classifier(
         teacher_path=args.teacher,
@@ -887,6 +890,11 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of soft targets")
     distill.add_argument("--teacher-bf16", action="store_true", help="teacher forward under bf16 autocast (faster)")
     distill.add_argument("--beta", type=float, default=1.0, help="weight of the feature / relation term")
+    distill.add_argument(
+        "--cache-teacher-views",
+        action="store_true",
+        help="teacher logits of every shift/flip view built once beside the teacher (needs --erasing 0)",
+    )
     distill.add_argument("--similarity-weight", type=float, default=1.0, help="clip: in-batch similarity KL weight")
     distill.add_argument(
         "--text-weight", type=float, default=0.0, help="clip: weight of the KL over the batch's captions (image-text)"

@@ -15,7 +15,9 @@ Kinds (``KDKind``), each with its own objective on top of the student's cross-en
 
 The teacher runs in ``eval()`` under ``no_grad``, on the same augmented batch as the student (each
 model gets its own size and normalisation). Without augmentation a batch's teacher outputs are a
-fixed function of the image, so they are computed once for the whole training set and looked up.
+fixed function of the image, so they are computed once for the whole training set and looked up;
+with the in-memory shift-and-flip augmentation, ``cache_views`` computes the teacher's logits once
+for every view it can draw (``view_logits``), so the student trains at a scratch run's rate.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from vitrina.distill.losses import (
     rkd_angle_loss,
     rkd_distance_loss,
 )
+from vitrina.distill.view_logits import ShiftFlipViews, ViewLogits, cached_view_logits
 from vitrina.errors import UserError
 from vitrina.models.cnn import CNN
 from vitrina.models.swin import Swin
@@ -88,13 +91,17 @@ class DistillSettings:
     """``alpha``: weight of the teacher term (response, DeiT soft/hard split is fixed at 1/2);
     ``temperature``: softmax temperature of soft targets; ``beta``: weight of the feature / relation term;
     ``teacher_bf16``: run the frozen teacher's forward under bfloat16 autocast (a CNN teacher's forward
-    is ~1.8x faster on AVX-512 BF16 CPUs; its outputs are cast back to float32 for the losses)."""
+    is ~1.8x faster on AVX-512 BF16 CPUs; its outputs are cast back to float32 for the losses).
+    ``cache_views``: the teacher's logits for every shift-and-flip view of every training image, built
+    once beside the teacher checkpoint and looked up (``view_logits``; response and DeiT kinds, in-memory
+    data without random erasing)."""
 
     kind: KDKind = KDKind.RESPONSE
     alpha: float = 0.7
     temperature: float = 4.0
     beta: float = 1.0
     teacher_bf16: bool = False
+    cache_views: bool = False
 
     def validate(self) -> None:
         if not 0 <= self.alpha <= 1:
@@ -103,6 +110,23 @@ class DistillSettings:
             raise UserError(f"--temperature {self.temperature}: must be positive")
         if self.beta < 0:
             raise UserError(f"--beta {self.beta}: must be >= 0")
+        if self.cache_views and self.kind not in (KDKind.RESPONSE, KDKind.DEIT_HARD, KDKind.DEIT_SOFT):
+            raise UserError(
+                f"--cache-teacher-views stores logits only: use it with --kind response or deit, not {self.kind.value}"
+            )
+
+
+def check_view_cache(settings: ClassifySettings, data: ClassificationData) -> None:
+    """The cached views are exactly what the training augmentation draws only for in-memory shift + flip."""
+    if not (settings.augment and data.train.in_memory):
+        raise UserError(
+            "--cache-teacher-views caches the views of the in-memory shift-and-flip augmentation: "
+            "use it with in-memory data (fashion-mnist) and augmentation on"
+        )
+    if settings.erasing > 0:
+        raise UserError(
+            f"--cache-teacher-views: random erasing ({settings.erasing}) makes views no cache holds; give --erasing 0"
+        )
 
 
 # --- teacher and student ------------------------------------------------------------------------
@@ -257,13 +281,22 @@ def make_kd_loss(
     teacher_pre: Preprocess,
     label_smoothing: float,
     cache: TeacherCache | None = None,
+    view_logits: tuple[ShiftFlipViews, ViewLogits] | None = None,
     taps: tuple[MapTap, MapTap] | None = None,
 ):
-    """The step's loss for ``settings.kind``: pixels in [0, 1], labels, item indices -> ``StepOutput``."""
+    """The step's loss for ``settings.kind``: pixels in [0, 1], labels, item indices -> ``StepOutput``.
+
+    With ``view_logits`` the pixels arrive un-augmented: the step draws each image's view itself and
+    looks its teacher logits up."""
     student, kind = distiller.student, settings.kind
 
     def loss_fn(pixels: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if cache is not None:
+        if view_logits is not None:
+            views, logits = view_logits
+            drawn = views.draw(len(pixels))  # (B,)
+            pixels = views.apply(pixels, drawn)
+            t_logits, t_pooled = logits[index, drawn], None
+        elif cache is not None:
             t_logits, t_pooled = cache(index)
         else:
             t_logits, t_pooled = teacher_outputs(teacher, pixels, teacher_pre, bf16=settings.teacher_bf16)
@@ -340,8 +373,24 @@ def distill_classifier(
         student_tap, teacher_tap, hint = feature_taps(student, teacher, student_pre, teacher_pre)
         taps = (student_tap, teacher_tap)
     distiller = Distiller(student, hint)
-    cache = None
-    if not settings.augment and distill.kind is not KDKind.FEATURE:
+    cache, view_logits, extra_results = None, None, {}
+    if distill.cache_views:
+        check_view_cache(settings, data)
+        views = ShiftFlipViews(settings.crop_pad)
+        # channels-last maps: ~1.6x a CNN teacher's img/s at batch 128 here (one forward per view and image)
+        teacher = teacher.to(memory_format=torch.channels_last)
+        built = cached_view_logits(
+            lambda pixels: teacher_outputs(teacher, pixels, teacher_pre, bf16=distill.teacher_bf16)[0],
+            Path(teacher_path),
+            data.train.images,
+            views,
+            teacher_setting=f"bf16={distill.teacher_bf16}",
+            progress=progress,
+            log=log,
+        )
+        view_logits = (views, built)
+        extra_results["teacher_view_logits_minutes"] = built.build_minutes
+    elif not settings.augment and distill.kind is not KDKind.FEATURE:
         # un-augmented images: the teacher's answer per image never changes, so compute it once
         cache = TeacherCache(teacher, unit_pixels(data.train, student_pre.image_size), teacher_pre)
     total, trainable = count_parameters(student)
@@ -358,6 +407,7 @@ def distill_classifier(
         teacher_pre=teacher_pre,
         label_smoothing=settings.label_smoothing,
         cache=cache,
+        view_logits=view_logits,
         taps=taps,
     )
     record = {
@@ -367,6 +417,7 @@ def distill_classifier(
         "temperature": distill.temperature,
         "beta": distill.beta,
         **({"teacher_bf16": True} if distill.teacher_bf16 else {}),  # absent when off: older runs still resume
+        **({"cache_views": True} if distill.cache_views else {}),
     }
     return fit_classifier(
         trainable=distiller,
@@ -379,5 +430,8 @@ def distill_classifier(
         settings=settings,
         identity={"distill": record},
         extra_config={"distill": record},
+        # the step augments itself when it looks up cached views: the batch arrives as stored
+        prepare_batch=(lambda pixels: pixels) if view_logits is not None else None,
+        extra_results=extra_results,
         progress=progress,
     )

@@ -347,6 +347,7 @@ def fit_classifier(
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     identity: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
+    extra_results: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> ClassifyOutcome:
     """Train ``trainable`` (the classifier, or a module holding it and extra trained parts) with ``loss_fn``.
@@ -355,6 +356,7 @@ def fit_classifier(
     dataset (e.g. cached features), ``prepare_batch`` the default augmentation and ``eval_fn`` the
     validation of ``classifier`` on the val images (it must report ``val/acc``; with ``settings.tta``
     the default one and the test report use flip TTA, a replacement decides for itself).
+    ``extra_results`` join the test results (``results.json``), e.g. what a teacher cache cost.
     """
     settings = settings or ClassifySettings()
     settings.validate()
@@ -419,6 +421,7 @@ def fit_classifier(
             epochs_done=summary.epochs_done,
             stopped_early=summary.stopped_early,
             budget_spent=summary.budget_spent,
+            **(extra_results or {}),
         )
         (out_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
     return ClassifyOutcome(summary, distributed.broadcast_json(results), best_dir)

@@ -197,10 +197,18 @@ def to_unit(pixels: torch.Tensor) -> torch.Tensor:
 
 def random_crop(images: torch.Tensor, pad: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, H, W): each image shifted by up to ``pad`` px (zero padding), torch RNG."""
+    B = images.shape[0]
+    dy = torch.randint(0, 2 * pad + 1, (B,))
+    dx = torch.randint(0, 2 * pad + 1, (B,))
+    return shifted_crop(images, dy, dx, pad)
+
+
+def shifted_crop(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H, W): the H x W window at offset (dy, dx) (each (B,), in [0, 2 pad]) of the
+    image zero-padded by ``pad`` px on every side: ``dy = dx = pad`` is the image itself."""
     B, C, H, W = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
-    dy = torch.randint(0, 2 * pad + 1, (B, 1))
-    dx = torch.randint(0, 2 * pad + 1, (B, 1))
+    dy, dx = dy.view(B, 1), dx.view(B, 1)
     rows = (dy + torch.arange(H))[:, None, :, None]  # (B, 1, H, 1)
     cols = (dx + torch.arange(W))[:, None, None, :]  # (B, 1, 1, W)
     batch = torch.arange(B)[:, None, None, None]
