@@ -377,7 +377,8 @@ def distill_classifier(
     if distill.cache_views:
         check_view_cache(settings, data)
         views = ShiftFlipViews(settings.crop_pad)
-        # channels-last maps: ~1.6x a CNN teacher's img/s at batch 128 here (one forward per view and image)
+        # channels-last maps: the CNN teacher's forward at batch 128 ran at ~7.2k img/s against ~4.6k here
+        # (one measurement); the build runs it once per view and image
         teacher = teacher.to(memory_format=torch.channels_last)
         built = cached_view_logits(
             lambda pixels: teacher_outputs(teacher, pixels, teacher_pre, bf16=distill.teacher_bf16)[0],
