@@ -446,7 +446,8 @@ def retest(source: str, seed: int, recipe: dict, data, out_root: Path, out: Path
     model, config = load_model(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     r = test_report(model, data, preprocess_of(config, model), out, tta=run.tta, tta_shift=run.tta_shift)
-    carried = ("train_minutes", "teacher_minutes", "total_minutes", "epochs", "best_epoch", "train_img_per_s")
+    carried = ("train_minutes", "teacher_minutes", "teacher_view_logits_minutes", "total_minutes", "epochs")
+    carried += ("best_epoch", "train_img_per_s")
     seed_row = {"test_acc": r["test_acc"], "params": count_parameters(model)[0]}
     seed_row |= {k: trained[k] for k in (*carried, "budget_spent") if k in trained}
     seed_row |= {"test_images": r["test_images"], "tta_views": r["tta_views"], "checkpoint": str(checkpoint)}
