@@ -29,8 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from vitrina.atomic import atomic_write
-from vitrina.checkpoint import WEIGHTS
-from vitrina.digest import file_sha256
+from vitrina.checkpoint import read_config, weights_digest
 from vitrina.train.classify_data import shifted_crop, to_unit
 
 # pixels (B, C, H, W) in [0, 1] -> the teacher's logits (B, K), float32
@@ -62,10 +61,11 @@ class ShiftFlipViews:
 
 
 def cache_key(teacher_dir: Path, images: torch.Tensor, views: ShiftFlipViews, teacher_setting: str) -> str:
-    """What the cached logits depend on: the teacher's weight bytes, the training images, the views and
-    ``teacher_setting`` (how the teacher runs: its precision); sha256, hex, 16 characters."""
+    """What the cached logits depend on: the teacher's weights (the digest its checkpoint records), the
+    training images, the views and ``teacher_setting`` (how the teacher runs: its precision); sha256,
+    hex, 16 characters."""
     digest = hashlib.sha256()
-    weights = file_sha256(teacher_dir / WEIGHTS)
+    weights = weights_digest(teacher_dir, read_config(teacher_dir))
     digest.update(f"{FORMAT}|{weights}|pad={views.pad}|{teacher_setting}|{tuple(images.shape)}|".encode())
     digest.update(images.contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
