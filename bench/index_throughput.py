@@ -37,7 +37,8 @@ from bench._report import record  # noqa: E402
 from vitrina.checkpoint import load_encoder  # noqa: E402
 from vitrina.data.fashion_mnist import FASHION_MNIST_PROMPT_NAMES, load_fashion_mnist  # noqa: E402
 from vitrina.data.images import load_image  # noqa: E402
-from vitrina.index.decode import Job, decode  # noqa: E402
+from vitrina.heap import keep_freed_memory  # noqa: E402
+from vitrina.index.decode import Job, _split, decode  # noqa: E402
 from vitrina.index.embed import index_folder  # noqa: E402
 
 SIDE = 128
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each decoder setting (the median is kept)")
     parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "vitrina-bench-fmnist"))
     args = parser.parse_args()
+    # as every vitrina command that runs a model (bench/heap.py measures what it buys in a fresh process)
+    heap = "kept freed memory" if keep_freed_memory() else "glibc default"
 
     encoder = load_encoder(args.model)
     folder = Path(args.folder) / str(args.images)
@@ -129,6 +132,7 @@ def main() -> None:
             # what a decoder that takes turns with the model can keep at most: model time / (model + decode)
             "serial bound": 1 / (1 + decode_ms / 1000 * model),
             "torch threads": torch.get_num_threads(),
+            "heap": heap,
         }
         if replica_model is not None:  # the model alone as this setting runs it: the ratio's other reading
             row["replica model img/s"] = replica_model
@@ -168,15 +172,16 @@ def measure(encoder, pixels, folder: Path, args, decoder: str, workers: int) -> 
 
 def decode_cost(paths: list[Path], transform) -> float:
     """ms per image of the indexer's own decode step alone, in this thread: read the file once, hash it,
-    decode (JPEG draft scaling), the per-image geometry (``vitrina.index.decode.decode``)."""
-    per_image = getattr(transform, "to_uint8", transform)
-    draft = getattr(transform, "size", None)
+    decode (JPEG draft scaling; a greyscale file kept in one band through the resize, as the indexer does for
+    a split transform), the per-image geometry (``vitrina.index.decode.decode``)."""
+    per_image, normalize = _split(transform)
+    draft, keep_grey = getattr(transform, "size", None), normalize is not None
     jobs = [Job(p.name, p, 0, 0.0, None, None, is_new=True) for p in paths]
     for job in jobs[:32]:  # warm-up: the page cache and Pillow's plugins
-        decode(job, per_image, draft)
+        decode(job, per_image, draft, keep_grey)
     start = time.perf_counter()
     for job in jobs:
-        assert decode(job, per_image, draft).pixels is not None
+        assert decode(job, per_image, draft, keep_grey).pixels is not None
     return (time.perf_counter() - start) / len(jobs) * 1000
 
 

@@ -55,11 +55,15 @@ def _print_hits(hits, console=None) -> None:
 LIGHT_COMMANDS = ("search", "versions")
 
 
-def _use_all_cores() -> None:
-    """PyTorch on every core of this machine (the commands that run models)."""
+def _prepare_for_models() -> None:
+    """PyTorch on every core of this machine, and a heap that keeps freed activations (``vitrina.heap``):
+    for the commands that run models."""
     import torch
 
+    from vitrina.heap import keep_freed_memory
+
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    keep_freed_memory()
 
 
 # the names of vitrina.ssl.METHODS, spelt out so that `vitrina --help` needs no torch import
@@ -395,7 +399,7 @@ def cmd_versions(args: argparse.Namespace) -> None:
     if args.compare:
         from vitrina.eval.retrieval import compare_versions, format_comparison
 
-        _use_all_cores()
+        _prepare_for_models()
         comparison = compare_versions(index_dir, *args.compare)
         print(json.dumps(comparison, indent=2) if args.json else format_comparison(comparison))
         return
@@ -482,7 +486,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     )
     with searcher:
         if "torch" in sys.modules:  # the PyTorch path (asked for, or no usable towers)
-            _use_all_cores()
+            _prepare_for_models()
         results = searcher.run(query)
         folded = {d: searcher.store.get(d) for ranked in results.hits for d in ranked.duplicates}
     if results.cancelled:
@@ -1173,7 +1177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command not in LIGHT_COMMANDS:
-            _use_all_cores()
+            _prepare_for_models()
         with _stdout_of_this_rank():
             args.handler(args)
         _finish_process_group()

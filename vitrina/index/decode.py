@@ -72,7 +72,9 @@ def collate(decoded: list[Decoded], normalize: Callable | None = None) -> Batch:
 
 def _split(transform: Callable) -> tuple[Callable, Callable | None]:
     """(per-image step, per-batch step): a transform with ``to_uint8``/``normalize`` (``EvalTransform``) does
-    its geometry per image and its arithmetic per batch; any other transform does it all per image."""
+    its geometry per image and its arithmetic per batch; any other transform does it all per image.
+    A split transform's per-image step takes a greyscale image as it is (``to_uint8`` resizes the one band,
+    then makes it RGB): ``decode(..., keep_grey=normalize is not None)``."""
     to_uint8, normalize = getattr(transform, "to_uint8", None), getattr(transform, "normalize", None)
     if callable(to_uint8) and callable(normalize):
         return to_uint8, normalize
@@ -138,13 +140,14 @@ def _read_url(job: Job) -> bytes:
     return data
 
 
-def decode(job: Job, transform: Callable, draft_size: int | None = None) -> Decoded:
-    """Read, hash, decode and transform one file; never raises for a bad file (the ledger gets the reason)."""
+def decode(job: Job, transform: Callable, draft_size: int | None = None, keep_grey: bool = False) -> Decoded:
+    """Read, hash, decode and transform one file; never raises for a bad file (the ledger gets the reason).
+    ``keep_grey``: ``transform`` takes a greyscale image in mode L (see ``_split``)."""
     try:
         data = _read_url(job) if is_url(job.path) else read_image_bytes(job.path)
         # Size checks happen before decoding (no decompression bombs); a JPEG is decoded at 1/2, 1/4 or
         # 1/8 scale when that still covers the tower's input (DCT scaling: most of the decode saved).
-        image = decode_image_bytes(data, job.path, draft_size=draft_size)
+        image = decode_image_bytes(data, job.path, draft_size=draft_size, keep_grey=keep_grey)
         return Decoded(job, transform(image), bytes_hash(data))
     except BadImageError as error:
         return Decoded(job, None, reason=getattr(error, "reason", "unreadable"), detail=str(error))
@@ -165,10 +168,10 @@ def default_decoding(image_size: int | None, cpus: int | None = None, *, can_for
     tower of <= 64 px input on a machine of 2 CPUs or fewer, where forking is possible; 2 decoder threads
     beside the model otherwise.
 
-    Measured on 2 cores (bench/results/index_throughput.json, medians of 3 rounds, Intel Xeon, 2026-12-05),
+    Measured on 2 cores (bench/results/index_throughput.json, medians of 3 rounds, Intel Xeon, 2026-12-05 12:25),
     end-to-end / model img/s with 2 replicas, the main thread, 2 decoder threads, 2 decoder processes: the
-    demo's 48 px tower 0.59, 0.47, 0.43, 0.37; clip-minilm (48 px) 0.73, 0.62, 0.60, 0.54; clip-small (64 px)
-    0.84, 0.77, 0.78, 0.70. A 224 px tower (ViT-B/32 on 300-640 px JPEGs, bench/full_size.json) keeps 0.97
+    demo's 48 px tower 0.58, 0.49, 0.43, 0.36; clip-minilm (48 px) 0.76, 0.64, 0.58, 0.52; clip-small (64 px)
+    0.80, 0.76, 0.73, 0.65. A 224 px tower (ViT-B/32 on 300-640 px JPEGs, bench/full_size.json) keeps 0.97
     of its model's speed with 2 decoder threads: its products are long enough for two threads to share."""
     small_machine = (usable_cpus() if cpus is None else cpus) <= 2
     if small_machine and can_fork and image_size is not None and image_size <= 64:
@@ -183,7 +186,7 @@ def thread_batches(jobs: list[Job], transform: Callable, batch_size: int, worker
         per_image, normalize = _split(transform)
         draft = getattr(transform, "size", None)
         for chunk in chunks:
-            yield collate([decode(job, per_image, draft) for job in chunk], normalize)
+            yield collate([decode(job, per_image, draft, normalize is not None) for job in chunk], normalize)
         return
     # One intra-op thread per decoder: a decode thread left at the default would start its own OpenMP
     # team and fight the model for the cores. Some builds make that setting process-wide, so the
@@ -197,21 +200,21 @@ def thread_batches(jobs: list[Job], transform: Callable, batch_size: int, worker
 
 def _pooled_batches(chunks: list, transform: Callable, workers: int, model_threads: int) -> Iterator[Batch]:
     per_image, normalize = _split(transform)
-    draft = getattr(transform, "size", None)
+    draft, keep_grey = getattr(transform, "size", None), normalize is not None
     with ThreadPoolExecutor(
         max_workers=workers, thread_name_prefix="vitrina-decode", initializer=torch.set_num_threads, initargs=(1,)
     ) as pool:
         pending: deque = deque()
         chunk_iter = iter(chunks)
         for chunk in chunk_iter:
-            pending.append([pool.submit(decode, job, per_image, draft) for job in chunk])
+            pending.append([pool.submit(decode, job, per_image, draft, keep_grey) for job in chunk])
             if len(pending) >= 2:
                 break
         while pending:
             futures = pending.popleft()
             next_chunk = next(chunk_iter, None)
             if next_chunk is not None:  # keep the pool busy while the model works on this batch
-                pending.append([pool.submit(decode, job, per_image, draft) for job in next_chunk])
+                pending.append([pool.submit(decode, job, per_image, draft, keep_grey) for job in next_chunk])
             batch = collate([future.result() for future in futures], normalize)
             torch.set_num_threads(model_threads)
             yield batch
@@ -220,14 +223,14 @@ def _pooled_batches(chunks: list, transform: Callable, workers: int, model_threa
 class DecodeDataset(torch.utils.data.Dataset):
     """Jobs as a map-style dataset for a process-based DataLoader."""
 
-    def __init__(self, jobs: list[Job], transform: Callable, draft_size: int | None) -> None:
-        self.jobs, self.transform, self.draft_size = jobs, transform, draft_size
+    def __init__(self, jobs: list[Job], transform: Callable, draft_size: int | None, keep_grey: bool = False) -> None:
+        self.jobs, self.transform, self.draft_size, self.keep_grey = jobs, transform, draft_size, keep_grey
 
     def __len__(self) -> int:
         return len(self.jobs)
 
     def __getitem__(self, i: int) -> Decoded:
-        return decode(self.jobs[i], self.transform, self.draft_size)
+        return decode(self.jobs[i], self.transform, self.draft_size, self.keep_grey)
 
 
 def process_batches(jobs: list[Job], transform: Callable, batch_size: int, workers: int) -> Iterator[Batch]:
@@ -235,7 +238,7 @@ def process_batches(jobs: list[Job], transform: Callable, batch_size: int, worke
     shared-memory tensor, stacked in the worker)."""
     per_image, normalize = _split(transform)
     loader = torch.utils.data.DataLoader(
-        DecodeDataset(jobs, per_image, getattr(transform, "size", None)),
+        DecodeDataset(jobs, per_image, getattr(transform, "size", None), keep_grey=normalize is not None),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=functools.partial(collate, normalize=normalize),

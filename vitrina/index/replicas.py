@@ -46,7 +46,7 @@ def replica_batches(jobs: list[Job], encoder: Encoder, batch_size: int, workers:
     checks ``can_fork_replicas()`` first (``index_folder`` does, before anything is written)."""
     per_image, normalize = _split(encoder.image_transform)
     loader = torch.utils.data.DataLoader(
-        DecodeDataset(jobs, per_image, getattr(encoder.image_transform, "size", None)),
+        DecodeDataset(jobs, per_image, getattr(encoder.image_transform, "size", None), keep_grey=normalize is not None),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=functools.partial(_embed_batch, encoder=encoder, normalize=normalize),
