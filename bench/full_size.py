@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench._report import record  # noqa: E402
+from vitrina.heap import keep_freed_memory  # noqa: E402
 
 BENCHMARK = "full_size"
 CLIPART = Path("/usr/share/openclipart/png")
@@ -146,6 +147,7 @@ def main() -> int:
     import open_clip
 
     torch.set_num_threads(2)
+    keep_freed_memory()  # as `vitrina index` does (vitrina.heap); open_clip's loop runs in this process too
     with tempfile.TemporaryDirectory(prefix="vitrina-full-size-") as tmp:
         tmp = Path(tmp)
         model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32")
