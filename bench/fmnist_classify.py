@@ -147,6 +147,14 @@ RUNS: dict[str, Run] = {
         distill=DistillSettings(KDKind.RESPONSE, alpha=0.7, temperature=4.0, teacher_bf16=True, cache_views=True),
         teacher_row="cnn-teacher-deep-bf16",
     ),
+    # Function matching (Beyer et al. 2022, "a good teacher is patient and consistent"): the teacher's distribution
+    # alone (alpha 1: no label term, T 1), on the very views the student sees (the cached views).
+    "hybrid-r1-kd-match-views": Run(
+        "distill",
+        "vit-hybrid-fmnist-s8-r1",
+        distill=DistillSettings(KDKind.RESPONSE, alpha=1.0, temperature=1.0, teacher_bf16=True, cache_views=True),
+        teacher_row="cnn-teacher-deep-bf16",
+    ),
     # The first round's KD rows: the vit-fmnist-28-fast student from cnn-teacher (baseline: vit-scratch-p7).
     "vit-kd-response": Run(
         "distill",
