@@ -171,8 +171,9 @@ def default_decoding(image_size: int | None, cpus: int | None = None, *, can_for
     Measured on 2 cores (bench/results/index_throughput.json, medians of 3 rounds, Intel Xeon, 2026-12-05 12:25),
     end-to-end / model img/s with 2 replicas, the main thread, 2 decoder threads, 2 decoder processes: the
     demo's 48 px tower 0.58, 0.49, 0.43, 0.36; clip-minilm (48 px) 0.76, 0.64, 0.58, 0.52; clip-small (64 px)
-    0.80, 0.76, 0.73, 0.65. A 224 px tower (ViT-B/32 on 300-640 px JPEGs, bench/full_size.json) keeps 0.97
-    of its model's speed with 2 decoder threads: its products are long enough for two threads to share."""
+    0.80, 0.76, 0.73, 0.65. A 224 px tower (ViT-B/32 on 300-640 px JPEGs, bench/full_size.json) keeps 0.93
+    of its model's speed with 2 decoder threads (0.97 on an AMD EPYC): its products are long enough for two
+    threads to share."""
     small_machine = (usable_cpus() if cpus is None else cpus) <= 2
     if small_machine and can_fork and image_size is not None and image_size <= 64:
         return "replica", 2
