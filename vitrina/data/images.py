@@ -147,8 +147,8 @@ def decode_image_bytes(
     """
     image = decode_jpeg(data, draft_size, max_pixels)
     if image is None:
-        image = _decode(io.BytesIO(data), path, max_pixels=max_pixels, draft_size=draft_size, keep_grey=keep_grey)
-    return image if keep_grey else to_rgb(image)
+        image = _decode(io.BytesIO(data), path, max_pixels=max_pixels, draft_size=draft_size, keep_grey=True)
+    return image if keep_grey else to_rgb(image)  # one place turns either path's greyscale image into RGB
 
 
 def _decode(
