@@ -38,7 +38,7 @@ from vitrina.checkpoint import load_encoder  # noqa: E402
 from vitrina.data.fashion_mnist import FASHION_MNIST_PROMPT_NAMES, load_fashion_mnist  # noqa: E402
 from vitrina.data.images import load_image  # noqa: E402
 from vitrina.heap import keep_freed_memory  # noqa: E402
-from vitrina.index.decode import Job, _split, decode  # noqa: E402
+from vitrina.index.decode import Decoding, Job  # noqa: E402
 from vitrina.index.embed import index_folder  # noqa: E402
 
 SIDE = 128
@@ -174,14 +174,13 @@ def decode_cost(paths: list[Path], transform) -> float:
     """ms per image of the indexer's own decode step alone, in this thread: read the file once, hash it,
     decode (JPEG draft scaling; a greyscale file kept in one band through the resize, as the indexer does for
     a split transform), the per-image geometry (``vitrina.index.decode.decode``)."""
-    per_image, normalize = _split(transform)
-    draft, keep_grey = getattr(transform, "size", None), normalize is not None
+    decoding = Decoding.of(transform)
     jobs = [Job(p.name, p, 0, 0.0, None, None, is_new=True) for p in paths]
     for job in jobs[:32]:  # warm-up: the page cache and Pillow's plugins
-        decode(job, per_image, draft, keep_grey)
+        decoding(job)
     start = time.perf_counter()
     for job in jobs:
-        assert decode(job, per_image, draft, keep_grey).pixels is not None
+        assert decoding(job).pixels is not None
     return (time.perf_counter() - start) / len(jobs) * 1000
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from vitrina.data import jpeg
 from vitrina.data.images import MAX_PIXELS, BadImageError, _decode, decode_image_bytes
 from vitrina.data.transforms import EvalTransform
-from vitrina.index.decode import Job, decode
+from vitrina.index.decode import Decoding, Job, decode
 
 pytestmark = pytest.mark.skipif(jpeg.simplejpeg is None, reason="simplejpeg has no wheel for this platform")
 
@@ -131,3 +131,6 @@ def test_indexer_decodes_grey_files_to_the_same_pixels(tmp_path, suffix):
     rgb = decode(job, transform.to_uint8, transform.size, keep_grey=False)
     assert grey.pixels.shape == (3, 48, 48) and torch.equal(grey.pixels, rgb.pixels)
     assert grey.content_hash == rgb.content_hash
+    decoding = Decoding.of(transform)  # what the indexer's decoders run: grey kept for a split transform only
+    assert decoding.keep_grey and torch.equal(decoding(job).pixels, rgb.pixels)
+    assert not Decoding.of(lambda image: transform(image.convert("RGB"))).keep_grey

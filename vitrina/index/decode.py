@@ -74,7 +74,7 @@ def _split(transform: Callable) -> tuple[Callable, Callable | None]:
     """(per-image step, per-batch step): a transform with ``to_uint8``/``normalize`` (``EvalTransform``) does
     its geometry per image and its arithmetic per batch; any other transform does it all per image.
     A split transform's per-image step takes a greyscale image as it is (``to_uint8`` resizes the one band,
-    then makes it RGB): ``decode(..., keep_grey=normalize is not None)``."""
+    then makes it RGB): ``Decoding.of`` keeps such images grey."""
     to_uint8, normalize = getattr(transform, "to_uint8", None), getattr(transform, "normalize", None)
     if callable(to_uint8) and callable(normalize):
         return to_uint8, normalize
@@ -155,6 +155,26 @@ def decode(job: Job, transform: Callable, draft_size: int | None = None, keep_gr
         return Decoded(job, None, reason="unreadable", detail=str(error))
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How the files of one transform are decoded: its per-image and per-batch steps (``_split``), the JPEG draft
+    size (the tower's input side), and whether the per-image step takes a greyscale image as it is. Called on
+    a job, it decodes it (it pickles into worker processes)."""
+
+    per_image: Callable
+    normalize: Callable | None
+    draft_size: int | None
+    keep_grey: bool
+
+    @classmethod
+    def of(cls, transform: Callable) -> Decoding:
+        per_image, normalize = _split(transform)
+        return cls(per_image, normalize, getattr(transform, "size", None), keep_grey=normalize is not None)
+
+    def __call__(self, job: Job) -> Decoded:
+        return decode(job, self.per_image, self.draft_size, self.keep_grey)
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask where the OS has one)."""
     try:
@@ -184,10 +204,9 @@ def thread_batches(jobs: list[Job], transform: Callable, batch_size: int, worker
     """Decode in a thread pool (PIL releases the GIL while decoding), two batches ahead of the model."""
     chunks = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     if workers <= 0:
-        per_image, normalize = _split(transform)
-        draft = getattr(transform, "size", None)
+        decoding = Decoding.of(transform)
         for chunk in chunks:
-            yield collate([decode(job, per_image, draft, normalize is not None) for job in chunk], normalize)
+            yield collate([decoding(job) for job in chunk], decoding.normalize)
         return
     # One intra-op thread per decoder: a decode thread left at the default would start its own OpenMP
     # team and fight the model for the cores. Some builds make that setting process-wide, so the
@@ -200,23 +219,22 @@ def thread_batches(jobs: list[Job], transform: Callable, batch_size: int, worker
 
 
 def _pooled_batches(chunks: list, transform: Callable, workers: int, model_threads: int) -> Iterator[Batch]:
-    per_image, normalize = _split(transform)
-    draft, keep_grey = getattr(transform, "size", None), normalize is not None
+    decoding = Decoding.of(transform)
     with ThreadPoolExecutor(
         max_workers=workers, thread_name_prefix="vitrina-decode", initializer=torch.set_num_threads, initargs=(1,)
     ) as pool:
         pending: deque = deque()
         chunk_iter = iter(chunks)
         for chunk in chunk_iter:
-            pending.append([pool.submit(decode, job, per_image, draft, keep_grey) for job in chunk])
+            pending.append([pool.submit(decoding, job) for job in chunk])
             if len(pending) >= 2:
                 break
         while pending:
             futures = pending.popleft()
             next_chunk = next(chunk_iter, None)
             if next_chunk is not None:  # keep the pool busy while the model works on this batch
-                pending.append([pool.submit(decode, job, per_image, draft, keep_grey) for job in next_chunk])
-            batch = collate([future.result() for future in futures], normalize)
+                pending.append([pool.submit(decoding, job) for job in next_chunk])
+            batch = collate([future.result() for future in futures], decoding.normalize)
             torch.set_num_threads(model_threads)
             yield batch
 
@@ -224,25 +242,25 @@ def _pooled_batches(chunks: list, transform: Callable, workers: int, model_threa
 class DecodeDataset(torch.utils.data.Dataset):
     """Jobs as a map-style dataset for a process-based DataLoader."""
 
-    def __init__(self, jobs: list[Job], transform: Callable, draft_size: int | None, keep_grey: bool = False) -> None:
-        self.jobs, self.transform, self.draft_size, self.keep_grey = jobs, transform, draft_size, keep_grey
+    def __init__(self, jobs: list[Job], decoding: Decoding) -> None:
+        self.jobs, self.decoding = jobs, decoding
 
     def __len__(self) -> int:
         return len(self.jobs)
 
     def __getitem__(self, i: int) -> Decoded:
-        return decode(self.jobs[i], self.transform, self.draft_size, self.keep_grey)
+        return self.decoding(self.jobs[i])
 
 
 def process_batches(jobs: list[Job], transform: Callable, batch_size: int, workers: int) -> Iterator[Batch]:
     """Decode in ``workers`` processes through a torch DataLoader (a batch's pixels come back as one
     shared-memory tensor, stacked in the worker)."""
-    per_image, normalize = _split(transform)
+    decoding = Decoding.of(transform)
     loader = torch.utils.data.DataLoader(
-        DecodeDataset(jobs, per_image, getattr(transform, "size", None), keep_grey=normalize is not None),
+        DecodeDataset(jobs, decoding),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=functools.partial(collate, normalize=normalize),
+        collate_fn=functools.partial(collate, normalize=decoding.normalize),
         prefetch_factor=2 if workers else None,
     )
     yield from loader

@@ -23,7 +23,7 @@ import torch
 
 from vitrina.encoder import Encoder, as_numpy
 from vitrina.errors import UserError
-from vitrina.index.decode import Batch, Decoded, DecodeDataset, Job, _split, collate
+from vitrina.index.decode import Batch, Decoded, DecodeDataset, Decoding, Job, collate
 
 
 def can_fork_replicas() -> bool:
@@ -44,12 +44,12 @@ def replica_batches(jobs: list[Job], encoder: Encoder, batch_size: int, workers:
     """``jobs`` as batches in order, each with the vectors of its good items (``Batch.vectors``, (G, D)
     float32) and no pixels; ``workers`` 0 decodes and embeds here, at this process's thread count. The caller
     checks ``can_fork_replicas()`` first (``index_folder`` does, before anything is written)."""
-    per_image, normalize = _split(encoder.image_transform)
+    decoding = Decoding.of(encoder.image_transform)
     loader = torch.utils.data.DataLoader(
-        DecodeDataset(jobs, per_image, getattr(encoder.image_transform, "size", None), keep_grey=normalize is not None),
+        DecodeDataset(jobs, decoding),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=functools.partial(_embed_batch, encoder=encoder, normalize=normalize),
+        collate_fn=functools.partial(_embed_batch, encoder=encoder, normalize=decoding.normalize),
         prefetch_factor=2 if workers else None,
         multiprocessing_context=multiprocessing.get_context("fork") if workers else None,
     )
