@@ -45,16 +45,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench._report as report  # noqa: E402
 from vitrina.checkpoint import load_model  # noqa: E402
 from vitrina.config import PRECISIONS, TrainConfig  # noqa: E402
-from vitrina.distill.trainer import DistillSettings, KDKind, distill_classifier  # noqa: E402
+from vitrina.distill.trainer import DistillSettings, KDKind, distill_classifier, ensemble_logits  # noqa: E402
 from vitrina.train.classify import (  # noqa: E402
     ClassifySettings,
     build_classifier,
     count_parameters,
+    predict,
     preprocess_of,
     test_report,
     train_classifier,
 )
-from vitrina.train.classify_data import load_classification_data  # noqa: E402
+from vitrina.train.classify_data import load_classification_data, unit_pixels  # noqa: E402
 from vitrina.train.schedule import BUDGET_EPOCH_LIMIT  # noqa: E402
 from vitrina.train.transfer import TransferSettings, transfer_classifier  # noqa: E402
 
@@ -87,6 +88,8 @@ class Run:
     tta_shift: int = 0  # px; > 0: the test averages 10 views (flips of the image and of 4 shifts), not 2
     distill: DistillSettings | None = None
     teacher_row: str | None = None  # the row whose checkpoint (same seed) a distill run learns from
+    # instead of the same seed: the ensemble of teacher_row's checkpoints of these seeds, for every student seed
+    teacher_seeds: tuple[int, ...] | None = None
     transfer: TransferSettings | None = None
     epochs: int | None = None  # fixed epochs instead of the time budget, for runs whose epochs cost little
     # TrainConfig.precision; "auto": bf16 autocast where the CPU has native bf16 (it pays off for CNNs there),
@@ -155,6 +158,15 @@ RUNS: dict[str, Run] = {
         distill=DistillSettings(KDKind.RESPONSE, alpha=1.0, temperature=1.0, teacher_bf16=True, cache_views=True),
         teacher_row="cnn-teacher-deep-bf16",
     ),
+    # The same function matching from the ensemble of two teachers (the deep teacher's seeds 0 and 1: their mean
+    # softmax per view, each teacher's views cached beside its checkpoint): a stronger, equally consistent target.
+    "hybrid-r1-kd-match-ens2": Run(
+        "distill",
+        "vit-hybrid-fmnist-s8-r1",
+        distill=DistillSettings(KDKind.RESPONSE, alpha=1.0, temperature=1.0, teacher_bf16=True, cache_views=True),
+        teacher_row="cnn-teacher-deep-bf16",
+        teacher_seeds=(0, 1),
+    ),
     # The first round's KD rows: the vit-fmnist-28-fast student from cnn-teacher (baseline: vit-scratch-p7).
     "vit-kd-response": Run(
         "distill",
@@ -217,7 +229,7 @@ def train_config(run: Run, *, minutes: float, epochs: int | None, seed: int, log
     return TrainConfig(epochs=BUDGET_EPOCH_LIMIT, budget_minutes=minutes, **common)
 
 
-def execute(run: Run, data, out: Path, config: TrainConfig, teacher: Path | None, clip: Path):
+def execute(run: Run, data, out: Path, config: TrainConfig, teachers: list[Path], clip: Path):
     """Train ``run`` into ``out``; returns the ``ClassifyOutcome``."""
     settings = ClassifySettings(
         label_smoothing=run.label_smoothing,
@@ -231,7 +243,7 @@ def execute(run: Run, data, out: Path, config: TrainConfig, teacher: Path | None
         return train_classifier(model=model, data=data, out_dir=out, train_config=config, settings=settings)
     if run.kind == "distill":
         return distill_classifier(
-            teacher_path=teacher,
+            teacher_paths=teachers,
             student_preset=run.model,
             data=data,
             out_dir=out,
@@ -256,6 +268,17 @@ def teacher_minutes(teacher: Path) -> float | None:
     if not results.is_file():
         return None
     return json.loads(results.read_text()).get("train_minutes")
+
+
+def ensemble_test_acc(teachers: list[Path], data, *, tta: bool) -> float:
+    """Test accuracy of the teachers' ensemble as the student learns it (the mean of their softmax,
+    ``ensemble_logits``), each teacher tested as its own row is (flip TTA when ``tta``)."""
+    logits = []
+    for path in teachers:
+        model, config = load_model(path)
+        pre = preprocess_of(config, model)
+        logits.append(predict(model.eval(), unit_pixels(data.test, pre.image_size), pre, 500, tta=tta))
+    return float((ensemble_logits(logits).argmax(dim=1) == data.test.labels).float().mean())
 
 
 def recipe_of(run: Run, args) -> dict:
@@ -286,6 +309,8 @@ def recipe_of(run: Run, args) -> dict:
         if not run.distill.cache_views:  # only then: the rows written before the option keep their recipe
             del recipe["distill"]["cache_views"]
         recipe["teacher_row"] = run.teacher_row
+        if run.teacher_seeds:  # only then: the rows written before ensembles keep their recipe
+            recipe["teacher_seeds"] = list(run.teacher_seeds)
     if run.transfer is not None:
         recipe["transfer"] = asdict(run.transfer)
     return recipe
@@ -366,7 +391,12 @@ def main() -> None:
     parser.add_argument(
         "--teacher-bf16", action=argparse.BooleanOptionalAction, default=None, help="distill: teacher forward (row's)"
     )
-    parser.add_argument("--teacher", default=None, help="distill rows: teacher checkpoint (default: its row's seed)")
+    parser.add_argument(
+        "--teacher",
+        action="append",
+        default=None,
+        help="distill rows: teacher checkpoint, repeated for an ensemble (default: its row's seed or teacher_seeds)",
+    )
     parser.add_argument("--clip", default="runs/demo/clip", help="transfer runs: the CLIP checkpoint")
     parser.add_argument("--out", default="runs/bench/fmnist", help="parent folder of the runs' checkpoints")
     parser.add_argument("--name", default=None, help="the row (default: --run), e.g. to keep another recipe apart")
@@ -378,13 +408,15 @@ def main() -> None:
     run = apply_overrides(RUNS[args.run], args)
     name = args.name or args.run
     out_root = Path(args.out)
-    teacher = None
+    teachers: list[Path] = []
     if run.kind == "distill" and not args.retest_of:  # a re-test needs the student's checkpoint only
-        teacher = Path(args.teacher or out_root / run.teacher_row / f"seed{args.seed}" / "best")
-        if not teacher.is_dir():
+        seeds = run.teacher_seeds or (args.seed,)
+        teachers = [Path(t) for t in args.teacher or [out_root / run.teacher_row / f"seed{s}" / "best" for s in seeds]]
+        missing = [t for t in teachers if not t.is_dir()]
+        if missing:
             raise SystemExit(
-                f"--teacher {teacher}: not found; run `--run {run.teacher_row} --seed {args.seed}` first "
-                "(same --out), or pass --teacher"
+                f"--teacher {missing[0]}: not found; train it (`--run {run.teacher_row} --seed N`, same --out) "
+                "or pass --teacher"
             )
     if run.kind == "transfer" and not Path(args.clip).is_dir():
         raise SystemExit(f"--clip {args.clip}: not found; run `vitrina demo` first (or pass --clip)")
@@ -404,12 +436,13 @@ def main() -> None:
         return
     epochs = args.epochs or run.epochs
     config = train_config(run, minutes=args.minutes, epochs=epochs, seed=args.seed, log_every=args.log_every)
-    outcome = execute(run, data, out, config, teacher, Path(args.clip))
+    outcome = execute(run, data, out, config, teachers, Path(args.clip))
     r = outcome.results
     params = count_parameters(load_best(outcome.best_dir))[0]
     seed_row = {"test_acc": r["test_acc"], "params": params, "train_minutes": r["train_minutes"]}
-    if teacher is not None:  # beside the student's own minutes: what the whole recipe cost
-        spent = teacher_minutes(teacher)
+    if teachers:  # beside the student's own minutes: what the whole recipe cost (every teacher of an ensemble)
+        each = [teacher_minutes(t) for t in teachers]
+        spent = None if None in each else sum(each)
         seed_row["teacher_minutes"] = spent
         views = r.get("teacher_view_logits_minutes")  # the cached views' build, once per teacher (reused)
         if views is not None:
@@ -424,8 +457,10 @@ def main() -> None:
         "tta_views": r["tta_views"],
         "checkpoint": str(outcome.best_dir),
     }
-    if teacher is not None:
-        seed_row["teacher"] = str(teacher)
+    if len(teachers) > 1:  # what the student learnt from, beside what it reached
+        seed_row["teacher_ensemble_test_acc"] = ensemble_test_acc(teachers, data, tta=run.tta)
+    if teachers:
+        seed_row["teacher"] = str(teachers[0]) if len(teachers) == 1 else [str(t) for t in teachers]
     record(name, args.seed, seed_row, recipe, r["test_acc"], out_root / name)
 
 

@@ -22,7 +22,17 @@ from vitrina.distill.losses import (
     similarity_preserving_loss,
     soft_target_kl,
 )
-from vitrina.distill.trainer import Distiller, DistillSettings, KDKind, build_student, feature_taps, make_kd_loss
+from vitrina.distill.trainer import (
+    Distiller,
+    DistillSettings,
+    KDKind,
+    Teachers,
+    build_student,
+    ensemble_logits,
+    feature_taps,
+    make_kd_loss,
+    teacher_outputs,
+)
 from vitrina.errors import UserError
 from vitrina.models.cnn import CNN, CNNConfig
 from vitrina.models.vit import ViT, ViTConfig
@@ -206,6 +216,11 @@ def tiny_teacher() -> CNN:
     return CNN(CNNConfig(image_size=28, widths=(8, 16), blocks=(1, 1), num_classes=4)).eval()
 
 
+def answers_of(teacher, pre, *, bf16: bool = False):
+    """What the trainer hands ``make_kd_loss`` for one teacher: its answer to an augmented batch."""
+    return lambda pixels: teacher_outputs(teacher, pixels, pre, bf16=bf16)
+
+
 def run_steps(distiller, loss_fn, pixels, labels, steps: int) -> None:
     opt = torch.optim.Adam([p for p in distiller.parameters() if p.requires_grad], lr=3e-3)
     distiller.train()
@@ -246,7 +261,7 @@ def test_a_tiny_distillation_run_raises_agreement_with_the_teacher(kind):
     before = agreement(student, teacher, pre, pixels)
     settings = DistillSettings(kind=kind, alpha=1.0, temperature=2.0)
     distiller = Distiller(student)
-    loss_fn = make_kd_loss(distiller, teacher, settings, student_pre=pre, teacher_pre=pre, label_smoothing=0.0)
+    loss_fn = make_kd_loss(distiller, answers_of(teacher, pre), settings, student_pre=pre, label_smoothing=0.0)
     run_steps(distiller, loss_fn, pixels, labels, 40)
     after = agreement(student, teacher, pre, pixels)
     assert after >= before + 0.25, (before, after)
@@ -266,7 +281,7 @@ def test_feature_relation_and_deit_objectives_decrease_on_a_fixed_batch(kind):
         assert student_tap.map().shape[-1] == 4 and teacher_tap.map().shape[1] in (8, 16)
     distiller = Distiller(student, hint)
     loss_fn = make_kd_loss(
-        distiller, teacher, DistillSettings(kind=kind), student_pre=pre, teacher_pre=pre, label_smoothing=0.0, taps=taps
+        distiller, answers_of(teacher, pre), DistillSettings(kind=kind), student_pre=pre, label_smoothing=0.0, taps=taps
     )
     first = loss_fn(pixels, labels, torch.arange(16)).loss.item()
     run_steps(distiller, loss_fn, pixels, labels, 15)
@@ -286,8 +301,8 @@ def test_kd_losses_stay_float32_under_bf16_autocast_and_a_bf16_teacher(kind):
     distiller = Distiller(student, hint)
 
     def loss(teacher_bf16: bool) -> torch.Tensor:
-        settings = DistillSettings(kind=kind, teacher_bf16=teacher_bf16)
-        fn = make_kd_loss(distiller, teacher, settings, student_pre=pre, teacher_pre=pre, label_smoothing=0, taps=taps)
+        answers = answers_of(teacher, pre, bf16=teacher_bf16)
+        fn = make_kd_loss(distiller, answers, DistillSettings(kind=kind), student_pre=pre, label_smoothing=0, taps=taps)
         return fn(pixels, labels, torch.arange(8)).loss
 
     exact = loss(False)
@@ -351,3 +366,39 @@ def test_clip_tower_distillation_gives_a_searchable_clip(tmp_path):
             teacher_path=teacher_dir, student_preset="resnet-mini-28", pairs=pairs, out_dir=tmp_path / "x",
             train_config=TrainConfig(epochs=1, batch_size=8),
         )  # fmt: skip
+
+
+def test_an_ensemble_answers_with_the_mean_of_its_teachers_softmax():
+    torch.manual_seed(0)
+    a, b, c = torch.randn(5, 4) * 3, torch.randn(5, 4), torch.randn(5, 4) * 0.2
+    combined = ensemble_logits([a, b, c])
+    naive = [
+        [sum(math.exp(x[i, k]) / sum(math.exp(v) for v in x[i].tolist()) for x in (a, b, c)) / 3 for k in range(4)]
+        for i in range(5)
+    ]
+    torch.testing.assert_close(combined.softmax(dim=-1), torch.tensor(naive), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(combined.exp().sum(dim=-1), torch.ones(5))  # log-probabilities: no shift left
+    # a temperature softens the ensemble's mean, not each teacher before averaging
+    T = 4.0
+    mean = torch.tensor(naive)
+    torch.testing.assert_close((combined / T).softmax(-1), mean ** (1 / T) / (mean ** (1 / T)).sum(-1, keepdim=True))
+    assert ensemble_logits([a]) is a  # one teacher: its logits exactly as they are (the rows before ensembles)
+
+
+def test_two_teachers_answer_as_their_ensemble_and_refuse_feature_kinds(tmp_path):
+    first = tiny_teacher()
+    torch.manual_seed(2)  # another draw of the same architecture: the teachers disagree
+    second = CNN(CNNConfig(image_size=28, widths=(8, 16), blocks=(1, 1), num_classes=4)).eval()
+    pre = Preprocess(28, (0.5,) * 3, (0.5,) * 3)
+    teachers = Teachers([tmp_path / "a", tmp_path / "b"], [first, second], [pre, pre])
+    pixels = torch.rand(6, 1, 28, 28)
+    logits, pooled = teachers.answer(pixels)
+    assert not torch.allclose(teacher_outputs(first, pixels, pre)[0], teacher_outputs(second, pixels, pre)[0])
+    expected = ensemble_logits([teacher_outputs(first, pixels, pre)[0], teacher_outputs(second, pixels, pre)[0]])
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    assert pooled is None  # the teachers' features share no space
+    with pytest.raises(UserError, match="--kind response or deit"):
+        teachers.single()
+    one = Teachers([tmp_path / "a"], [first], [pre])
+    assert one.single() == (first, pre)
+    torch.testing.assert_close(one.answer(pixels)[0], teacher_outputs(first, pixels, pre)[0], rtol=0, atol=0)

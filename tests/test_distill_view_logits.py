@@ -1,6 +1,6 @@
 """Cached teacher view logits: the views are exactly those the batch augmentation draws, a lookup equals
 the online teacher on the same pixels, the cache is built once per teacher and data, and `vitrina
-distill --cache-teacher-views` trains on it end to end."""
+distill --cache-teacher-views` trains on it end to end, from one teacher or the ensemble of two."""
 
 from __future__ import annotations
 
@@ -133,3 +133,24 @@ def test_distill_with_cached_teacher_views_on_a_fashion_mnist_subset(tmp_path, c
     assert main(refused) == 2
     assert "--kind response or deit" in capsys.readouterr().err
     assert not Path(tmp_path / "e").exists() and not Path(tmp_path / "f").exists()
+
+    # two teachers: each one's views are cached beside its own checkpoint (the first's reused, not rebuilt),
+    # and the student learns their ensemble; kinds that read a teacher's features refuse an ensemble
+    second = tmp_path / "teacher2"
+    assert main(["train", "classify", "--model", "resnet-mini-28", *data, "--seed", "1", "--out", str(second)]) == 0
+    both = ["distill", "--teacher", str(teacher / "best"), "--teacher", str(second / "best")]
+    both += ["--student", "vit-fmnist-28-fast", *data]
+    ensemble = tmp_path / "ensemble"
+    matching = ["--kind", "response", "--alpha", "1", "--temperature", "1", "--cache-teacher-views", "--erasing", "0"]
+    assert main([*both, *matching, "--out", str(ensemble)]) == 0
+    assert list((teacher / "view-logits").glob("*.safetensors")) == cache_files
+    assert len(list((second / "view-logits").glob("*.safetensors"))) == 1
+    config = json.loads((ensemble / "best" / "config.json").read_text())
+    assert config["distill"]["teacher"] == [str(teacher / "best"), str(second / "best")]
+    results = json.loads((ensemble / "results.json").read_text())
+    assert results["teacher_view_logits_minutes"] > 0 and 0 <= results["test_acc"] <= 1
+    capsys.readouterr()
+    relation = [*both, "--kind", "relation", "--out", str(tmp_path / "r")]
+    assert main(relation) == 2
+    assert "an ensemble answers with logits only" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

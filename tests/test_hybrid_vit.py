@@ -14,7 +14,14 @@ from PIL import Image
 
 from vitrina.checkpoint import load_model, save_model
 from vitrina.cli import main
-from vitrina.distill.trainer import Distiller, DistillSettings, KDKind, build_student, make_kd_loss
+from vitrina.distill.trainer import (
+    Distiller,
+    DistillSettings,
+    KDKind,
+    build_student,
+    make_kd_loss,
+    teacher_outputs,
+)
 from vitrina.errors import UserError
 from vitrina.models.cnn import CNN, CNNConfig
 from vitrina.models.explain import model_rollout, rollout_matrix, sequence_pool_rollout
@@ -255,7 +262,9 @@ def test_deit_hard_distillation_into_a_hybrid_student_lowers_its_loss() -> None:
     pre = Preprocess(28, (0.5,) * 3, (0.5,) * 3)
     distiller = Distiller(student)
     settings = DistillSettings(kind=KDKind.DEIT_HARD)
-    loss_fn = make_kd_loss(distiller, teacher, settings, student_pre=pre, teacher_pre=pre, label_smoothing=0.0)
+    loss_fn = make_kd_loss(
+        distiller, lambda x: teacher_outputs(teacher, x, pre), settings, student_pre=pre, label_smoothing=0.0
+    )
     first = loss_fn(pixels, labels, torch.arange(16)).loss.item()
     optimizer = torch.optim.Adam(distiller.parameters(), lr=3e-3)
     distiller.train()

@@ -264,12 +264,14 @@ def cmd_distill(args: argparse.Namespace) -> None:
             raise UserError("--tta averages class logits over flips: it applies to classifiers, not to distill clip")
         if args.cache_teacher_views:
             raise UserError("--cache-teacher-views caches a classifier teacher's logits: not for distill clip")
+        if len(args.teacher) > 1:
+            raise UserError(f"distill clip learns from one CLIP: give --teacher once, not {len(args.teacher)} times")
         pairs = load_training_pairs(args.data, seed=args.seed)
         settings = ClipDistillSettings(
             augment=not args.no_augment, similarity_weight=args.similarity_weight, text_weight=args.text_weight
         )
         summary = distill_clip_tower(
-            teacher_path=args.teacher,
+            teacher_path=args.teacher[0],
             student_preset=args.student,
             pairs=pairs,
             out_dir=Path(args.out),
@@ -294,7 +296,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
         cache_views=args.cache_teacher_views,
     )
     outcome = distill_classifier(
-        teacher_path=args.teacher,
+        teacher_paths=args.teacher,
         student_preset=args.student,
         data=_classify_data(args),
         out_dir=Path(args.out),
@@ -887,7 +889,12 @@ def build_parser() -> argparse.ArgumentParser:
         "distill", help="knowledge distillation into a student classifier, or of a CLIP image tower (distill clip)"
     )
     distill.add_argument("target", nargs="?", default="classify", choices=["classify", "clip"])
-    distill.add_argument("--teacher", required=True, help="teacher checkpoint folder")
+    distill.add_argument(
+        "--teacher",
+        required=True,
+        action="append",
+        help="teacher checkpoint folder; repeat it to distil from the ensemble of several (their mean softmax)",
+    )
     distill.add_argument("--student", required=True, help="student preset (see `vitrina models`)")
     distill.add_argument("--kind", default=None, help="response, feature, relation, deit (= deit-hard), deit-soft")
     distill.add_argument("--alpha", type=float, default=0.7, help="weight of the soft-target term (response)")

@@ -18,11 +18,17 @@ model gets its own size and normalisation). Without augmentation a batch's teach
 fixed function of the image, so they are computed once for the whole training set and looked up;
 with the in-memory shift-and-flip augmentation, ``cache_views`` computes the teacher's logits once
 for every view it can draw (``view_logits``), so the student trains at a scratch run's rate.
+
+Several teachers (``--teacher A --teacher B``) answer as one ensemble, the log of their mean softmax
+(``ensemble_logits``), for the kinds that read logits only (response, DeiT); each teacher's cached views
+are built beside its own checkpoint, so a teacher distilled from alone before is not run again.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -157,6 +163,42 @@ def load_teacher(path: str | os.PathLike, data: ClassificationData) -> tuple[nn.
     return model.eval(), preprocess_of(config, model)
 
 
+@dataclass
+class Teachers:
+    """The frozen teacher checkpoints of one distillation, in the order given; two or more answer as one
+    ensemble (``ensemble_logits``)."""
+
+    paths: list[Path]
+    models: list[nn.Module]
+    preprocesses: list[Preprocess]
+
+    @classmethod
+    def load(cls, paths: Sequence[str | os.PathLike], data: ClassificationData) -> Teachers:
+        if not paths:
+            raise UserError("give --teacher CHECKPOINT (once per teacher of an ensemble)")
+        loaded = [load_teacher(path, data) for path in paths]
+        return cls([Path(p) for p in paths], [m for m, _ in loaded], [pre for _, pre in loaded])
+
+    def single(self) -> tuple[nn.Module, Preprocess]:
+        """The one teacher of a kind that reads more than logits (its maps or pooled features)."""
+        if len(self.models) != 1:
+            raise UserError(
+                f"{len(self.models)} teachers: an ensemble answers with logits only; "
+                "use --kind response or deit, or give one --teacher"
+            )
+        return self.models[0], self.preprocesses[0]
+
+    def answer(self, pixels: torch.Tensor, *, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (B, K), pooled features (B, C)) of the one teacher; an ensemble's logits and no pooled
+        feature (its teachers' features share no space)."""
+        if len(self.models) == 1:
+            return teacher_outputs(self.models[0], pixels, self.preprocesses[0], bf16=bf16)
+        answers = [
+            teacher_outputs(m, pixels, pre, bf16=bf16)[0] for m, pre in zip(self.models, self.preprocesses, strict=True)
+        ]
+        return ensemble_logits(answers), None
+
+
 def build_student(preset: str, num_classes: int, kind: KDKind, *, seed: int) -> nn.Module:
     """The student of ``preset``; a DeiT kind turns on the distillation token (ViT students only)."""
     if kind.is_deit:
@@ -257,16 +299,32 @@ def teacher_outputs(
     return logits.float(), pooled.float()
 
 
+def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B, K) logits of each teacher -> the ensemble's: the log of their mean softmax; one teacher's as they are.
+
+    Probabilities are averaged, not logits, so the target is the ensemble's predictive distribution: at
+    temperature 1 a softmax of this gives exactly that mean, and a temperature T softens the mean itself
+    (softmax(log p / T) is proportional to p^(1/T)), not each teacher before averaging."""
+    if len(logits) == 1:
+        return logits[0]
+    log_probs = torch.stack([x.float().log_softmax(dim=-1) for x in logits])
+    return torch.logsumexp(log_probs, dim=0) - math.log(len(logits))
+
+
+# pixels (B, C, H, W) in [0, 1] -> (teacher logits (B, K), pooled features (B, C) or None)
+TeacherAnswer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
 class TeacherCache:
     """Teacher logits and pooled features for every training image, computed once (un-augmented data)."""
 
-    def __init__(self, teacher: nn.Module, pixels: torch.Tensor, preprocess: Preprocess, batch_size: int = 500) -> None:
-        parts = [teacher_outputs(teacher, x, preprocess) for x in pixels.split(batch_size)]
+    def __init__(self, answer: TeacherAnswer, pixels: torch.Tensor, batch_size: int = 500) -> None:
+        parts = [answer(x) for x in pixels.split(batch_size)]
         self.logits = torch.cat([p[0] for p in parts])  # (N, K)
-        self.pooled = torch.cat([p[1] for p in parts])  # (N, C)
+        self.pooled = None if parts[0][1] is None else torch.cat([p[1] for p in parts])  # (N, C)
 
-    def __call__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.logits[index], self.pooled[index]
+    def __call__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.logits[index], None if self.pooled is None else self.pooled[index]
 
 
 # --- the objective ------------------------------------------------------------------------------
@@ -274,11 +332,10 @@ class TeacherCache:
 
 def make_kd_loss(
     distiller: Distiller,
-    teacher: nn.Module,
+    teacher: TeacherAnswer,
     settings: DistillSettings,
     *,
     student_pre: Preprocess,
-    teacher_pre: Preprocess,
     label_smoothing: float,
     cache: TeacherCache | None = None,
     view_logits: tuple[ShiftFlipViews, ViewLogits] | None = None,
@@ -286,7 +343,8 @@ def make_kd_loss(
 ):
     """The step's loss for ``settings.kind``: pixels in [0, 1], labels, item indices -> ``StepOutput``.
 
-    With ``view_logits`` the pixels arrive un-augmented: the step draws each image's view itself and
+    ``teacher`` answers an augmented batch (``Teachers.answer``; with FitNets taps it must run the tapped
+    teacher's forward). With ``view_logits`` the pixels arrive un-augmented: the step draws each image's view itself and
     looks its teacher logits up."""
     student, kind = distiller.student, settings.kind
 
@@ -299,7 +357,7 @@ def make_kd_loss(
         elif cache is not None:
             t_logits, t_pooled = cache(index)
         else:
-            t_logits, t_pooled = teacher_outputs(teacher, pixels, teacher_pre, bf16=settings.teacher_bf16)
+            t_logits, t_pooled = teacher(pixels)
         features = student.forward_features(student_pre(pixels))
         out = student.forward_head(features)
         # the losses in float32 even when the forward ran under bf16 autocast (TrainConfig.precision):
@@ -352,7 +410,7 @@ def make_kd_loss(
 
 def distill_classifier(
     *,
-    teacher_path: str | os.PathLike,
+    teacher_paths: Sequence[str | os.PathLike],
     student_preset: str,
     data: ClassificationData,
     out_dir: str | os.PathLike,
@@ -362,14 +420,18 @@ def distill_classifier(
     progress: bool = True,
     log=print,
 ) -> ClassifyOutcome:
-    """Train a ``student_preset`` classifier on ``data`` guided by the teacher checkpoint; test the best."""
+    """Train a ``student_preset`` classifier on ``data`` guided by the teacher checkpoint (or the ensemble of
+    several, ``Teachers``); test the best."""
     distill.validate()
-    teacher, teacher_pre = load_teacher(teacher_path, data)
+    teachers = Teachers.load(teacher_paths, data)
     student = build_student(student_preset, len(data.class_names), distill.kind, seed=train_config.seed)
     c = student.config
     student_pre = Preprocess(c.image_size, data.mean, data.std, in_channels=c.in_channels)
     hint, taps = None, None
+    if distill.kind is KDKind.RELATION:
+        teachers.single()  # raises for an ensemble: RKD reads one teacher's pooled features
     if distill.kind is KDKind.FEATURE:
+        teacher, teacher_pre = teachers.single()
         student_tap, teacher_tap, hint = feature_taps(student, teacher, student_pre, teacher_pre)
         taps = (student_tap, teacher_tap)
     distiller = Distiller(student, hint)
@@ -377,42 +439,53 @@ def distill_classifier(
     if distill.cache_views:
         check_view_cache(settings, data)
         views = ShiftFlipViews(settings.crop_pad)
-        # channels-last maps: the CNN teacher's forward at batch 128 ran at ~7.2k img/s against ~4.6k here
-        # (one measurement); the build runs it once per view and image
-        teacher = teacher.to(memory_format=torch.channels_last)
-        built = cached_view_logits(
-            lambda pixels: teacher_outputs(teacher, pixels, teacher_pre, bf16=distill.teacher_bf16)[0],
-            Path(teacher_path),
-            data.train.images,
-            views,
-            teacher_setting=f"bf16={distill.teacher_bf16}",
-            progress=progress,
-            log=log,
-        )
-        view_logits = (views, built)
-        extra_results["teacher_view_logits_minutes"] = built.build_minutes
+        # each teacher's views are built (or reused) beside its own checkpoint, then combined
+        built = [
+            cached_view_logits(
+                lambda pixels, m=model, pre=pre: teacher_outputs(m, pixels, pre, bf16=distill.teacher_bf16)[0],
+                path,
+                data.train.images,
+                views,
+                teacher_setting=f"bf16={distill.teacher_bf16}",
+                progress=progress,
+                log=log,
+            )
+            # channels-last maps: the CNN teacher's forward at batch 128 ran at ~7.2k img/s against ~4.6k here
+            # (one measurement); the build runs it once per view and image
+            for path, model, pre in zip(
+                teachers.paths,
+                [m.to(memory_format=torch.channels_last) for m in teachers.models],
+                teachers.preprocesses,
+                strict=True,
+            )
+        ]
+        combined = ViewLogits(ensemble_logits([b.logits for b in built]), sum(b.build_minutes for b in built))
+        view_logits = (views, combined)
+        extra_results["teacher_view_logits_minutes"] = combined.build_minutes
     elif not settings.augment and distill.kind is not KDKind.FEATURE:
         # un-augmented images: the teacher's answer per image never changes, so compute it once
-        cache = TeacherCache(teacher, unit_pixels(data.train, student_pre.image_size), teacher_pre)
+        cache = TeacherCache(teachers.answer, unit_pixels(data.train, student_pre.image_size))
     total, trainable = count_parameters(student)
-    teacher_total, _ = count_parameters(teacher)
+    teacher_total = sum(count_parameters(m)[0] for m in teachers.models)
+    named = ", ".join(os.fspath(p) for p in teachers.paths)
     log(
         f"student {student_preset}: {total:,} parameters, {trainable:,} trainable; "
-        f"teacher {teacher_path}: {teacher_total:,} (frozen); kind {distill.kind.value}"
+        f"teacher {named}: {teacher_total:,} (frozen); kind {distill.kind.value}"
     )
     loss_fn = make_kd_loss(
         distiller,
-        teacher,
+        lambda pixels: teachers.answer(pixels, bf16=distill.teacher_bf16),
         distill,
         student_pre=student_pre,
-        teacher_pre=teacher_pre,
         label_smoothing=settings.label_smoothing,
         cache=cache,
         view_logits=view_logits,
         taps=taps,
     )
+    paths = [os.fspath(p) for p in teachers.paths]
     record = {
-        "teacher": os.fspath(Path(teacher_path)),
+        # one teacher keeps the plain path, so the runs written before ensembles still resume
+        "teacher": paths[0] if len(paths) == 1 else paths,
         "kind": distill.kind.value,
         "alpha": distill.alpha,
         "temperature": distill.temperature,
