@@ -45,7 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench._report as report  # noqa: E402
 from vitrina.checkpoint import load_model  # noqa: E402
 from vitrina.config import PRECISIONS, TrainConfig  # noqa: E402
-from vitrina.distill.trainer import DistillSettings, KDKind, distill_classifier, ensemble_logits  # noqa: E402
+from vitrina.distill.trainer import (  # noqa: E402
+    DistillSettings,
+    KDKind,
+    distill_classifier,
+    ensemble_logits,
+    load_teacher,
+)
 from vitrina.train.classify import (  # noqa: E402
     ClassifySettings,
     build_classifier,
@@ -275,9 +281,8 @@ def ensemble_test_acc(teachers: list[Path], data, *, tta: bool) -> float:
     ``ensemble_logits``), each teacher tested as its own row is (flip TTA when ``tta``)."""
     logits = []
     for path in teachers:
-        model, config = load_model(path)
-        pre = preprocess_of(config, model)
-        logits.append(predict(model.eval(), unit_pixels(data.test, pre.image_size), pre, 500, tta=tta))
+        model, pre = load_teacher(path, data)  # as the distillation loaded it: eval mode, its own preprocessing
+        logits.append(predict(model, unit_pixels(data.test, pre.image_size), pre, 500, tta=tta))
     return float((ensemble_logits(logits).argmax(dim=1) == data.test.labels).float().mean())
 
 
