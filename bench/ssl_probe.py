@@ -9,7 +9,7 @@ Protocol (the same for every method):
 * pretraining on the 60k Fashion-MNIST training images, labels unused, for at most ``--minutes``
   (the run is sized to the cap from a measured step rate, so its cosine schedule completes);
   DeepCluster on a seeded random 20k of them, so several cluster-and-train rounds fit the cap;
-  the joint-embedding methods (``vicreg``, ``byol``) under a time budget instead
+  the joint-embedding methods (``vicreg``, ``byol``, ``dino``) under a time budget instead
   (``TrainConfig.budget_minutes``: warm-up then cosine over ``--minutes`` of wall-clock time, which
   ends the run whatever the step rate) with multi-crop: 2 global views + ``--local-crops`` small ones;
 * probes on the frozen [CLS] features: logistic regression on all 60k standardised training
@@ -52,16 +52,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _report  # noqa: E402
 from vitrina.data.splits import stratified_indices  # noqa: E402
+from vitrina.errors import UserError  # noqa: E402
 from vitrina.eval.probe import load_probe_model, probe_representation  # noqa: E402
 from vitrina.ssl.data import probe_splits  # noqa: E402
-from vitrina.ssl.run import run_pretraining  # noqa: E402
+from vitrina.ssl.run import parse_expander, run_pretraining  # noqa: E402
+from vitrina.ssl.vicreg import VICRegConfig  # noqa: E402
 from vitrina.train.schedule import BUDGET_EPOCH_LIMIT  # noqa: E402
 
 BACKBONE = "vit-fmnist-28-fast"
-METHODS = ("rotation", "jigsaw", "relative-position", "inpainting", "simclr", "deepcluster", "mae", "vicreg", "byol")
+METHODS = (
+    "rotation",
+    "jigsaw",
+    "relative-position",
+    "inpainting",
+    "simclr",
+    "deepcluster",
+    "mae",
+    "vicreg",
+    "byol",
+    "dino",
+)
 # Trained under a time budget with multi-crop; 4 local views of 14 px (2 x 2 patches of 7 px) beside the
 # two 28 px global views, as SwAV / DINO pair small crops with large ones.
-JOINT_EMBEDDING = ("vicreg", "byol")
+JOINT_EMBEDDING = ("vicreg", "byol", "dino")
 LOCAL_CROPS = 4
 BASELINES = ("random-init", "pixels")
 FINETUNE_CAP_MINUTES = 30.0
@@ -77,6 +90,7 @@ SETTINGS = {
     "mae": (256, 1e-3, None),
     "vicreg": (256, 1e-3, None),
     "byol": (256, 1e-3, None),
+    "dino": (256, 1e-3, None),
 }
 
 
@@ -155,7 +169,7 @@ def main() -> None:
     parser.add_argument("--results-dir", default=None, help="write results (and runs) here instead of bench/results")
     parser.add_argument("--limit", type=int, default=None, help="smoke runs: at most N images to pretrain and probe")
     parser.add_argument(
-        "--local-crops", type=int, default=LOCAL_CROPS, help="vicreg, byol: small views beside the 2 global ones"
+        "--local-crops", type=int, default=LOCAL_CROPS, help="vicreg, byol, dino: small views beside the 2 global ones"
     )
     parser.add_argument(
         "--probe-bn", action=argparse.BooleanOptionalAction, default=True, help="also the BatchNorm + linear probe"
@@ -171,6 +185,13 @@ def main() -> None:
         choices=["fp32", "bf16-stem"],
         default="fp32",
         help="joint-embedding pretraining: bf16-stem runs a hybrid backbone's conv stem under bf16 autocast",
+    )
+    parser.add_argument(
+        "--expander", default=None, help="vicreg: expander widths, e.g. 2048x2048x2048 (default: VICRegConfig's)"
+    )
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's in SETTINGS)")
+    parser.add_argument(
+        "--blur", type=float, default=None, help="joint-embedding views' blur probability (default: SimCLRAugment's)"
     )
     parser.add_argument("--log-every", type=int, default=10, help="steps per logged img/s window (smoke: 2)")
     args = parser.parse_args()
@@ -201,9 +222,38 @@ def main() -> None:
     if joint and args.local_crops != LOCAL_CROPS:
         row_name, slug = f"{row_name}, {args.local_crops} local crops", f"{slug}_{args.local_crops}local"
         run_name = f"{run_name}_{args.local_crops}local"
+    expander_dims = None
+    if args.expander:
+        if args.method != "vicreg":
+            parser.error("--expander: only vicreg has an expander")
+        try:
+            expander_dims = parse_expander(args.expander)
+        except UserError as error:
+            parser.error(str(error))
+        if expander_dims == VICRegConfig().expander_dims:  # the default expander: the default row
+            expander_dims = None
+        else:
+            label = "x".join(map(str, expander_dims))
+            row_name, slug, run_name = (
+                f"{row_name}, expander {label}",
+                f"{slug}_expander{label}",
+                f"{run_name}_expander{label}",
+            )
+    if args.blur is not None:
+        if not joint:
+            parser.error("--blur: only the joint-embedding methods (vicreg, byol, dino) take it")
+        row_name, slug, run_name = (
+            f"{row_name}, blur {args.blur:g}",
+            f"{slug}_blur{args.blur:g}",
+            f"{run_name}_blur{args.blur:g}",
+        )
+    if args.lr is not None:
+        if args.method not in METHODS:
+            parser.error("--lr: only the pretraining methods take a learning rate")
+        row_name, slug, run_name = f"{row_name}, lr {args.lr:g}", f"{slug}_lr{args.lr:g}", f"{run_name}_lr{args.lr:g}"
     if args.precision != "fp32":
         if not joint:
-            parser.error("--precision: only the time-budgeted joint-embedding methods (vicreg, byol) take it")
+            parser.error("--precision: only the time-budgeted joint-embedding methods (vicreg, byol, dino) take it")
         row_name, slug, run_name = (
             f"{row_name}, {args.precision}",
             f"{slug}_{args.precision}",
@@ -218,10 +268,16 @@ def main() -> None:
     model = None
     if args.method in METHODS:
         batch_size, lr, max_items = SETTINGS[args.method]
+        lr = args.lr if args.lr is not None else lr
         if args.limit is not None:
             max_items = min(max_items or args.limit, args.limit)
         if joint:  # a time budget: the schedule ends with --minutes, however fast the steps go
-            sizing = {"epochs": BUDGET_EPOCH_LIMIT, "local_crops": args.local_crops}
+            sizing = {
+                "epochs": BUDGET_EPOCH_LIMIT,
+                "local_crops": args.local_crops,
+                "expander_dims": expander_dims,
+                "blur_p": args.blur,
+            }
             sizing["train_settings"] = {
                 "budget_minutes": args.minutes,
                 "log_every": args.log_every,
@@ -308,6 +364,8 @@ def main() -> None:
         "budget": joint,
         "local_crops": args.local_crops if joint else None,
         "precision": args.precision,
+        **({"expander": list(expander_dims)} if expander_dims else {}),
+        **({"blur_p": args.blur} if args.blur is not None else {}),
         "batch_size": row.get("batch_size"),
         "lr": row.get("lr"),
         "probe_train": row["probe_train"],

@@ -24,6 +24,7 @@ from vitrina.ssl.colorization import ColorizationConfig
 from vitrina.ssl.common import HEADS_FILE, plan_budget, pretrain, to_input
 from vitrina.ssl.data import load_image_set
 from vitrina.ssl.deepcluster import DeepCluster, DeepClusterConfig, cluster_features, fill_empty_clusters
+from vitrina.ssl.dino import DINOConfig
 from vitrina.ssl.jigsaw import Jigsaw, JigsawConfig, max_hamming_permutations, shuffle_tiles, unshuffle_tiles
 from vitrina.ssl.mae import MAE, MAEConfig, kept_count, random_masking, save_reconstructions
 from vitrina.ssl.relative_position import NEIGHBOURS, relative_position_pairs
@@ -143,6 +144,7 @@ def test_every_method_is_registered():
         "mae",
         "vicreg",
         "byol",
+        "dino",
     }
 
 
@@ -153,6 +155,7 @@ SMALL_OPTIONS = {
     "mae": {"config": MAEConfig(decoder_width=32, decoder_depth=1, decoder_heads=2)},
     "vicreg": {"config": VICRegConfig(expander_dims=(64, 64))},
     "byol": {"config": BYOLConfig(hidden=64, projection_dim=32)},
+    "dino": {"config": DINOConfig(hidden=64, bottleneck=32, prototypes=64)},
 }
 
 

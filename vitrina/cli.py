@@ -69,7 +69,7 @@ def _prepare_for_models() -> None:
 # the names of vitrina.ssl.METHODS, spelt out so that `vitrina --help` needs no torch import
 SSL_METHODS = (
     "rotation", "jigsaw", "relative-position", "inpainting", "colorization", "simclr", "deepcluster", "mae",
-    "vicreg", "byol",
+    "vicreg", "byol", "dino",
 )  # fmt: skip
 
 
@@ -580,7 +580,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from vitrina.ssl.run import run_pretraining
+    from vitrina.ssl.run import parse_expander, run_pretraining
 
     if args.minutes is None and args.epochs is None:
         raise UserError("give --minutes (a time budget: the schedule ends with it) or --epochs")
@@ -596,6 +596,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         seed=args.seed,
         train_settings=settings,
         local_crops=args.local_crops,
+        expander_dims=parse_expander(args.expander) if args.expander else None,
+        blur_p=args.blur,
     )
     print(f"backbone checkpoint: {args.out}  ({result.summary})")
     print(f"next: vitrina eval probe --ckpt {args.out} --data DATA --out PROBE_DIR")
@@ -1125,7 +1127,16 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--lr", type=float, default=1e-3)
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument(
-        "--local-crops", type=int, default=0, help="vicreg, byol: small multi-crop views beside the 2 global ones"
+        "--local-crops", type=int, default=0, help="vicreg, byol, dino: small multi-crop views beside the 2 global ones"
+    )
+    pretrain.add_argument(
+        "--expander", default=None, help="vicreg: expander layer widths, e.g. 2048x2048x2048 (default 512x512x512)"
+    )
+    pretrain.add_argument(
+        "--blur",
+        type=float,
+        default=None,
+        help="vicreg, byol, dino: probability of blurring a view (default 0.5; 28 px images may do better without)",
     )
     pretrain.set_defaults(handler=cmd_pretrain)
 

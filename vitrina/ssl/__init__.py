@@ -12,6 +12,7 @@ from vitrina.ssl.byol import BYOL
 from vitrina.ssl.colorization import Colorization
 from vitrina.ssl.common import SSLMethod
 from vitrina.ssl.deepcluster import DeepCluster
+from vitrina.ssl.dino import DINO
 from vitrina.ssl.inpainting import Inpainting
 from vitrina.ssl.jigsaw import Jigsaw
 from vitrina.ssl.mae import MAE
@@ -22,7 +23,19 @@ from vitrina.ssl.vicreg import VICReg
 
 METHODS: dict[str, type[SSLMethod]] = {
     m.name: m
-    for m in (Rotation, Jigsaw, RelativePosition, Inpainting, Colorization, SimCLR, DeepCluster, MAE, VICReg, BYOL)
+    for m in (
+        Rotation,
+        Jigsaw,
+        RelativePosition,
+        Inpainting,
+        Colorization,
+        SimCLR,
+        DeepCluster,
+        MAE,
+        VICReg,
+        BYOL,
+        DINO,
+    )
 }
 
 

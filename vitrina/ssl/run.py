@@ -15,11 +15,12 @@ from vitrina.errors import UserError
 from vitrina.models.registry import build_model
 from vitrina.models.vit import ViT
 from vitrina.ssl import build_method
-from vitrina.ssl.augment import MultiCrop
+from vitrina.ssl.augment import MultiCrop, SimCLRAugment
 from vitrina.ssl.byol import BYOLConfig
 from vitrina.ssl.common import SSLMethod, measure_images_per_second, plan_budget, pretrain, to_input
 from vitrina.ssl.data import load_image_set
 from vitrina.ssl.deepcluster import DeepCluster
+from vitrina.ssl.dino import DINOConfig
 from vitrina.ssl.mae import MAE, save_reconstructions
 from vitrina.ssl.vicreg import VICRegConfig
 from vitrina.train.checkpointing import find_checkpoint, read_train_meta
@@ -48,16 +49,45 @@ def _saved_plan(out_dir: Path) -> tuple[int, int] | None:
     return meta["config"]["epochs"], meta["identity"]["items"]
 
 
-MULTI_CROP_CONFIGS = {"vicreg": VICRegConfig, "byol": BYOLConfig}
+MULTI_CROP_CONFIGS = {"vicreg": VICRegConfig, "byol": BYOLConfig, "dino": DINOConfig}
 
 
-def multi_crop_config(method_name: str, local_views: int) -> VICRegConfig | BYOLConfig:
-    """The default config of a joint-embedding method with ``local_views`` small crops; ``UserError`` for others."""
+def multi_crop_config(
+    method_name: str,
+    local_views: int,
+    *,
+    expander_dims: tuple[int, ...] | None = None,
+    blur_p: float | None = None,
+) -> VICRegConfig | BYOLConfig | DINOConfig:
+    """The default config of a joint-embedding method with ``local_views`` small crops (and, for VICReg,
+    ``expander_dims`` in place of its default expander; ``blur_p``: the views' blur probability in place of
+    ``SimCLRAugment``'s); ``UserError`` for other methods or bad values."""
+    if expander_dims is not None and method_name != "vicreg":
+        raise UserError(f"--expander: only vicreg has an expander, not {method_name}")
     if method_name not in MULTI_CROP_CONFIGS:
         raise UserError(f"--local-crops: multi-crop applies to {', '.join(MULTI_CROP_CONFIGS)}, not {method_name}")
     if local_views < 0:
         raise UserError(f"--local-crops {local_views}: give a count >= 0")
-    return MULTI_CROP_CONFIGS[method_name](crops=MultiCrop(local_views=local_views))
+    if blur_p is not None and not 0.0 <= blur_p <= 1.0:
+        raise UserError(f"--blur {blur_p}: give a probability in [0, 1]")
+    view = SimCLRAugment() if blur_p is None else SimCLRAugment(blur_p=blur_p)
+    crops = MultiCrop(local_views=local_views, view=view)
+    if expander_dims is None:
+        return MULTI_CROP_CONFIGS[method_name](crops=crops)
+    if not expander_dims or min(expander_dims) < 1:
+        raise UserError(f"--expander {expander_dims}: give one or more layer widths >= 1, e.g. 2048x2048x2048")
+    return VICRegConfig(expander_dims=tuple(expander_dims), crops=crops)
+
+
+def parse_expander(text: str) -> tuple[int, ...]:
+    """``"2048x2048x2048"`` -> (2048, 2048, 2048); ``UserError`` naming the flag for anything else."""
+    try:
+        dims = tuple(int(width) for width in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--expander {text!r}: give layer widths joined by x, e.g. 2048x2048x2048") from None
+    if min(dims) < 1:
+        raise UserError(f"--expander {text!r}: every layer width must be >= 1")
+    return dims
 
 
 def run_pretraining(
@@ -76,6 +106,8 @@ def run_pretraining(
     method_options: dict | None = None,
     train_settings: dict | None = None,
     local_crops: int = 0,
+    expander_dims: tuple[int, ...] | None = None,
+    blur_p: float | None = None,
     progress: bool = True,
 ) -> PretrainResult:
     """Pretrain ``method_name`` on ``data`` with a fresh ``backbone`` preset into ``out_dir``.
@@ -87,15 +119,19 @@ def run_pretraining(
     DeepCluster fits several clustering rounds into the cap. ``train_settings``: more ``TrainConfig``
     fields (e.g. ``budget_minutes``, a time budget that ends the schedule and the run whatever the
     step rate: then give ``epochs`` as an upper bound, not ``minutes``; ``ema_decay``). ``local_crops``:
-    small multi-crop views beside the two global ones (joint-embedding methods: vicreg, byol).
+    small multi-crop views beside the two global ones (joint-embedding methods: vicreg, byol, dino);
+    ``expander_dims``: VICReg's expander widths instead of its default; ``blur_p``: the joint-embedding
+    views' blur probability instead of ``SimCLRAugment``'s.
     """
     out = Path(out_dir)
     model = build_model(backbone, seed=seed)
     if not isinstance(model, ViT):
         raise UserError(f"--backbone {backbone}: self-supervised pretraining takes a ViT preset (e.g. vit-fmnist-28)")
     method_options = dict(method_options or {})
-    if local_crops:  # checked before the data is read
-        method_options["config"] = multi_crop_config(method_name, local_crops)
+    if local_crops or expander_dims is not None or blur_p is not None:  # checked before the data is read
+        method_options["config"] = multi_crop_config(
+            method_name, local_crops, expander_dims=expander_dims, blur_p=blur_p
+        )
     images = load_image_set(data, model.config.image_size, seed=seed)
     method = build_method(method_name, model, **method_options)
 

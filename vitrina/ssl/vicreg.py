@@ -12,8 +12,10 @@ For a batch of n embeddings ``Z`` (n, d) of one view and ``Z'`` of the other:
   code's halving of the variance pair, for which its weights ``lambda = mu = 25, nu = 1`` were tuned.
 
 Multi-crop: 2 global and ``local_views`` small views; the loss is the mean over the pairs of a global
-view with every other view (``vitrina.ssl.multicrop``). The probe uses the backbone's pooled
-features; the expander is thrown away, as in the paper.
+view with every other view (``vitrina.ssl.multicrop``). A view's variance and covariance terms do not
+depend on its partner, so ``multi_view_vicreg`` computes each once and weights it by the number of pairs
+it is in, instead of once per pair: the same loss, and with 2 + 2 views 4 covariance matrices, not 10.
+The probe uses the backbone's pooled features; the expander is thrown away, as in the paper.
 """
 
 from __future__ import annotations
@@ -73,6 +75,30 @@ def vicreg_loss(
     return VICRegTerms(invariance, variance, covariance, loss)
 
 
+def multi_view_vicreg(
+    views: list[torch.Tensor],
+    pairs: list[tuple[int, int]],
+    *,
+    invariance_weight: float = 25.0,
+    variance_weight: float = 25.0,
+    covariance_weight: float = 1.0,
+    gamma: float = 1.0,
+    eps: float = 1e-4,
+) -> VICRegTerms:
+    """The mean over ``pairs`` of ``vicreg_loss(views[i], views[j])``, each view's variance and covariance
+    computed once (they are per view): each term's value is that mean's."""
+    in_pairs = [0] * len(views)  # how many pairs each view is in
+    for i, j in pairs:
+        in_pairs[i] += 1
+        in_pairs[j] += 1
+    used = [k for k, count in enumerate(in_pairs) if count]
+    invariance = torch.stack([F.mse_loss(views[i], views[j]) for i, j in pairs]).mean()
+    variance = sum(in_pairs[k] * variance_term(views[k], gamma=gamma, eps=eps) for k in used) / (2 * len(pairs))
+    covariance = sum(in_pairs[k] * covariance_term(views[k]) for k in used) / len(pairs)
+    loss = invariance_weight * invariance + variance_weight * variance + covariance_weight * covariance
+    return VICRegTerms(invariance, variance, covariance, loss)
+
+
 def expander(width: int, dims: tuple[int, ...]) -> nn.Sequential:
     """The paper's expander: (Linear-BN-ReLU) for every hidden size, then a last Linear to ``dims[-1]``."""
     layers: list[nn.Module] = []
@@ -116,17 +142,18 @@ class VICReg(SSLMethod):
     def loss(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
         views = embed_views(self.embed, *c.crops(x))  # 2 + local_views x (B, D)
-        weights = {"invariance_weight": c.invariance_weight, "variance_weight": c.variance_weight}
-        terms = [
-            vicreg_loss(views[i], views[j], **weights, covariance_weight=c.covariance_weight)
-            for i, j in view_pairs(len(views))
-        ]
-        loss = torch.stack([t.loss for t in terms]).mean()
+        terms = multi_view_vicreg(
+            views,
+            view_pairs(len(views)),
+            invariance_weight=c.invariance_weight,
+            variance_weight=c.variance_weight,
+            covariance_weight=c.covariance_weight,
+        )
         with torch.no_grad():
             metrics = {
-                "invariance": float(torch.stack([t.invariance for t in terms]).mean()),
-                "variance": float(torch.stack([t.variance for t in terms]).mean()),
-                "covariance": float(torch.stack([t.covariance for t in terms]).mean()),
+                "invariance": float(terms.invariance),
+                "variance": float(terms.variance),
+                "covariance": float(terms.covariance),
                 "embedding_std": float(views[0].std(dim=0).mean()),  # collapse shows as this falling to 0
             }
-        return loss, metrics
+        return terms.loss, metrics
