@@ -94,6 +94,12 @@ SETTINGS = {
 }
 
 
+def with_variant(names: tuple[str, str, str], shown: str, tag: str) -> tuple[str, str, str]:
+    """(row name, file slug, run folder) of a recipe variant: ``, shown`` on the row name, ``_tag`` on the others."""
+    row_name, slug, run_name = names
+    return f"{row_name}, {shown}", f"{slug}_{tag}", f"{run_name}_{tag}"
+
+
 def train_rate(run_dir: Path) -> float | None:
     """Median img/s of the training steps logged in ``metrics.jsonl`` (None when nothing was logged)."""
     path = run_dir / "metrics.jsonl"
@@ -207,21 +213,17 @@ def main() -> None:
     if args.limit is not None:
         args.probe_train = min(args.probe_train, args.limit)
         args.probe_test = min(args.probe_test or args.limit, args.limit)
-    # a mean-pooled probe of a method is its own row, beside the [CLS] one; so is another multi-crop
-    # and another backbone
+    # a mean-pooled probe of a method is its own row, beside the [CLS] one; so is every other recipe
+    # choice (backbone, multi-crop, expander, blur, learning rate, precision)
     mean_pooled = args.pool == "mean"
     row_name = f"{args.method}, mean-pooled" if mean_pooled else args.method
     slug = f"{args.method}_mean" if mean_pooled else args.method
     run_name = args.method  # the pretraining a row probes (a mean-pooled row probes its method's run)
+    names = (row_name, slug, run_name)
     if args.backbone != BACKBONE and args.method != "pixels":
-        row_name, slug, run_name = (
-            f"{row_name}, {args.backbone}",
-            f"{slug}_{args.backbone}",
-            f"{run_name}_{args.backbone}",
-        )
+        names = with_variant(names, args.backbone, args.backbone)
     if joint and args.local_crops != LOCAL_CROPS:
-        row_name, slug = f"{row_name}, {args.local_crops} local crops", f"{slug}_{args.local_crops}local"
-        run_name = f"{run_name}_{args.local_crops}local"
+        names = with_variant(names, f"{args.local_crops} local crops", f"{args.local_crops}local")
     expander_dims = None
     if args.expander:
         if args.method != "vicreg":
@@ -234,31 +236,20 @@ def main() -> None:
             expander_dims = None
         else:
             label = "x".join(map(str, expander_dims))
-            row_name, slug, run_name = (
-                f"{row_name}, expander {label}",
-                f"{slug}_expander{label}",
-                f"{run_name}_expander{label}",
-            )
+            names = with_variant(names, f"expander {label}", f"expander{label}")
     if args.blur is not None:
         if not joint:
             parser.error("--blur: only the joint-embedding methods (vicreg, byol, dino) take it")
-        row_name, slug, run_name = (
-            f"{row_name}, blur {args.blur:g}",
-            f"{slug}_blur{args.blur:g}",
-            f"{run_name}_blur{args.blur:g}",
-        )
+        names = with_variant(names, f"blur {args.blur:g}", f"blur{args.blur:g}")
     if args.lr is not None:
         if args.method not in METHODS:
             parser.error("--lr: only the pretraining methods take a learning rate")
-        row_name, slug, run_name = f"{row_name}, lr {args.lr:g}", f"{slug}_lr{args.lr:g}", f"{run_name}_lr{args.lr:g}"
+        names = with_variant(names, f"lr {args.lr:g}", f"lr{args.lr:g}")
     if args.precision != "fp32":
         if not joint:
             parser.error("--precision: only the time-budgeted joint-embedding methods (vicreg, byol, dino) take it")
-        row_name, slug, run_name = (
-            f"{row_name}, {args.precision}",
-            f"{slug}_{args.precision}",
-            f"{run_name}_{args.precision}",
-        )
+        names = with_variant(names, args.precision, args.precision)
+    row_name, slug, run_name = names
     out = Path(tempfile.mkdtemp(prefix="ssl_probe_")) if args.dry_run else _report.RESULTS_DIR
     # the pretrained checkpoint (for random-init, the untrained backbone saved for its fine-tune); seed 0
     # keeps the folder name of the runs from before seeds were a choice
