@@ -296,5 +296,7 @@ def test_blur_probability_reaches_the_views_and_bad_ones_are_refused() -> None:
     assert config.crops.view.blur_p == 0.0 and config.crops.local_views == 2
     assert multi_crop_config("vicreg", 0).crops.view.blur_p == 0.5  # the SimCLR default stays
     assert multi_crop_config("vicreg", 2, expander_dims=(64,), blur_p=0.25).crops.view.blur_p == 0.25
+    with pytest.raises(UserError, match="--blur: multi-crop applies to vicreg, byol, dino, not mae"):
+        multi_crop_config("mae", 0, blur_p=0.0)
     with pytest.raises(UserError, match="--blur 1.5: give a probability"):
         multi_crop_config("dino", 2, blur_p=1.5)

@@ -1136,7 +1136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--blur",
         type=float,
         default=None,
-        help="vicreg, byol, dino: probability of blurring a view (default 0.5; 28 px images may do better without)",
+        help="vicreg, byol, dino: probability of blurring a view (default 0.5)",
     )
     pretrain.set_defaults(handler=cmd_pretrain)
 

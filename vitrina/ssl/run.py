@@ -65,7 +65,8 @@ def multi_crop_config(
     if expander_dims is not None and method_name != "vicreg":
         raise UserError(f"--expander: only vicreg has an expander, not {method_name}")
     if method_name not in MULTI_CROP_CONFIGS:
-        raise UserError(f"--local-crops: multi-crop applies to {', '.join(MULTI_CROP_CONFIGS)}, not {method_name}")
+        flag = "--local-crops" if local_views or blur_p is None else "--blur"
+        raise UserError(f"{flag}: multi-crop applies to {', '.join(MULTI_CROP_CONFIGS)}, not {method_name}")
     if local_views < 0:
         raise UserError(f"--local-crops {local_views}: give a count >= 0")
     if blur_p is not None and not 0.0 <= blur_p <= 1.0:
