@@ -467,10 +467,10 @@ def distill_classifier(
         cache = TeacherCache(teachers.answer, unit_pixels(data.train, student_pre.image_size))
     total, trainable = count_parameters(student)
     teacher_total = sum(count_parameters(m)[0] for m in teachers.models)
-    named = ", ".join(os.fspath(p) for p in teachers.paths)
+    paths = [os.fspath(p) for p in teachers.paths]
     log(
         f"student {student_preset}: {total:,} parameters, {trainable:,} trainable; "
-        f"teacher {named}: {teacher_total:,} (frozen); kind {distill.kind.value}"
+        f"teacher {', '.join(paths)}: {teacher_total:,} (frozen); kind {distill.kind.value}"
     )
     loss_fn = make_kd_loss(
         distiller,
@@ -482,7 +482,6 @@ def distill_classifier(
         view_logits=view_logits,
         taps=taps,
     )
-    paths = [os.fspath(p) for p in teachers.paths]
     record = {
         # one teacher keeps the plain path, so the runs written before ensembles still resume
         "teacher": paths[0] if len(paths) == 1 else paths,

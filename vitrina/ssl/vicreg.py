@@ -67,12 +67,17 @@ def vicreg_loss(
     gamma: float = 1.0,
     eps: float = 1e-4,
 ) -> VICRegTerms:
-    """VICReg of two views' (n, d) embeddings, as the module docstring defines it."""
-    invariance = F.mse_loss(z1, z2)
-    variance = (variance_term(z1, gamma=gamma, eps=eps) + variance_term(z2, gamma=gamma, eps=eps)) / 2
-    covariance = covariance_term(z1) + covariance_term(z2)
-    loss = invariance_weight * invariance + variance_weight * variance + covariance_weight * covariance
-    return VICRegTerms(invariance, variance, covariance, loss)
+    """VICReg of two views' (n, d) embeddings, as the module docstring defines it: the one pair of
+    ``multi_view_vicreg``."""
+    return multi_view_vicreg(
+        [z1, z2],
+        [(0, 1)],
+        invariance_weight=invariance_weight,
+        variance_weight=variance_weight,
+        covariance_weight=covariance_weight,
+        gamma=gamma,
+        eps=eps,
+    )
 
 
 def multi_view_vicreg(
