@@ -197,6 +197,9 @@ def main() -> None:
     )
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's in SETTINGS)")
     parser.add_argument(
+        "--batch-size", type=int, default=None, help="pretraining batch size (default: the method's in SETTINGS)"
+    )
+    parser.add_argument(
         "--blur", type=float, default=None, help="joint-embedding views' blur probability (default: SimCLRAugment's)"
     )
     parser.add_argument("--log-every", type=int, default=10, help="steps per logged img/s window (smoke: 2)")
@@ -214,7 +217,7 @@ def main() -> None:
         args.probe_train = min(args.probe_train, args.limit)
         args.probe_test = min(args.probe_test or args.limit, args.limit)
     # a mean-pooled probe of a method is its own row, beside the [CLS] one; so is every other recipe
-    # choice (backbone, multi-crop, expander, blur, learning rate, precision)
+    # choice (backbone, multi-crop, expander, blur, learning rate, batch size, precision)
     mean_pooled = args.pool == "mean"
     row_name = f"{args.method}, mean-pooled" if mean_pooled else args.method
     slug = f"{args.method}_mean" if mean_pooled else args.method
@@ -245,6 +248,12 @@ def main() -> None:
         if args.method not in METHODS:
             parser.error("--lr: only the pretraining methods take a learning rate")
         names = with_variant(names, f"lr {args.lr:g}", f"lr{args.lr:g}")
+    if args.batch_size is not None:
+        if args.method not in METHODS:
+            parser.error("--batch-size: only the pretraining methods take a batch size")
+        if args.batch_size < 2:
+            parser.error("--batch-size: at least 2 (the joint-embedding losses need a batch's statistics)")
+        names = with_variant(names, f"batch {args.batch_size}", f"batch{args.batch_size}")
     if args.precision != "fp32":
         if not joint:
             parser.error("--precision: only the time-budgeted joint-embedding methods (vicreg, byol, dino) take it")
@@ -260,6 +269,7 @@ def main() -> None:
     if args.method in METHODS:
         batch_size, lr, max_items = SETTINGS[args.method]
         lr = args.lr if args.lr is not None else lr
+        batch_size = args.batch_size if args.batch_size is not None else batch_size
         if args.limit is not None:
             max_items = min(max_items or args.limit, args.limit)
         if joint:  # a time budget: the schedule ends with --minutes, however fast the steps go

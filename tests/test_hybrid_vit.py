@@ -198,7 +198,14 @@ def test_sequence_pool_rollout_is_the_weighted_mix_of_rows() -> None:
 
 
 @pytest.mark.parametrize(
-    "preset", ["vit-hybrid-fmnist", "vit-hybrid-fmnist-seqpool", "vit-hybrid-fmnist-s8", "vit-hybrid-fmnist-s8-r1"]
+    "preset",
+    [
+        "vit-hybrid-fmnist",
+        "vit-hybrid-fmnist-seqpool",
+        "vit-hybrid-fmnist-s8",
+        "vit-hybrid-fmnist-s8-r1",
+        "vit-hybrid-fmnist-s8-r1-w256",
+    ],
 )
 def test_explain_runs_on_hybrid_presets(preset: str, tmp_path: Path) -> None:
     model = build_model(preset).eval()
