@@ -184,6 +184,19 @@ def test_cli_pretrains_vicreg_with_local_crops(tmp_path, capsys) -> None:
     assert "multi-crop applies to" in capsys.readouterr().err
 
 
+def test_cli_pretrains_a_hybrid_with_its_stem_in_bf16(tmp_path, capsys) -> None:
+    out = tmp_path / "vicreg"
+    args = ["pretrain", "vicreg", "--data", "fashion-mnist:train:64", "--epochs", "1", "--batch-size", "32"]
+    hybrid = ["--backbone", "vit-hybrid-fmnist-s8-r1", "--precision", "bf16-stem"]
+    assert main([*args, *hybrid, "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["precision"] == "bf16-stem"
+    assert (out / "model.safetensors").is_file()
+    capsys.readouterr()
+    plain = ["--backbone", "vit-fmnist-28-fast", "--precision", "bf16-stem"]
+    assert main([*args, *plain, "--out", str(tmp_path / "plain")]) == 2
+    assert "precision bf16-stem: the" in capsys.readouterr().err
+
+
 def test_cli_pretrains_vicreg_with_a_wider_expander(tmp_path, capsys) -> None:
     out = tmp_path / "vicreg"
     args = ["pretrain", "vicreg", "--backbone", "vit-fmnist-28-fast", "--data", "fashion-mnist:train:128"]

@@ -585,6 +585,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     if args.minutes is None and args.epochs is None:
         raise UserError("give --minutes (a time budget: the schedule ends with it) or --epochs")
     settings = _schedule_settings(args)
+    settings["precision"] = args.precision
     result = run_pretraining(
         args.method,
         backbone=args.backbone,
@@ -1137,6 +1138,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="vicreg, byol, dino: probability of blurring a view (default 0.5)",
+    )
+    pretrain.add_argument(
+        "--precision",
+        choices=("fp32", "bf16-stem"),  # whole-model bf16 would put the methods' losses (covariances...) in bf16
+        default="fp32",
+        help="bf16-stem: a hybrid backbone's conv stem under bf16 autocast, the rest and the loss in float32",
     )
     pretrain.set_defaults(handler=cmd_pretrain)
 
