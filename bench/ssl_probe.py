@@ -54,27 +54,18 @@ from bench import _report  # noqa: E402
 from vitrina.data.splits import stratified_indices  # noqa: E402
 from vitrina.errors import UserError  # noqa: E402
 from vitrina.eval.probe import load_probe_model, probe_representation  # noqa: E402
+from vitrina.ssl import METHODS as SSL_METHODS  # noqa: E402
 from vitrina.ssl.data import probe_splits  # noqa: E402
-from vitrina.ssl.run import parse_expander, run_pretraining  # noqa: E402
+from vitrina.ssl.run import MULTI_CROP_CONFIGS, parse_expander, run_pretraining  # noqa: E402
 from vitrina.ssl.vicreg import VICRegConfig  # noqa: E402
 from vitrina.train.schedule import BUDGET_EPOCH_LIMIT  # noqa: E402
 
 BACKBONE = "vit-fmnist-28-fast"
-METHODS = (
-    "rotation",
-    "jigsaw",
-    "relative-position",
-    "inpainting",
-    "simclr",
-    "deepcluster",
-    "mae",
-    "vicreg",
-    "byol",
-    "dino",
-)
+# every method of vitrina.ssl but colorization, which needs colour images (Fashion-MNIST is grey)
+METHODS = tuple(name for name in SSL_METHODS if name != "colorization")
 # Trained under a time budget with multi-crop; 4 local views of 14 px (2 x 2 patches of 7 px) beside the
 # two 28 px global views, as SwAV / DINO pair small crops with large ones.
-JOINT_EMBEDDING = ("vicreg", "byol", "dino")
+JOINT_EMBEDDING = tuple(MULTI_CROP_CONFIGS)
 LOCAL_CROPS = 4
 BASELINES = ("random-init", "pixels")
 FINETUNE_CAP_MINUTES = 30.0

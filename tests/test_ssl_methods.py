@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vitrina.checkpoint import load_model
+from vitrina.cli import SSL_METHODS
 from vitrina.config import TrainConfig
 from vitrina.data.fashion_mnist import load_fashion_mnist
 from vitrina.errors import UserError
@@ -146,6 +147,7 @@ def test_every_method_is_registered():
         "byol",
         "dino",
     }
+    assert tuple(METHODS) == SSL_METHODS  # the CLI's spelt-out names (no torch import for --help)
 
 
 # small heads and decoders, so that a few steps on a width-32 backbone move the loss in seconds

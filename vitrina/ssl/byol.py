@@ -26,7 +26,7 @@ from torch import nn
 
 from vitrina.models.vit import ViT
 from vitrina.ssl.augment import MultiCrop
-from vitrina.ssl.common import SSLMethod
+from vitrina.ssl.common import SSLMethod, pooled_features
 from vitrina.ssl.multicrop import embed_views, fit_crops
 
 
@@ -82,8 +82,7 @@ class BYOL(SSLMethod):
     @torch.no_grad()
     def target(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, projection_dim) target projections (no gradient)."""
-        pooled = self.target_backbone.forward_head(self.target_backbone.forward_features(x), pre_logits=True)
-        return self.target_projector(pooled)
+        return self.target_projector(pooled_features(self.target_backbone, x))
 
     def update_target(self) -> None:
         """One EMA step of the target towards the online backbone and projector."""

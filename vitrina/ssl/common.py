@@ -60,6 +60,11 @@ class PixelDataset(Dataset):
         return self.pixels[index], index
 
 
+def pooled_features(backbone: ViT, x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) normalised pixels -> (B, width) pooled features of ``backbone`` (a student's, or an EMA copy's)."""
+    return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
+
+
 class SSLMethod(nn.Module):
     """A pretext / contrastive / clustering / masked-modelling method around a ViT ``backbone``.
 
@@ -81,7 +86,7 @@ class SSLMethod(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) normalised pixels -> (B, width) pooled backbone features."""
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        return pooled_features(self.backbone, x)
 
     def loss(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """One batch of normalised pixels (B, C, H, W) and their dataset indices -> (loss, metrics)."""

@@ -36,7 +36,7 @@ from torch import nn
 from vitrina.models.vit import ViT
 from vitrina.ssl.augment import MultiCrop
 from vitrina.ssl.byol import ema_update
-from vitrina.ssl.common import SSLMethod
+from vitrina.ssl.common import SSLMethod, pooled_features
 from vitrina.ssl.multicrop import embed_views, fit_crops
 
 
@@ -61,6 +61,11 @@ class DINOHead(nn.Module):
         return F.linear(z, F.normalize(self.prototypes.weight, dim=-1))
 
 
+def teacher_targets(teacher: torch.Tensor, centre: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """The teacher's centred, sharpened distribution ``softmax((t - c) / tau_t)`` over the prototypes."""
+    return F.softmax((teacher - centre) / teacher_temp, dim=-1)
+
+
 def dino_loss(
     student: list[torch.Tensor],
     teacher: list[torch.Tensor],
@@ -73,7 +78,7 @@ def dino_loss(
 
     ``teacher`` holds the global views' outputs (views 0 and 1 of ``student`` are the same images).
     """
-    targets = [F.softmax((t - centre) / teacher_temp, dim=-1) for t in teacher]
+    targets = [teacher_targets(t, centre, teacher_temp) for t in teacher]
     log_probs = [F.log_softmax(s / student_temp, dim=-1) for s in student]
     terms = [
         -(targets[i] * log_probs[j]).sum(dim=-1).mean()
@@ -122,8 +127,7 @@ class DINO(SSLMethod):
     @torch.no_grad()
     def teacher(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, prototypes) teacher logits (no gradient)."""
-        pooled = self.teacher_backbone.forward_head(self.teacher_backbone.forward_features(x), pre_logits=True)
-        return self.teacher_head(pooled)
+        return self.teacher_head(pooled_features(self.teacher_backbone, x))
 
     def update_teacher(self) -> None:
         """One EMA step of the teacher towards the student backbone and head."""
@@ -140,7 +144,7 @@ class DINO(SSLMethod):
         teacher = embed_views(self.teacher, globals_, [])  # 2 x (B, K)
         loss = dino_loss(student, teacher, self.centre, student_temp=c.student_temp, teacher_temp=c.teacher_temp)
         with torch.no_grad():
-            targets = F.softmax((teacher[0] - self.centre) / c.teacher_temp, dim=-1)
+            targets = teacher_targets(teacher[0], self.centre, c.teacher_temp)
             # collapse shows as entropy -> 0 (one prototype wins) or -> log K (uniform targets)
             metrics = {
                 "teacher_entropy": float(-(targets * targets.clamp_min(1e-12).log()).sum(dim=-1).mean()),
