@@ -124,6 +124,8 @@ RUNS: dict[str, Run] = {
     "hybrid-s8-scratch": Run("scratch", "vit-hybrid-fmnist-s8"),
     # The same with a residual stride-1 conv refining each stage of the stem (the ViT paper's hybrid, small).
     "hybrid-s8r1-scratch": Run("scratch", "vit-hybrid-fmnist-s8-r1"),
+    # The r1 hybrid at width 256 (heads 8): the scratch row of the wide distilled student.
+    "hybrid-s8r1w256-scratch": Run("scratch", "vit-hybrid-fmnist-s8-r1-w256"),
     # The plain-patch baselines: 4 px patches (49 tokens, width 192, depth 6), and 7 px (16 tokens, width 128,
     # depth 4: ~6x the img/s), each under the same budget recipe as the hybrids.
     "vit-scratch": Run("scratch", "vit-fmnist-28"),
@@ -172,6 +174,15 @@ RUNS: dict[str, Run] = {
         distill=DistillSettings(KDKind.RESPONSE, alpha=1.0, temperature=1.0, teacher_bf16=True, cache_views=True),
         teacher_row="cnn-teacher-deep-bf16",
         teacher_seeds=(0, 1),
+    ),
+    # A student with twice the width (256, heads 8, depth 4: 2.43M parameters, 0.043 GMACs against 1.10M and
+    # 0.021), to see whether the r1 student's capacity is what keeps it ~1 point under its teacher; its own scratch
+    # row is hybrid-s8r1w256-scratch (the same preset and recipe).
+    "hybrid-r1w256-kd-match-views": Run(
+        "distill",
+        "vit-hybrid-fmnist-s8-r1-w256",
+        distill=DistillSettings(KDKind.RESPONSE, alpha=1.0, temperature=1.0, teacher_bf16=True, cache_views=True),
+        teacher_row="cnn-teacher-deep-bf16",
     ),
     # The first round's KD rows: the vit-fmnist-28-fast student from cnn-teacher (baseline: vit-scratch-p7).
     "vit-kd-response": Run(
