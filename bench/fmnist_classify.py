@@ -103,6 +103,12 @@ class Run:
     precision: str = "fp32"
 
 
+def function_matching() -> DistillSettings:
+    """Function matching (Beyer et al. 2022, "a good teacher is patient and consistent"): the teacher's
+    distribution alone (alpha 1: no label term, T 1), on the very views the student sees (the cached views)."""
+    return DistillSettings(KDKind.RESPONSE, alpha=1.0, temperature=1.0, teacher_bf16=True, cache_views=True)
+
+
 # The first round's recipe: random erasing, no EMA, no TTA (its rows are kept comparable).
 FIRST_ROUND = {"erasing": 0.25, "ema": False, "tta": False}
 STUDENT = "vit-fmnist-28-fast"
@@ -158,12 +164,11 @@ RUNS: dict[str, Run] = {
         distill=DistillSettings(KDKind.RESPONSE, alpha=0.7, temperature=4.0, teacher_bf16=True, cache_views=True),
         teacher_row="cnn-teacher-deep-bf16",
     ),
-    # Function matching (Beyer et al. 2022, "a good teacher is patient and consistent"): the teacher's distribution
-    # alone (alpha 1: no label term, T 1), on the very views the student sees (the cached views).
+    # Function matching (function_matching()) from one teacher.
     "hybrid-r1-kd-match-views": Run(
         "distill",
         "vit-hybrid-fmnist-s8-r1",
-        distill=DistillSettings(KDKind.RESPONSE, alpha=1.0, temperature=1.0, teacher_bf16=True, cache_views=True),
+        distill=function_matching(),
         teacher_row="cnn-teacher-deep-bf16",
     ),
     # The same function matching from the ensemble of two teachers (the deep teacher's seeds 0 and 1: their mean
@@ -171,7 +176,7 @@ RUNS: dict[str, Run] = {
     "hybrid-r1-kd-match-ens2": Run(
         "distill",
         "vit-hybrid-fmnist-s8-r1",
-        distill=DistillSettings(KDKind.RESPONSE, alpha=1.0, temperature=1.0, teacher_bf16=True, cache_views=True),
+        distill=function_matching(),
         teacher_row="cnn-teacher-deep-bf16",
         teacher_seeds=(0, 1),
     ),
@@ -181,7 +186,7 @@ RUNS: dict[str, Run] = {
     "hybrid-r1w256-kd-match-views": Run(
         "distill",
         "vit-hybrid-fmnist-s8-r1-w256",
-        distill=DistillSettings(KDKind.RESPONSE, alpha=1.0, temperature=1.0, teacher_bf16=True, cache_views=True),
+        distill=function_matching(),
         teacher_row="cnn-teacher-deep-bf16",
     ),
     # The first round's KD rows: the vit-fmnist-28-fast student from cnn-teacher (baseline: vit-scratch-p7).
