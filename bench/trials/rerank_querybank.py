@@ -17,6 +17,12 @@ The emoji captions of a concept are the same words in every style, so a bank of 
 captions holds the report half's query texts themselves. The second block drops them from the bank
 (``no-overlap``): what is left is what a query the bank has never seen would gain.
 
+The last block asks whether the unseen style is an *offset* that one vector per side removes, with no
+query texts at all: the images centred on the index's mean (the style's common direction), the queries on
+the ``no-overlap`` bank's mean (the modality gap), both (a fraction ``a`` of the mean subtracted, then
+renormalised); and hubs found among the images alone (each image's mean cosine to its ``k`` nearest other
+images, weighted by ``w`` and subtracted: the image side of CSLS).
+
     python bench/trials/rerank_querybank.py --index runs/demo/index-emoji-facebook
 """
 
@@ -106,6 +112,25 @@ def main() -> None:
             for dynamic in (False, True):
                 label = f"{'DIS' if dynamic else 'IS'} beta {beta:g}"
                 print(line(label, normalised(scores, bank_vs_images, beta, dynamic)))
+
+    print("-- centring and image-side hubs")
+    image_mean = images.mean(0, keepdims=True)
+    text_mean = np.stack([texts[c] for c in banks["no-overlap"]]).astype(np.float32).mean(0, keepdims=True)
+    for a in (0.5, 1.0):
+        centred_images, centred_queries = unit(images - a * image_mean), unit(queries - a * text_mean)
+        print(line(f"images centred a {a:g}", queries @ centred_images.T))
+        print(line(f"queries centred a {a:g}", centred_queries @ images.T))
+        print(line(f"both centred a {a:g}", centred_queries @ centred_images.T))
+    image_vs_images = images @ images.T
+    np.fill_diagonal(image_vs_images, -1.0)  # an image is not its own neighbour
+    for k in (10, 50):
+        hubness = np.sort(image_vs_images, axis=1)[:, -k:].mean(1)
+        for w in (0.25, 0.5):
+            print(line(f"image hubs k {k} w {w:g}", scores - w * hubness[None]))
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 if __name__ == "__main__":
