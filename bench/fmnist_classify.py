@@ -171,6 +171,15 @@ RUNS: dict[str, Run] = {
         distill=function_matching(),
         teacher_row="cnn-teacher-deep-bf16",
     ),
+    # DIST (Huang et al. 2022, "knowledge distillation from a stronger teacher"): labels (CE) plus the Pearson
+    # correlation of the student's class probabilities with the teacher's, per image and per class over the batch
+    # (T 1, weight 1 as the paper's ImageNet runs), on the same cached views: relations, not the teacher's confidence.
+    "hybrid-r1-kd-dist-views": Run(
+        "distill",
+        "vit-hybrid-fmnist-s8-r1",
+        distill=DistillSettings(KDKind.DIST, temperature=1.0, beta=1.0, teacher_bf16=True, cache_views=True),
+        teacher_row="cnn-teacher-deep-bf16",
+    ),
     # The same function matching from the ensemble of two teachers (the deep teacher's seeds 0 and 1: their mean
     # softmax per view, each teacher's views cached beside its checkpoint): a stronger, equally consistent target.
     "hybrid-r1-kd-match-ens2": Run(

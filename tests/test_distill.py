@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from vitrina.distill.losses import (
     HintLoss,
     deit_hard_loss,
     deit_soft_loss,
+    dist_relation_loss,
     embedding_cosine_loss,
     response_kd_loss,
     rkd_angle_loss,
@@ -146,6 +148,33 @@ def test_deit_label_smoothing_smooths_the_class_head_only():
     assert hard != pytest.approx(deit_hard_loss(cls, dist, t, y).item(), rel=1e-4)  # it does change the loss
 
 
+def naive_dist(student: torch.Tensor, teacher: torch.Tensor, T: float) -> float:
+    """DIST by its definition, with numpy's Pearson correlation: one minus the mean correlation over the rows
+    (images), plus one minus the mean over the columns (classes), times T squared."""
+    p_s = F.softmax(student.double() / T, dim=1).numpy()
+    p_t = F.softmax(teacher.double() / T, dim=1).numpy()
+    inter = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(p_s, p_t, strict=True)])
+    intra = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(p_s.T, p_t.T, strict=True)])
+    return float((1 - inter) + (1 - intra)) * T * T
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_dist_relation_loss_matches_numpy_pearson(T):
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(6, 5, generator=g) * 3, torch.randn(6, 5, generator=g) * 3
+    assert dist_relation_loss(s, t, temperature=T).item() == pytest.approx(naive_dist(s, t, T), rel=1e-4)
+    assert dist_relation_loss(t, t, temperature=T).item() == pytest.approx(0.0, abs=1e-5)  # float32 x T**2
+
+
+def test_dist_relation_loss_does_not_ask_for_the_teachers_confidence():
+    # a student whose probabilities are the teacher's mixed with the uniform distribution is an affine map of
+    # them, per image and per class: DIST (at T 1) asks nothing more of it, where the soft targets' KL still does
+    t = torch.randn(6, 5, generator=torch.Generator().manual_seed(4)) * 3
+    softer = torch.log(0.6 * F.softmax(t, dim=1) + 0.4 / 5)
+    assert dist_relation_loss(softer, t, temperature=1.0).item() == pytest.approx(0.0, abs=1e-5)
+    assert soft_target_kl(softer, t, 1.0).item() > 0.05
+
+
 @pytest.mark.parametrize("n", [3, 6])
 def test_rkd_losses_match_naive_loops(n):
     g = torch.Generator().manual_seed(n)
@@ -250,7 +279,7 @@ def images_the_teacher_tells_apart(teacher, pre, per_class: int = 12) -> torch.T
     return candidates[picked].clamp(0, 1)
 
 
-@pytest.mark.parametrize("kind", [KDKind.RESPONSE, KDKind.DEIT_SOFT])
+@pytest.mark.parametrize("kind", [KDKind.RESPONSE, KDKind.DIST, KDKind.DEIT_SOFT])
 def test_a_tiny_distillation_run_raises_agreement_with_the_teacher(kind):
     torch.manual_seed(0)
     teacher = tiny_teacher()
@@ -397,7 +426,7 @@ def test_two_teachers_answer_as_their_ensemble_and_refuse_feature_kinds(tmp_path
     expected = ensemble_logits([teacher_outputs(first, pixels, pre)[0], teacher_outputs(second, pixels, pre)[0]])
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
     assert pooled is None  # the teachers' features share no space
-    with pytest.raises(UserError, match="--kind response or deit"):
+    with pytest.raises(UserError, match="--kind response, dist or deit"):
         teachers.single()
     one = Teachers([tmp_path / "a"], [first], [pre])
     assert one.single() == (first, pre)

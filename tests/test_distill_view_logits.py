@@ -124,6 +124,12 @@ def test_distill_with_cached_teacher_views_on_a_fashion_mnist_subset(tmp_path, c
     assert config["distill"]["cache_views"] is True
     cache_files = list((teacher / "view-logits").glob("*.safetensors"))
     assert len(cache_files) == 1 and (teacher / "best").is_dir()
+
+    # DIST reads logits only too: it trains on the same cache, which is looked up, not built again
+    dist = [*distill, "--kind", "dist", "--temperature", "1", "--cache-teacher-views", "--erasing", "0"]
+    assert main([*dist, "--out", str(tmp_path / "dist")]) == 0
+    assert json.loads((tmp_path / "dist" / "best" / "config.json").read_text())["distill"]["kind"] == "dist"
+    assert list((teacher / "view-logits").glob("*.safetensors")) == cache_files
     capsys.readouterr()
 
     # views no cache holds, and kinds that need more than logits, are refused before any training
@@ -131,7 +137,7 @@ def test_distill_with_cached_teacher_views_on_a_fashion_mnist_subset(tmp_path, c
     assert "--erasing 0" in capsys.readouterr().err
     refused = [*distill, "--kind", "feature", "--cache-teacher-views", "--erasing", "0", "--out", str(tmp_path / "f")]
     assert main(refused) == 2
-    assert "--kind response or deit" in capsys.readouterr().err
+    assert "--kind response, dist or deit" in capsys.readouterr().err
     assert not Path(tmp_path / "e").exists() and not Path(tmp_path / "f").exists()
 
     # two teachers: each one's views are cached beside its own checkpoint (the first's reused, not rebuilt),

@@ -284,7 +284,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from vitrina.distill.trainer import DistillSettings, KDKind, distill_classifier
 
     if args.kind is None:
-        raise UserError("give --kind response|feature|relation|deit|deit-soft")
+        raise UserError("give --kind response|feature|relation|dist|deit|deit-soft")
     if args.data is None:
         raise UserError("give --data fashion-mnist or a folder of class folders (the teacher's data)")
     distill = DistillSettings(
@@ -899,11 +899,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher checkpoint folder; repeat it to distil from the ensemble of several (their mean softmax)",
     )
     distill.add_argument("--student", required=True, help="student preset (see `vitrina models`)")
-    distill.add_argument("--kind", default=None, help="response, feature, relation, deit (= deit-hard), deit-soft")
+    distill.add_argument(
+        "--kind", default=None, help="response, feature, relation, dist, deit (= deit-hard), deit-soft"
+    )
     distill.add_argument("--alpha", type=float, default=0.7, help="weight of the soft-target term (response)")
     distill.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of soft targets")
     distill.add_argument("--teacher-bf16", action="store_true", help="teacher forward under bf16 autocast (faster)")
-    distill.add_argument("--beta", type=float, default=1.0, help="weight of the feature / relation term")
+    distill.add_argument("--beta", type=float, default=1.0, help="weight of the feature / relation / dist term")
     distill.add_argument(
         "--cache-teacher-views",
         action="store_true",

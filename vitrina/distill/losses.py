@@ -38,6 +38,30 @@ def response_kd_loss(
     return (1 - alpha) * hard + alpha * soft_target_kl(student_logits, teacher_logits, temperature)
 
 
+def _mean_pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row of ``a`` with the same row of ``b``, averaged. (N, M), (N, M) -> scalar."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return ((a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)).mean()
+
+
+def dist_relation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0
+) -> torch.Tensor:
+    """DIST (Huang et al., 2022, "knowledge distillation from a stronger teacher"): match *relations*, not the
+    exact distribution. Inter-class: each image's class probabilities should correlate (Pearson) with the
+    teacher's; intra-class: each class's probabilities over the batch's images should correlate with the
+    teacher's. ``(1 - inter) + (1 - intra)``, times ``T**2`` as the soft-target convention. Correlation is blind
+    to shift and scale, so a student less sure than its teacher is not pushed to copy its confidence.
+    (B, K) logits -> scalar."""
+    T = temperature
+    student = F.softmax(student_logits / T, dim=-1)
+    teacher = F.softmax(teacher_logits / T, dim=-1)
+    inter = 1 - _mean_pearson(student, teacher)
+    intra = 1 - _mean_pearson(student.T, teacher.T)
+    return (inter + intra) * T**2
+
+
 class HintLoss(nn.Module):
     """FitNets (Romero et al., 2015): the student's intermediate map, through a learned 1x1 conv
     regressor, should match the teacher's "hint" map: ``MSE(regressor(student), teacher)``.

@@ -9,6 +9,8 @@ Kinds (``KDKind``), each with its own objective on top of the student's cross-en
   stage 3 against the ViT's 7x7 patch grid), resized when they differ. ``CE + beta MSE``.
 * ``relation``: RKD distance + angle on the pooled penultimate features: ``CE + beta (25 d + 50 a)``
   (the paper's weights).
+* ``dist``: DIST's relation loss, ``CE + beta (inter + intra) T**2`` (``dist_relation_loss``): the Pearson
+  correlation of the student's class probabilities with the teacher's, per image and per class over the batch.
 * ``deit-hard`` / ``deit-soft``: a ViT student with a distillation token (``ViTConfig.distilled``):
   the class head learns the labels and the distillation head the teacher's argmax (hard) or its
   softened distribution (soft); DeiT's own 1/2 + 1/2 weighting.
@@ -44,6 +46,7 @@ from vitrina.distill.losses import (
     HintLoss,
     deit_hard_loss,
     deit_soft_loss,
+    dist_relation_loss,
     response_kd_loss,
     rkd_angle_loss,
     rkd_distance_loss,
@@ -74,6 +77,7 @@ class KDKind(StrEnum):
     RESPONSE = "response"
     FEATURE = "feature"
     RELATION = "relation"
+    DIST = "dist"
     DEIT_HARD = "deit-hard"
     DEIT_SOFT = "deit-soft"
 
@@ -84,23 +88,29 @@ class KDKind(StrEnum):
         try:
             return cls(text)
         except ValueError:
-            choices = "response, feature, relation, deit (= deit-hard), deit-soft"
+            choices = "response, feature, relation, dist, deit (= deit-hard), deit-soft"
             raise UserError(f"--kind {text!r}: use one of {choices}") from None
 
     @property
     def is_deit(self) -> bool:
         return self in (KDKind.DEIT_HARD, KDKind.DEIT_SOFT)
 
+    @property
+    def reads_logits_only(self) -> bool:
+        """The kinds whose loss needs nothing of the teacher but its logits (cacheable, ensemble-able)."""
+        return self in (KDKind.RESPONSE, KDKind.DIST, KDKind.DEIT_HARD, KDKind.DEIT_SOFT)
+
 
 @dataclass
 class DistillSettings:
     """``alpha``: weight of the teacher term (response, DeiT soft/hard split is fixed at 1/2);
-    ``temperature``: softmax temperature of soft targets; ``beta``: weight of the feature / relation term;
+    ``temperature``: softmax temperature of soft targets (and of DIST's probabilities); ``beta``: weight of the
+    feature / relation / DIST term;
     ``teacher_bf16``: run the frozen teacher's forward under bfloat16 autocast (a CNN teacher's forward
     is ~1.8x faster on AVX-512 BF16 CPUs; its outputs are cast back to float32 for the losses).
     ``cache_views``: the teacher's logits for every shift-and-flip view of every training image, built
-    once beside the teacher checkpoint and looked up (``view_logits``; response and DeiT kinds, in-memory
-    data without random erasing)."""
+    once beside the teacher checkpoint and looked up (``view_logits``; the kinds that read logits only:
+    response, DIST and DeiT; in-memory data without random erasing)."""
 
     kind: KDKind = KDKind.RESPONSE
     alpha: float = 0.7
@@ -116,9 +126,10 @@ class DistillSettings:
             raise UserError(f"--temperature {self.temperature}: must be positive")
         if self.beta < 0:
             raise UserError(f"--beta {self.beta}: must be >= 0")
-        if self.cache_views and self.kind not in (KDKind.RESPONSE, KDKind.DEIT_HARD, KDKind.DEIT_SOFT):
+        if self.cache_views and not self.kind.reads_logits_only:
             raise UserError(
-                f"--cache-teacher-views stores logits only: use it with --kind response or deit, not {self.kind.value}"
+                "--cache-teacher-views stores logits only: use it with --kind response, dist or deit, "
+                f"not {self.kind.value}"
             )
 
 
@@ -184,7 +195,7 @@ class Teachers:
         if len(self.models) != 1:
             raise UserError(
                 f"{len(self.models)} teachers: an ensemble answers with logits only; "
-                "use --kind response or deit, or give one --teacher"
+                "use --kind response, dist or deit, or give one --teacher"
             )
         return self.models[0], self.preprocesses[0]
 
@@ -389,7 +400,9 @@ def make_kd_loss(
             )
         else:
             ce = F.cross_entropy(out, labels, label_smoothing=label_smoothing)
-            if kind is KDKind.FEATURE:
+            if kind is KDKind.DIST:
+                extra = dist_relation_loss(out, t_logits, temperature=settings.temperature)
+            elif kind is KDKind.FEATURE:
                 student_tap, teacher_tap = taps
                 extra = distiller.hint(student_tap.map().float(), teacher_tap.map().float())
             else:
