@@ -38,11 +38,10 @@ def response_kd_loss(
     return (1 - alpha) * hard + alpha * soft_target_kl(student_logits, teacher_logits, temperature)
 
 
-def _mean_pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Pearson correlation of each row of ``a`` with the same row of ``b``, averaged. (N, M), (N, M) -> scalar."""
-    a = a - a.mean(dim=1, keepdim=True)
-    b = b - b.mean(dim=1, keepdim=True)
-    return ((a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)).mean()
+def _mean_pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each row of ``a`` with the same row of ``b`` (the cosine of the centred rows),
+    averaged. (N, M), (N, M) -> scalar."""
+    return F.cosine_similarity(a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True), dim=1).mean()
 
 
 def dist_relation_loss(

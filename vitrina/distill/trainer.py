@@ -441,8 +441,8 @@ def distill_classifier(
     c = student.config
     student_pre = Preprocess(c.image_size, data.mean, data.std, in_channels=c.in_channels)
     hint, taps = None, None
-    if distill.kind is KDKind.RELATION:
-        teachers.single()  # raises for an ensemble: RKD reads one teacher's pooled features
+    if not distill.kind.reads_logits_only:
+        teachers.single()  # raises for an ensemble: these kinds read one teacher's maps or pooled features
     if distill.kind is KDKind.FEATURE:
         teacher, teacher_pre = teachers.single()
         student_tap, teacher_tap, hint = feature_taps(student, teacher, student_pre, teacher_pre)
