@@ -353,6 +353,50 @@ def test_deit_kind_needs_a_vit_student_and_unknown_kinds_are_named():
         build_student("vit-huge-28", 10, KDKind.RESPONSE, seed=0)
 
 
+@pytest.mark.parametrize("kind", list(KDKind))
+def test_each_kind_reads_exactly_the_weights_it_names(kind):
+    """``settings_read`` is what the CLI checks a flag against: a weight it names changes the loss, the rest do not."""
+    torch.manual_seed(0)
+    pixels, labels = torch.rand(8, 1, 28, 28), torch.randint(0, 4, (8,))
+    pre = Preprocess(28, (0.5,) * 3, (0.5,) * 3)
+    student, teacher = ViT(ViTConfig(**TINY_VIT, distilled=kind.is_deit)), tiny_teacher()
+    taps, hint = None, None
+    if kind is KDKind.FEATURE:
+        student_tap, teacher_tap, hint = feature_taps(student, teacher, pre, pre)
+        taps = (student_tap, teacher_tap)
+    distiller = Distiller(student, hint)
+    student.train()
+
+    def loss(**weights) -> float:
+        settings = DistillSettings(kind=kind, **weights)
+        fn = make_kd_loss(distiller, answers_of(teacher, pre), settings, student_pre=pre, label_smoothing=0, taps=taps)
+        with torch.no_grad():
+            return fn(pixels, labels, torch.arange(8)).loss.item()
+
+    base = loss(alpha=0.7, temperature=4.0, beta=1.0)
+    changed = {"alpha": 0.3, "temperature": 2.0, "beta": 3.0}
+    for name, value in changed.items():
+        moved = loss(**{"alpha": 0.7, "temperature": 4.0, "beta": 1.0, name: value}) != base
+        assert moved == (name in kind.settings_read), (kind, name)
+
+
+def test_temperature_defaults_per_kind_and_the_cli_refuses_weights_a_kind_ignores(tmp_path, capsys):
+    assert DistillSettings(kind=KDKind.DIST).temperature == 1.0  # DIST's paper: the probabilities themselves
+    assert DistillSettings(kind=KDKind.RESPONSE).temperature == 4.0  # Hinton's softened targets
+    assert DistillSettings(kind=KDKind.DIST, temperature=2.0).temperature == 2.0
+    from vitrina.cli import main
+
+    base = ["distill", "--teacher", str(tmp_path / "t"), "--student", "vit-fmnist-28-fast", "--data", "fashion-mnist"]
+    for kind, flag in [("dist", "--alpha"), ("deit", "--temperature"), ("response", "--beta")]:
+        assert main([*base, "--kind", kind, flag, "0.5", "--out", str(tmp_path / kind)]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag}: --kind" in err and "leave it out" in err and err.count("\n") == 1
+        assert not (tmp_path / kind).exists()  # refused before anything is written
+    clip = ["distill", "clip", "--teacher", str(tmp_path / "c"), "--student", "vit-demo-48-student-p12-w96"]
+    assert main([*clip, "--data", "emoji:apple", "--temperature", "1", "--out", str(tmp_path / "c2")]) == 2
+    assert "not distill clip's" in capsys.readouterr().err
+
+
 def test_clip_tower_distillation_gives_a_searchable_clip(tmp_path):
     from vitrina.checkpoint import load_encoder
     from vitrina.config import TrainConfig

@@ -264,6 +264,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
             raise UserError("--tta averages class logits over flips: it applies to classifiers, not to distill clip")
         if args.cache_teacher_views:
             raise UserError("--cache-teacher-views caches a classifier teacher's logits: not for distill clip")
+        for name in ("alpha", "temperature", "beta", "kind"):
+            if getattr(args, name) is not None:
+                raise UserError(f"--{name} sets a classifier's distillation, not distill clip's; leave it out")
         if len(args.teacher) > 1:
             raise UserError(f"distill clip learns from one CLIP: give --teacher once, not {len(args.teacher)} times")
         pairs = load_training_pairs(args.data, seed=args.seed)
@@ -287,13 +290,17 @@ def cmd_distill(args: argparse.Namespace) -> None:
         raise UserError("give --kind response|feature|relation|dist|deit|deit-soft")
     if args.data is None:
         raise UserError("give --data fashion-mnist or a folder of class folders (the teacher's data)")
+    kind = KDKind.parse(args.kind)
+    weights = {"alpha": args.alpha, "temperature": args.temperature, "beta": args.beta}
+    for name, value in weights.items():
+        if value is not None and name not in kind.settings_read:
+            reads = ", ".join(f"--{n}" for n in sorted(kind.settings_read)) or "none of --alpha, --temperature, --beta"
+            raise UserError(f"--{name}: --kind {kind.value} does not read it (it reads {reads}); leave it out")
     distill = DistillSettings(
-        kind=KDKind.parse(args.kind),
-        alpha=args.alpha,
-        temperature=args.temperature,
-        beta=args.beta,
+        kind=kind,
         teacher_bf16=args.teacher_bf16,
         cache_views=args.cache_teacher_views,
+        **{name: value for name, value in weights.items() if value is not None},
     )
     outcome = distill_classifier(
         teacher_paths=args.teacher,
@@ -902,10 +909,15 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument(
         "--kind", default=None, help="response, feature, relation, dist, deit (= deit-hard), deit-soft"
     )
-    distill.add_argument("--alpha", type=float, default=0.7, help="weight of the soft-target term (response)")
-    distill.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of soft targets")
+    distill.add_argument("--alpha", type=float, default=None, help="response: weight of the soft-target term (0.7)")
+    distill.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="response, deit-soft, dist: softmax temperature of soft targets (4; dist: 1)",
+    )
     distill.add_argument("--teacher-bf16", action="store_true", help="teacher forward under bf16 autocast (faster)")
-    distill.add_argument("--beta", type=float, default=1.0, help="weight of the feature / relation / dist term")
+    distill.add_argument("--beta", type=float, default=None, help="feature, relation, dist: weight of that term (1)")
     distill.add_argument(
         "--cache-teacher-views",
         action="store_true",

@@ -96,16 +96,31 @@ class KDKind(StrEnum):
         return self in (KDKind.DEIT_HARD, KDKind.DEIT_SOFT)
 
     @property
+    def settings_read(self) -> frozenset[str]:
+        """The ``DistillSettings`` weights this kind's loss reads (the others it ignores)."""
+        return _SETTINGS_READ[self]
+
+    @property
     def reads_logits_only(self) -> bool:
         """The kinds whose loss needs nothing of the teacher but its logits (cacheable, ensemble-able)."""
         return self in (KDKind.RESPONSE, KDKind.DIST, KDKind.DEIT_HARD, KDKind.DEIT_SOFT)
 
 
+_SETTINGS_READ = {
+    KDKind.RESPONSE: frozenset({"alpha", "temperature"}),
+    KDKind.FEATURE: frozenset({"beta"}),
+    KDKind.RELATION: frozenset({"beta"}),
+    KDKind.DIST: frozenset({"temperature", "beta"}),
+    KDKind.DEIT_HARD: frozenset(),
+    KDKind.DEIT_SOFT: frozenset({"temperature"}),
+}
+
+
 @dataclass
 class DistillSettings:
     """``alpha``: weight of the teacher term (response, DeiT soft/hard split is fixed at 1/2);
-    ``temperature``: softmax temperature of soft targets (and of DIST's probabilities); ``beta``: weight of the
-    feature / relation / DIST term;
+    ``temperature``: softmax temperature of soft targets (and of DIST's probabilities; None: 4, and 1 for DIST,
+    as each paper's default); ``beta``: weight of the feature / relation / DIST term;
     ``teacher_bf16``: run the frozen teacher's forward under bfloat16 autocast (a CNN teacher's forward
     is ~1.8x faster on AVX-512 BF16 CPUs; its outputs are cast back to float32 for the losses).
     ``cache_views``: the teacher's logits for every shift-and-flip view of every training image, built
@@ -114,10 +129,15 @@ class DistillSettings:
 
     kind: KDKind = KDKind.RESPONSE
     alpha: float = 0.7
-    temperature: float = 4.0
+    temperature: float | None = None
     beta: float = 1.0
     teacher_bf16: bool = False
     cache_views: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature is None:
+            # Hinton's soft targets want softening (T 4); DIST correlates the probabilities themselves (T 1)
+            self.temperature = 1.0 if self.kind is KDKind.DIST else 4.0
 
     def validate(self) -> None:
         if not 0 <= self.alpha <= 1:
