@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from vitrina.checkpoint import load_model, save_model
 from vitrina.config import from_dict, to_dict
 from vitrina.models.vit import (
+    EXPLICIT_BF16_MAX_KEYS,
     Attention,
     ViT,
     ViTConfig,
+    attend,
+    attention_weights,
     patchify,
     resize_pos_embed,
     unpatchify,
@@ -201,6 +204,42 @@ def test_attention_weights_match_a_manual_computation(is_causal: bool) -> None:
         assert (weights - manual).abs().max() <= 1e-6
         assert torch.allclose(weights.sum(-1), torch.ones(2, 3, 7))
         assert (out - attn(x, is_causal=is_causal)).abs().max() <= 1e-5  # same output as the fused kernel
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_a_bf16_training_attention_skips_the_fused_kernel_and_agrees_with_it(is_causal: bool, monkeypatch) -> None:
+    """Over few keys, a bfloat16 pass that will be differentiated runs as the explicit product (the fused CPU
+    kernel differentiates bfloat16 slowly there); its output and gradients are the fused kernel's to bf16 rounding."""
+    fused = F.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    torch.manual_seed(0)
+    q32, k32, v32 = (torch.randn(4, 3, 17, 16) for _ in range(3))
+    upstream = torch.randn(4, 3, 17, 16)
+
+    def output_and_grads(fn):
+        q, k, v = (t.bfloat16().requires_grad_() for t in (q32, k32, v32))
+        out = fn(q, k, v, is_causal=is_causal)
+        (out.float() * upstream).sum().backward()
+        return [out.float(), *(t.grad.float() for t in (q, k, v))]
+
+    explicit = output_and_grads(attend)
+    assert not calls  # the explicit product
+    reference = output_and_grads(fused)
+    for ours, theirs in zip(explicit, reference, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0.05, atol=0.03)
+    # in float32 the explicit product is the fused kernel's function to float rounding
+    product = attention_weights(q32, k32, is_causal=is_causal) @ v32
+    torch.testing.assert_close(product, fused(q32, k32, v32, is_causal=is_causal), rtol=1e-5, atol=1e-5)
+
+    # everything else keeps the fused kernel: float32, inference, and long sequences
+    bf16 = [t.bfloat16().requires_grad_() for t in (q32, k32, v32)]
+    attend(q32.requires_grad_(), k32, v32)
+    with torch.no_grad():
+        attend(*bf16)
+    long_keys = torch.randn(1, 1, EXPLICIT_BF16_MAX_KEYS + 1, 8, dtype=torch.bfloat16, requires_grad=True)
+    attend(long_keys, long_keys, long_keys)
+    assert len(calls) == 3
 
 
 def test_forward_attention_gives_every_blocks_weights_without_changing_the_model() -> None:
