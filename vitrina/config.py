@@ -62,10 +62,11 @@ class TrainConfig:
     checkpoint_every_steps: int | None = None
     val_fraction: float = 0.1
     # "bf16" runs the forward pass (and the loss) under CPU autocast to bfloat16: the weights, their
-    # gradients and the optimizer stay float32. On CPUs with AVX-512 BF16 convolutions run ~1.8x faster;
-    # small-width transformers gain little. "bf16-stem" puts only a hybrid ViT's convolutional stem under
-    # autocast (``vitrina.models.hybrid.stems_in_bf16``): its transformer stays float32, where bf16 is
-    # slower at small widths. Evaluation always runs in float32.
+    # gradients and the optimizer stay float32. On CPUs with AVX-512 BF16 convolutions run ~1.8x faster, and
+    # since short attention skips the fused kernel in bf16 (``vitrina.models.vit.attend``) the small ViTs'
+    # training steps ~1.4-1.7x (BENCHMARKS.md, train_step). "bf16-stem" puts only a hybrid ViT's convolutional
+    # stem under autocast (``vitrina.models.hybrid.stems_in_bf16``), its transformer in float32: the fastest
+    # setting while the fused kernel made bf16 attention slow, now behind "bf16". Evaluation always runs in float32.
     precision: str = "fp32"
 
     # Fields that change how a run is carried out but not what it computes: a run may be resumed

@@ -88,8 +88,10 @@ def stems_in_bf16(model: nn.Module) -> Iterator[None]:
     """Every ``ConvStem`` of ``model`` under bf16 autocast for a while, the rest of it as it runs.
 
     Why only the stem: on a CPU with AMX, a training step of ``vit-hybrid-fmnist-s8-r1`` (batch 128)
-    runs ~1.1x faster with its stem in bf16 but ~0.6x with the whole model under autocast, whose
-    width-128 transformer pays more for the casts than its matmuls save.
+    ran ~1.1x faster with its stem in bf16 but ~0.6x with the whole model under autocast, most of
+    that loss in the fused attention kernel's bf16 backward. Since ``vitrina.models.vit.attend``
+    skips that kernel the whole model under autocast (``precision="bf16"``) is the faster of the two
+    (BENCHMARKS.md, train_step); this stays for the recipes recorded with it.
     """
     stems = [m for m in model.modules() if isinstance(m, ConvStem)]
     saved = [stem.bf16 for stem in stems]
