@@ -244,7 +244,7 @@ class Attention(nn.Module):
 # rather than through ``scaled_dot_product_attention``, whose fused CPU kernel differentiates bfloat16 slowly at
 # short lengths. Forward + backward on the 2-core Xeon of 2026-12-06 (torch 2.14): 17 tokens 4.9-9.7x faster
 # explicit, 50 2.4x, 100 1.9-2.7x, 145 1.3-1.5x, 197 0.7-0.8x (the fused kernel wins from there, and in float32
-# at every length, so those keep it). The demo CLIP tower's whole training step: 1.6x the images per second.
+# at every length, so those keep it). What whole training steps gain: BENCHMARKS.md, train_step.
 EXPLICIT_BF16_MAX_KEYS = 160
 
 
