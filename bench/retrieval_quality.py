@@ -49,6 +49,10 @@ Targets (issue 13): held-out-style R@10 >= 0.55 with captions and >= 0.50 with p
 
     .venv/bin/python bench/retrieval_quality.py --row demo                # 10 minutes of training + ~3 of the rest
     .venv/bin/python bench/retrieval_quality.py --row demo --minutes 0.3 --dry-run   # smoke: prints, records nothing
+
+A row measured again on another day, or with another code path, gets its own ``--name`` so the old row stays
+what it measured; ``--fused-attention`` trains as every trainer did before 2026-12-06 (all attention through the
+fused SDPA kernel), the same-day baseline of ``vitrina.models.vit.attend`` (the ``attention`` column).
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from bench._report import record  # noqa: E402
 from vitrina.checkpoint import best_checkpoint, load_encoder  # noqa: E402
 from vitrina.demo import run_demo  # noqa: E402
 from vitrina.eval.style import KS  # noqa: E402
+from vitrina.models import vit  # noqa: E402
 from vitrina.train.clip import ClipTrainSettings  # noqa: E402
 
 BENCHMARK = "retrieval_quality"
@@ -201,9 +206,19 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="reuse the row's folder (resume) instead of a fresh one")
     parser.add_argument("--dry-run", action="store_true", help="print the row, record nothing")
     parser.add_argument("--fewshot", action="store_true", help="also the few-shot curve of the row's model")
+    parser.add_argument("--name", default=None, help="the row's name (default: --row), e.g. to keep another day apart")
+    parser.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="every attention through the fused SDPA kernel, as trainers ran before 2026-12-06 (a same-day baseline "
+        "for vitrina.models.vit.attend's explicit short bf16 attention)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
-    folder = Path(args.out) / f"{args.row}-seed{args.seed}"
+    name = args.name or args.row
+    if args.fused_attention:
+        vit.EXPLICIT_BF16_MAX_KEYS = 0  # read at every call of vitrina.models.vit.attend
+    folder = Path(args.out) / f"{name}-seed{args.seed}"
     if folder.exists() and not args.keep:
         shutil.rmtree(folder)
     results = run_demo(out_dir=folder, train_minutes=args.minutes, seed=args.seed, **ROWS[args.row])
@@ -220,12 +235,14 @@ def main() -> int:
         **zero_shot_rows(results),
         "held_out_style": quality,
         "seed": args.seed,
+        "recipe row": args.row,
+        "attention": "fused SDPA" if args.fused_attention else f"explicit bf16 up to {vit.EXPLICIT_BF16_MAX_KEYS} keys",
     }
     print(json.dumps({k: v for k, v in row.items() if k != "held_out_style"}, indent=1))
     # what a choice between configurations may look at (the report half is the headline nobody tunes on)
     print("selection half R@10:", {kind: quality[kind]["selection_half"].get("R@10") for kind in quality})
     if not args.dry_run:
-        name = f"{args.row} · {args.minutes:g} min · seed {args.seed}"
+        name = f"{name} · {args.minutes:g} min · seed {args.seed}"
         record(BENCHMARK, name, row)
         if args.fewshot:
             fewshot_rows(model_dir, folder, name)
