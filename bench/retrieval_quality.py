@@ -70,6 +70,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench._report import record  # noqa: E402
+from bench.train_step import fused_attention  # noqa: E402
 from vitrina.checkpoint import best_checkpoint, load_encoder  # noqa: E402
 from vitrina.demo import run_demo  # noqa: E402
 from vitrina.eval.style import KS  # noqa: E402
@@ -216,12 +217,11 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(2)
     name = args.name or args.row
-    if args.fused_attention:
-        vit.EXPLICIT_BF16_MAX_KEYS = 0  # read at every call of vitrina.models.vit.attend
     folder = Path(args.out) / f"{name}-seed{args.seed}"
     if folder.exists() and not args.keep:
         shutil.rmtree(folder)
-    results = run_demo(out_dir=folder, train_minutes=args.minutes, seed=args.seed, **ROWS[args.row])
+    with fused_attention(args.fused_attention):
+        results = run_demo(out_dir=folder, train_minutes=args.minutes, seed=args.seed, **ROWS[args.row])
     checkpoint = folder / "clip"
     model_dir = best_checkpoint(checkpoint)
     quality = results["held_out_style"]  # the demo's own table: its best checkpoint on the style, split as above
