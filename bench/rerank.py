@@ -20,6 +20,8 @@ Protocol:
   re-ranked runs in both cases; each re-ranked query still runs the text tower for its token states.
 
     python bench/rerank.py --train-minutes 10                  # for the record (a quiet machine)
+    python bench/rerank.py --index runs/bench/retrieval-quality/ROW-seed0/index-emoji-facebook \
+        --reranker runs/bench/rerank/reranker-ROW --train-minutes 10 --queries 400 --tag "ROW, DAY"
     python bench/rerank.py --train-minutes 0.2 --queries 20 --dry-run   # smoke: prints, records nothing
     python bench/rerank.py --train-minutes 0.2 --queries 20 --dry-run --skip-cold  # smoke, token file only
 """
@@ -103,6 +105,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=None, help="a seeded subset of the captions")
     parser.add_argument("--skip-cold", action="store_true", help="do not time re-ranking without the token file")
     parser.add_argument("--dry-run", action="store_true", help="print the row, record nothing")
+    parser.add_argument("--tag", default=None, help="appended to the row's name, e.g. the dual encoder and the day")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="vitrina-bench-rerank-") as tmp:
@@ -149,12 +152,15 @@ def main() -> None:
         "token_bytes_per_item": tokens.bytes_per_item,
         "prepare_s": prepare_s,
         "reranker": reranker.source,
+        "clip": model_ref,  # the dual encoder whose top N is re-scored
         "train_minutes": args.train_minutes,
     }
     kind = "residual" if reranker.dual_scale else "logit alone"
     if Path(reranker.source).name == BEST_FOLDER:
         kind += ", best epoch by validation"
     name = f"{Path(args.index).name}-n{args.n} · {kind}, trained on {args.data}"
+    if args.tag:
+        name += f" · {args.tag}"
     if args.dry_run:
         print(name, row)
         return
